@@ -1,0 +1,3 @@
+from phi2cli.cli import main
+
+main()

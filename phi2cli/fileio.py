@@ -1,0 +1,94 @@
+"""Atomic writes: an interrupted command leaves the previous version or nothing, never half a file."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from phi2cli.errors import Phi2Error
+
+
+def _disk_error(path: Path, err: OSError) -> Phi2Error:
+    if err.errno == errno.ENOSPC:
+        return Phi2Error(f"disk full while writing {path}; free space and run the command again")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return Phi2Error(f"cannot write {path}: permission denied; choose a writable output directory")
+    return Phi2Error(f"cannot write {path}: {err.strerror or err}")
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    """Create a directory (and parents) or raise a Phi2Error that says why it cannot be used."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise Phi2Error(f"{path} is a file, not a directory; choose another output path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _disk_error(path, err) from None
+    if not os.access(path, os.W_OK):
+        raise Phi2Error(f"cannot write to {path}: permission denied; choose a writable output directory")
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write text to path via a temp file in the same directory and an atomic rename."""
+    path = Path(path)
+    ensure_writable_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; written files should read like any other
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise _disk_error(path, err) from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[Any]) -> Path:
+    return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+@contextmanager
+def atomic_directory(final: str | Path) -> Iterator[Path]:
+    """Yield a temp directory beside `final`; on success it replaces `final` in one rename.
+
+    On error or interruption the temp directory is removed and `final` is left as it was.
+    """
+    final = Path(final)
+    ensure_writable_dir(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes 0700
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            if not final.is_dir():
+                raise Phi2Error(f"{final} is a file, not a directory; choose another output path")
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _disk_error(final, err) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

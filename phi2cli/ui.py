@@ -1,0 +1,45 @@
+"""Terminal display helpers shared by the commands (rich progress bars, tables, warnings)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def track(items: Iterable[Any], total: int, description: str) -> Iterator[Any]:
+    """Iterate with a progress bar on stderr (hidden when stderr is not a terminal)."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        for item in items:
+            yield item
+            progress.advance(task)
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]Warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
+def note(message: str) -> None:
+    err_console.print(f"[dim]{message}[/dim]", highlight=False, soft_wrap=True)
+
+
+def manifest_table(manifest: dict[str, Any]) -> Table:
+    """Token-length statistics of a prepared dataset, one row per split and part."""
+    table = Table(title=f"Prepared data ({manifest['source']}, seed {manifest['seed']}, loss on {manifest['loss_on']})")
+    for name in ("split", "examples", "truncated", "part", "mean", "p50", "p95", "max"):
+        table.add_column(name, justify="left" if name in ("split", "part") else "right")
+    for split, stats in manifest["splits"].items():
+        for index, part in enumerate(("prompt", "summary", "total")):
+            tokens = stats["tokens"][part]
+            head = (split, str(stats["examples"]), str(stats["truncated"])) if index == 0 else ("", "", "")
+            table.add_row(*head, part, f"{tokens['mean']:.1f}", str(tokens["p50"]), str(tokens["p95"]),
+                          str(tokens["max"]))  # fmt: skip
+    return table

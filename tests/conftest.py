@@ -1,0 +1,88 @@
+"""Shared fixtures: offline, CPU-only, every output in tmp_path, tiny random models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PHI2_SHARED_DIR", ROOT.parent / "shared"))
+XSUM_DIR = SHARED / "data" / "xsum"
+PHI2_TOKENIZER_DIR = SHARED / "models" / "phi-2-tokenizer"
+SMOLLM2_GGUF = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+EXAMPLES_DATA = ROOT / "examples" / "data" / "xsum-sample"
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.pop("PHI2_DEBUG", None)
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch):
+    """Run every test offline in its own working directory with its own caches."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("PHI2_DEBUG", raising=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work
+
+
+@pytest.fixture(scope="session")
+def xsum_dir() -> Path:
+    if not (XSUM_DIR / "train.jsonl").is_file():
+        pytest.skip(f"real XSUM rows not found at {XSUM_DIR} (the shared data folder beside the project)")
+    return XSUM_DIR
+
+
+@pytest.fixture(scope="session")
+def phi2_tokenizer_dir() -> Path:
+    if not (PHI2_TOKENIZER_DIR / "tokenizer.json").is_file():
+        pytest.skip(f"phi-2 tokenizer not found at {PHI2_TOKENIZER_DIR} (the shared folder beside the project)")
+    return PHI2_TOKENIZER_DIR
+
+
+@pytest.fixture(scope="session")
+def sample_data_dir() -> Path:
+    """The small real XSUM sample shipped in examples/ (always present)."""
+    return EXAMPLES_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_phi_dir(tmp_path_factory, phi2_tokenizer_dir) -> Path:
+    """A tiny randomly initialised Phi model with phi-2's real tokenizer, saved as a local directory."""
+    import torch
+    from transformers import PhiConfig, PhiForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-phi")
+    config = PhiConfig(
+        vocab_size=51200,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        partial_rotary_factor=0.4,
+        max_position_embeddings=2048,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attention_dropout=0.0,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = PhiForCausalLM(config)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                 "special_tokens_map.json", "added_tokens.json"):  # fmt: skip
+        if (phi2_tokenizer_dir / name).exists():
+            shutil.copy(phi2_tokenizer_dir / name, out / name)
+    return out
