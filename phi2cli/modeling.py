@@ -14,6 +14,25 @@ from phi2cli.config import LoraConfig, ModelConfig
 from phi2cli.errors import ConfigError, DeviceError, HubUnreachableError, ModelError
 
 
+def quiet_libraries() -> None:
+    """Keep library chatter (weight-loading bars, deprecation notes) out of the user's terminal."""
+    import logging
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("peft").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def split_gguf(name_or_path: str) -> tuple[str, str | None]:
     """'dir/model.gguf' -> ('dir', 'model.gguf'); anything else -> (name_or_path, None)."""
     path = Path(name_or_path)
@@ -46,6 +65,7 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right") -> Any:
     phi-2 has no pad token: we reuse EOS as pad. Collators pad labels with -100 by
     length, never by token id, so the real EOS at the end of every summary keeps its label.
     """
+    quiet_libraries()
     from transformers import AutoTokenizer
 
     location, gguf_file = split_gguf(name_or_path)
@@ -64,3 +84,165 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right") -> Any:
     # We truncate articles ourselves; silence the "longer than the maximum" warning.
     tokenizer.model_max_length = int(1e9)
     return tokenizer
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What the model is loaded as on this machine, resolved from the config."""
+
+    device: str  # "cuda" or "cpu"
+    quantization: str  # "4bit", "8bit" or "none"
+    compute_dtype: str  # "bfloat16", "float16" or "float32"
+    note: str | None = None  # a one-line warning for the user, if something fell back
+
+
+def resolve_precision(model_cfg: ModelConfig) -> Precision:
+    """Pick quantization and dtype for this machine; refuse what cannot work here."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    note = None
+    quantization = model_cfg.quantization
+    if quantization == "auto":
+        quantization = "4bit" if cuda else "none"
+        if not cuda:
+            note = "no CUDA GPU: loading the model in full precision (float32) instead of 4-bit"
+    elif quantization in ("4bit", "8bit") and not cuda:
+        raise DeviceError(
+            f"--quantization {quantization} needs a CUDA GPU (bitsandbytes), and none is visible; "
+            f"use --quantization none to train in full precision on the CPU"
+        )
+    dtype = model_cfg.compute_dtype
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if cuda else "float32"
+    elif dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
+        raise DeviceError("this GPU has no bfloat16; use --compute-dtype float16")
+    if dtype == "float16":
+        note = "float16 compute: phi-2's attention can overflow in fp16; bfloat16 is safer where the GPU has it"
+    return Precision("cuda" if cuda else "cpu", quantization, dtype, note)
+
+
+def gguf_to_directory(gguf_path: str) -> str:
+    """Dequantize a .gguf model once into a plain cached directory (the Trainer refuses GGUF models)."""
+    import os
+
+    path = Path(gguf_path).resolve()
+    stat = path.stat()
+    cache_root = Path(os.environ.get("PHI2_CACHE", Path.home() / ".cache" / "phi2cli"))
+    target = cache_root / "gguf" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return str(target)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from phi2cli.fileio import atomic_directory
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tokenizer = load_tokenizer(str(path))
+    except Exception as err:
+        raise _load_error("model", gguf_path, err) from None
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return str(target)
+
+
+def load_base_model(model_cfg: ModelConfig, precision: Precision, for_training: bool) -> Any:
+    """Load the base model as `precision` says (4-bit NF4 with double quant by default on CUDA)."""
+    quiet_libraries()
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    location, gguf_file = split_gguf(model_cfg.model)
+    if gguf_file:
+        location = gguf_to_directory(model_cfg.model)
+    dtype = getattr(torch, precision.compute_dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": model_cfg.attn_implementation}
+    if precision.quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=model_cfg.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    elif precision.quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if precision.device == "cuda":
+        import os
+
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        raise ModelError("the GPU ran out of memory loading the model; use --quantization 4bit") from None
+    except Exception as err:
+        raise _load_error("model", model_cfg.model, err) from None
+    model.config.use_cache = not for_training  # the KV cache only helps generation
+    return model
+
+
+def lora_targets(lora_cfg: LoraConfig) -> Any:
+    targets = list(lora_cfg.targets)
+    return "all-linear" if targets == ["all-linear"] else targets
+
+
+def attach_lora(model: Any, lora_cfg: LoraConfig, gradient_checkpointing: bool) -> Any:
+    """Prepare a (quantized) model for training and wrap it with fresh LoRA adapters."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_config = PeftLoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=lora_targets(lora_cfg),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as err:
+        raise ConfigError(f"--lora-targets: {str(err).splitlines()[0]}") from None
+
+
+def load_adapter(base: Any, adapter_dir: str | Path, is_trainable: bool = False) -> Any:
+    """Attach a saved adapter to a base model; a clear error if it is not an adapter."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelError(
+            f"{adapter_dir} holds no adapter_config.json: not a LoRA adapter directory "
+            f"(train one with 'phi2 train', or pass --adapter DIR)"
+        )
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+    except RuntimeError as err:  # size mismatch: adapter trained on another base model
+        raise ModelError(
+            f"adapter {adapter_dir} does not fit base model ({str(err).splitlines()[0][:120]}); "
+            f"use the --model it was trained on"
+        ) from None
+
+
+def memory_report() -> dict[str, float]:
+    """Peak GPU memory of this process in GiB (empty on CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+    }

@@ -43,3 +43,39 @@ def manifest_table(manifest: dict[str, Any]) -> Table:
             table.add_row(*head, part, f"{tokens['mean']:.1f}", str(tokens["p50"]), str(tokens["p95"]),
                           str(tokens["max"]))  # fmt: skip
     return table
+
+
+def _fmt(value: Any, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+class TrainingDisplay:
+    """Live training progress: step bar, epoch, loss, learning rate, tokens/s, ETA; eval lines as they come."""
+
+    def __init__(self, out: Console) -> None:
+        self.console = out
+        self.progress = Progress(
+            TextColumn("[bold]train[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=out, transient=False,
+        )  # fmt: skip
+        self.task: Any = None
+
+    def __enter__(self) -> "TrainingDisplay":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def update(self, event: str, info: dict[str, Any]) -> None:
+        if event == "begin":
+            self.task = self.progress.add_task("train", total=info["max_steps"], completed=info["step"], info="")
+        elif event == "step" and self.task is not None:
+            text = (f"epoch {_fmt(info.get('epoch'), '.2f')}  loss {_fmt(info.get('loss'), '.4f')}  "
+                    f"lr {_fmt(info.get('learning_rate'), '.2e')}  {info['tokens_per_s']:,.0f} tok/s")  # fmt: skip
+            self.progress.update(self.task, completed=info["step"], info=text)
+        elif event == "eval":
+            self.progress.console.print(
+                f"  eval @ step {info['step']}: loss {info['eval_loss']:.4f}"
+                + (f"  ({info['eval_runtime']:.1f} s)" if "eval_runtime" in info else "")
+            )

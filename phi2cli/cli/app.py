@@ -44,6 +44,12 @@ def root(
     ] = False,
 ) -> None:
     """Fine-tune phi-2 for XSUM summarization with QLoRA."""
+    import logging
+
+    # Library chatter (bitsandbytes' CPU kernel notice, peft hints) is not for our users.
+    for name in ("bitsandbytes", "peft", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if debug:
         os.environ[_DEBUG_ENV] = "1"
 

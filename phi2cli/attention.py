@@ -1,0 +1,60 @@
+"""A varlen flash-attention kernel for padding-free batches, plugged into transformers.
+
+Packed rows carry cumulative sequence lengths; torch's varlen attention (flash) then attends
+within each example only, doing no work across examples. Without those lengths (e.g. eval of a
+padded batch) it defers to transformers' SDPA implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+NAME = "phi2_varlen"
+
+
+def varlen_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+               **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.shape[0] != 1 or attention_mask is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)  # fmt: skip
+    from torch.nn.attention.varlen import varlen_attn
+
+    # [1, heads, tokens, dim] -> [tokens, heads, dim]
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    cu = cu.to(device=q.device, dtype=torch.int32)
+    longest = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
+    out = varlen_attn(q.to(dtype), k.to(dtype), v.to(dtype), cu, cu, longest, longest, scale=scaling,
+                      window_size=(-1, 0))  # fmt: skip
+    return out.to(query.dtype).unsqueeze(0), None  # [1, tokens, heads, dim]
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def register() -> bool:
+    """Register the kernel with transformers; False where it cannot run (CPU, old torch)."""
+    if not varlen_available():
+        return False
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(NAME, _attention)
+    AttentionMaskInterface.register(NAME, _no_mask)
+    return True

@@ -1,0 +1,114 @@
+"""`phi2 train`: QLoRA fine-tuning with the reference recipe as defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from phi2cli.cli.app import (
+    ConfigOpt, DataDirOpt, DatasetOpt, DocFieldOpt, DtypeOpt, IdFieldOpt, LossOnOpt, MaxLengthOpt, ModelOpt,
+    QuantOpt, SamplesOpt, SeedOpt, SumFieldOpt, TemplateOpt, TestFileOpt, TokenizerOpt, TrainFileOpt, ValFileOpt,
+    ValSamplesOpt, command, console, data_overrides, opt,
+)  # fmt: skip
+from phi2cli.config import Phi2Config, apply_overrides, build_config, load_run_config
+
+
+@command("train")
+def train_command(
+    config: ConfigOpt = None,
+    samples: SamplesOpt = None,
+    val_samples: ValSamplesOpt = None,
+    prepared: Annotated[Optional[Path], typer.Option(
+        "--prepared", help="Use a dataset from 'phi2 prepare' instead of preparing one.", show_default=False)] = None,
+    model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
+    quantization: QuantOpt = None,
+    compute_dtype: DtypeOpt = None,
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    train_file: TrainFileOpt = None,
+    validation_file: ValFileOpt = None,
+    test_file: TestFileOpt = None,
+    document_field: DocFieldOpt = None,
+    summary_field: SumFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    seed: SeedOpt = None,
+    template: TemplateOpt = None,
+    max_length: MaxLengthOpt = None,
+    loss_on: LossOnOpt = None,
+    lora_r: Annotated[Optional[int], opt("lora.r", "--lora-r")] = None,
+    lora_alpha: Annotated[Optional[int], opt("lora.alpha", "--lora-alpha")] = None,
+    lora_dropout: Annotated[Optional[float], opt("lora.dropout", "--lora-dropout")] = None,
+    lora_targets: Annotated[Optional[str], opt("lora.targets", "--lora-targets")] = None,
+    learning_rate: Annotated[Optional[float], opt("train.learning_rate", "--lr", "--learning-rate")] = None,
+    lr_scheduler: Annotated[Optional[str], opt("train.lr_scheduler", "--lr-scheduler")] = None,
+    warmup_steps: Annotated[Optional[int], opt("train.warmup_steps", "--warmup-steps")] = None,
+    batch_size: Annotated[Optional[int], opt("train.batch_size", "--batch-size")] = None,
+    grad_accum: Annotated[Optional[int], opt("train.grad_accum", "--grad-accum")] = None,
+    epochs: Annotated[Optional[float], opt("train.epochs", "--epochs")] = None,
+    max_steps: Annotated[Optional[int], opt("train.max_steps", "--max-steps")] = None,
+    eval_every: Annotated[Optional[int], opt("train.eval_every", "--eval-every")] = None,
+    logging_steps: Annotated[Optional[int], opt("train.logging_steps", "--logging-steps")] = None,
+    eval_batch_size: Annotated[Optional[int], opt("train.eval_batch_size", "--eval-batch-size")] = None,
+    optimizer: Annotated[Optional[str], opt("train.optimizer", "--optimizer")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], opt(
+        "train.gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")] = None,
+    profile: Annotated[Optional[str], opt("train.profile", "--profile")] = None,
+    train_seed: Annotated[Optional[int], opt("train.seed", "--train-seed")] = None,
+    output_dir: Annotated[Optional[str], opt("train.output_dir", "--output-dir", "-o")] = None,
+    final_dir: Annotated[Optional[str], opt("train.final_dir", "--final-dir")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its newest checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an earlier run in the output directories first.")] = False,
+) -> None:  # fmt: skip
+    """Fine-tune the model on XSUM with QLoRA (4-bit NF4 base + LoRA adapters).
+
+    Prepares the data implicitly (same as 'phi2 prepare') unless --prepared is given. Checkpoints go to
+    --output-dir (checkpoint-N), the best adapter to --final-dir. Ctrl-C saves a checkpoint;
+    continue with --resume.
+    """
+    from phi2cli.engine import train
+    from phi2cli.ui import TrainingDisplay, note, track, warn
+
+    overrides: dict[str, Any] = data_overrides(
+        dataset=dataset, data_dir=data_dir, train_file=train_file, validation_file=validation_file,
+        test_file=test_file, document_field=document_field, summary_field=summary_field, id_field=id_field,
+        samples=samples, val_samples=val_samples, seed=seed, template=template, max_length=max_length,
+        loss_on=loss_on, model=model, tokenizer=tokenizer, quantization=quantization, compute_dtype=compute_dtype,
+    )  # fmt: skip
+    overrides.update({
+        "lora.r": lora_r, "lora.alpha": lora_alpha, "lora.dropout": lora_dropout, "lora.targets": lora_targets,
+        "train.learning_rate": learning_rate, "train.lr_scheduler": lr_scheduler, "train.warmup_steps": warmup_steps,
+        "train.batch_size": batch_size, "train.grad_accum": grad_accum, "train.epochs": epochs,
+        "train.max_steps": max_steps, "train.eval_every": eval_every, "train.logging_steps": logging_steps,
+        "train.eval_batch_size": eval_batch_size, "train.optimizer": optimizer,
+        "train.gradient_checkpointing": gradient_checkpointing, "train.profile": profile, "train.seed": train_seed,
+        "train.output_dir": output_dir, "train.final_dir": final_dir,
+    })  # fmt: skip
+    cfg = resolve_train_config(config, overrides, resume)
+    display = TrainingDisplay(console)
+    with display:
+        result = train(cfg, prepared_dir=prepared, resume=resume, overwrite=overwrite, display=display.update,
+                       progress=track)  # fmt: skip
+    for message in result.notes:
+        warn(message)
+    note(f"engine profile: {result.plan.profile} ({result.plan.micro_batch} x {result.plan.grad_accum} "
+         f"x {result.plan.world_size} GPU(s) = {result.plan.examples_per_step} examples per step)")  # fmt: skip
+    if result.best_checkpoint:
+        console.print(f"Best checkpoint: [bold]{result.best_checkpoint}[/bold] (eval loss {result.best_metric:.4f})")
+    if result.memory:
+        console.print(f"Peak GPU memory: {result.memory['peak_allocated_gib']:.2f} GiB allocated, "
+                      f"{result.memory['peak_reserved_gib']:.2f} GiB reserved")  # fmt: skip
+    console.print(f"Adapter saved to [bold]{result.final_dir}[/bold] after {result.global_step} steps. "
+                  f"Next: phi2 evaluate, phi2 summarize ARTICLE.txt, phi2 report")  # fmt: skip
+
+
+def resolve_train_config(config_file: Optional[Path], overrides: dict[str, Any], resume: bool) -> Phi2Config:
+    """Flags over the config file over defaults; on --resume, over the run's saved config."""
+    if resume and config_file is None:
+        out = overrides.get("train.output_dir") or Phi2Config().train.output_dir
+        if (Path(out) / "phi2_run.json").is_file():
+            saved, _ = load_run_config(out)
+            return apply_overrides(saved, overrides).validate()
+    return build_config(config_file, overrides)

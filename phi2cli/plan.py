@@ -1,0 +1,83 @@
+"""How a run executes: the engine profile resolved against the machine.
+
+Every profile keeps what is learned: the same examples per optimizer step, loss, LR schedule,
+LoRA targets and (NF4) base weights. They differ only in how the work is laid out on the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from phi2cli.config import Phi2Config
+from phi2cli.errors import ConfigError
+
+SPEED_MIN_FREE_GIB = 24.0  # the speed profile peaks near 20 GiB on phi-2 at 8 x 1024 tokens
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    profile: str  # reference | memory-saver | speed
+    micro_batch: int  # examples per device per forward/backward
+    grad_accum: int  # micro-batches per optimizer step
+    world_size: int  # data-parallel processes
+    packed: bool  # padding-free rows with per-example positions
+    gradient_checkpointing: bool
+    dequantize_base: bool  # cache the NF4 base weights as bf16 once instead of every matmul
+    selective_head: bool  # run lm_head only where a label is predicted
+    optimizer: str
+    note: str | None = None
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def examples_per_step(config: Phi2Config) -> int:
+    """The global batch the recipe asks for: per-device batch x grad-accum (8 by default)."""
+    return config.train.batch_size * config.train.grad_accum
+
+
+def split_global_batch(total: int, world_size: int, micro_batch: int) -> tuple[int, int]:
+    """(micro_batch, grad_accum) so that micro x accum x world == total, or a ConfigError."""
+    if total % world_size:
+        raise ConfigError(
+            f"{total} examples per step cannot be split over {world_size} GPUs; "
+            f"make --batch-size x --grad-accum a multiple of {world_size}"
+        )
+    per_device = total // world_size
+    micro = max(1, min(micro_batch, per_device))
+    while per_device % micro:
+        micro -= 1
+    return micro, per_device // micro
+
+
+def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: float | None,
+                 world_size: int = 1) -> EnginePlan:  # fmt: skip
+    """Pick the engine profile: explicit --profile, else from the GPU's free memory."""
+    train = config.train
+    total = examples_per_step(config)
+    profile = train.profile
+    note = None
+    if profile == "auto":
+        if not cuda:
+            profile = "speed"
+        elif free_gib is not None and free_gib < SPEED_MIN_FREE_GIB:
+            profile = "memory-saver"
+            note = f"{free_gib:.1f} GiB free on the GPU: using the memory-saver profile"
+        else:
+            profile = "speed"
+    optimizer = train.optimizer
+    if not cuda and ("paged" in optimizer or "8bit" in optimizer):
+        optimizer = "adamw_torch"  # bitsandbytes' paged 8-bit optimizers need CUDA
+    if profile == "reference":
+        micro, accum = split_global_batch(total, world_size, train.batch_size)
+        return EnginePlan("reference", micro, accum, world_size, False, train.gradient_checkpointing,
+                          False, False, optimizer, note)  # fmt: skip
+    micro, accum = split_global_batch(total, world_size, total)
+    if profile == "memory-saver":
+        return EnginePlan("memory-saver", micro, accum, world_size, True, True, False, True, optimizer, note)
+    return EnginePlan("speed", micro, accum, world_size, True, False, quantized and cuda, True, optimizer, note)
