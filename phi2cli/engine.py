@@ -210,6 +210,9 @@ def train(
     if is_main:
         save_run_config(config, out, run_facts)
 
+    from transformers import set_seed
+
+    set_seed(config.train.seed)  # LoRA's initial A matrices come from the global RNG
     try:
         model = build_model(config, plan, precision)
     except torch.cuda.OutOfMemoryError:

@@ -65,8 +65,8 @@ def tiny_phi_dir(tmp_path_factory, phi2_tokenizer_dir) -> Path:
     out = tmp_path_factory.mktemp("tiny-phi")
     config = PhiConfig(
         vocab_size=51200,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         partial_rotary_factor=0.4,

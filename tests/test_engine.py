@@ -1,0 +1,180 @@
+"""The QLoRA engine on CPU with a tiny random Phi model, phi-2's real tokenizer and real XSUM rows."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+from typer.testing import CliRunner
+
+from phi2cli.cli import app
+from phi2cli.config import Phi2Config, apply_overrides
+from phi2cli.engine import train
+from phi2cli.errors import DeviceError, RunError
+
+runner = CliRunner()
+
+
+def tiny_config(model_dir: Path, data_dir: Path, **overrides) -> Phi2Config:
+    values = {
+        "model.model": str(model_dir), "data.data_dir": str(data_dir), "data.samples": 16,
+        "data.val_samples": 8, "data.max_length": 192, "train.max_steps": 4, "train.eval_every": 2,
+        "train.logging_steps": 1, "train.warmup_steps": 0,
+    }  # fmt: skip
+    values.update(overrides)
+    return apply_overrides(Phi2Config(), values).validate()
+
+
+class Grab(TrainerCallback):
+    """Keeps the trained model and stops early at a given step when asked."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.model = None
+        self.stop_at = stop_at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop_at is not None and state.global_step == self.stop_at:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+
+def train_losses(output_dir: Path) -> dict[int, float]:
+    newest = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    history = json.loads((newest / "trainer_state.json").read_text())["log_history"]
+    return {e["step"]: e["loss"] for e in history if "loss" in e}
+
+
+def test_short_run_writes_the_documented_files(tiny_phi_dir, sample_data_dir):
+    result = runner.invoke(app, ["train", "--model", str(tiny_phi_dir), "--data-dir", str(sample_data_dir),
+                                 "--samples", "16", "--val-samples", "8", "--max-steps", "4", "--eval-every", "2",
+                                 "--max-length", "192"], env={"COLUMNS": "200"})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out, final = Path("phi2-xsum-finetuned"), Path("phi2-xsum-final")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-4", "phi2_run.json", "prepared"]
+    for checkpoint in ("checkpoint-2", "checkpoint-4"):
+        names = {p.name for p in (out / checkpoint).iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
+                "rng_state.pth", "trainer_state.json"} <= names  # fmt: skip
+    assert {"adapter_config.json", "adapter_model.safetensors", "phi2_run.json", "tokenizer.json",
+            "tokenizer_config.json"} <= {p.name for p in final.iterdir()}  # fmt: skip
+    run = json.loads((final / "phi2_run.json").read_text())
+    assert run["config"]["model"]["model"] == str(tiny_phi_dir)
+    assert run["config"]["lora"] == {"r": 16, "alpha": 32, "dropout": 0.05,
+                                     "targets": ["q_proj", "k_proj", "v_proj", "dense"]}  # fmt: skip
+    assert run["plan"]["micro_batch"] * run["plan"]["grad_accum"] == 8
+    assert "no CUDA GPU: loading the model in full precision" in result.output
+    assert "Adapter saved to phi2-xsum-final after 4 steps" in result.output
+    # plain peft loads the final adapter
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_phi_dir)), str(final))
+    assert sum("lora_A" in n for n, _ in tuned.named_parameters()) == 2 * 4  # 2 layers x 4 targets
+
+
+def test_lora_weights_change_and_base_weights_do_not(tiny_phi_dir, sample_data_dir):
+    original = load_file(str(tiny_phi_dir / "model.safetensors"))
+    grab = Grab()
+    train(tiny_config(tiny_phi_dir, sample_data_dir, **{"train.learning_rate": 1e-2}), callbacks=[grab])
+    trained = {n: p.detach().cpu() for n, p in grab.model.named_parameters()}
+    base = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in trained.items()
+            if "lora_" not in n}  # fmt: skip
+    assert set(base) == set(original)
+    for name, tensor in original.items():
+        assert torch.equal(base[name], tensor), f"base weight {name} changed"
+    lora_b = [p for n, p in trained.items() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: it moved
+    assert all(not p.requires_grad for n, p in grab.model.named_parameters() if "lora_" not in n)
+
+
+def test_loss_is_finite_and_falls_on_a_repeated_batch(tiny_phi_dir, sample_data_dir):
+    config = tiny_config(tiny_phi_dir, sample_data_dir, **{
+        "data.samples": 8, "data.val_samples": 0, "train.max_steps": 12, "train.learning_rate": 1e-2,
+        "lora.dropout": 0.0})  # fmt: skip
+    train(config)
+    losses = train_losses(Path(config.train.output_dir))
+    assert all(math.isfinite(v) for v in losses.values())
+    steps = sorted(losses)
+    assert all(losses[a] > losses[b] for a, b in zip(steps, steps[1:])), losses  # falls at every step
+    assert losses[12] < losses[1] - 0.15, losses
+
+
+def test_best_checkpoint_has_the_lowest_eval_loss_and_is_the_final_adapter(tiny_phi_dir, sample_data_dir):
+    config = tiny_config(tiny_phi_dir, sample_data_dir, **{"train.max_steps": 6, "train.learning_rate": 3e-2})
+    result = train(config)
+    state = json.loads((Path(config.train.output_dir) / "checkpoint-6" / "trainer_state.json").read_text())
+    evals = {e["step"]: e["eval_loss"] for e in state["log_history"] if "eval_loss" in e}
+    assert set(evals) == {2, 4, 6}
+    best_step = min(evals, key=evals.get)
+    assert result.best_checkpoint.endswith(f"checkpoint-{best_step}")
+    assert result.best_metric == pytest.approx(evals[best_step])
+    best = load_file(str(Path(result.best_checkpoint) / "adapter_model.safetensors"))
+    final = load_file(str(result.final_dir / "adapter_model.safetensors"))
+    assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
+
+
+def test_resume_logs_the_same_losses_as_an_uninterrupted_run(tiny_phi_dir, sample_data_dir, tmp_path):
+    common = {"train.max_steps": 6, "train.eval_every": 3, "train.learning_rate": 1e-2}
+    full = tiny_config(tiny_phi_dir, sample_data_dir, **common, **{"train.output_dir": str(tmp_path / "full"),
+                                                                   "train.final_dir": str(tmp_path / "full-final")})
+    train(full)
+    split = tiny_config(tiny_phi_dir, sample_data_dir, **common, **{"train.output_dir": str(tmp_path / "split"),
+                                                                    "train.final_dir": str(tmp_path / "split-final")})
+    train(split, callbacks=[Grab(stop_at=3)])
+    assert sorted(p.name for p in (tmp_path / "split").glob("checkpoint-*")) == ["checkpoint-3"]
+    train(split, resume=True)
+    uninterrupted, resumed = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):  # tolerance: float32 CPU math, same order of operations
+        assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-5), step
+
+
+def test_existing_run_is_never_overwritten_silently(tiny_phi_dir, sample_data_dir):
+    config = tiny_config(tiny_phi_dir, sample_data_dir, **{"train.max_steps": 2})
+    train(config)
+    marker = Path(config.train.output_dir) / "checkpoint-2" / "adapter_model.safetensors"
+    before = marker.read_bytes()
+    with pytest.raises(RunError, match="already holds a run; pass --resume .* or --overwrite"):
+        train(config)
+    assert marker.read_bytes() == before
+    result = runner.invoke(app, ["train", "--model", str(tiny_phi_dir), "--data-dir", str(sample_data_dir)])
+    assert result.exit_code == 1 and "already holds a run" in result.output
+    train(config, overwrite=True)
+    assert marker.exists()
+
+
+def test_resume_without_a_checkpoint_is_refused(tiny_phi_dir, sample_data_dir):
+    with pytest.raises(RunError, match="nothing to resume"):
+        train(tiny_config(tiny_phi_dir, sample_data_dir), resume=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_explicit_4bit_without_cuda_says_why(tiny_phi_dir, sample_data_dir):
+    with pytest.raises(DeviceError, match="needs a CUDA GPU"):
+        train(tiny_config(tiny_phi_dir, sample_data_dir, **{"model.quantization": "4bit"}))
+    result = runner.invoke(app, ["train", "--model", str(tiny_phi_dir), "--data-dir", str(sample_data_dir),
+                                 "--quantization", "4bit"])  # fmt: skip
+    assert result.exit_code == 1 and "--quantization 4bit needs a CUDA GPU" in result.output
+
+
+def test_reference_profile_pads_dynamically_and_matches_the_fast_loss(tiny_phi_dir, sample_data_dir, tmp_path):
+    """Same data, same seed: the padded reference path and the packed fast path learn the same."""
+    losses = {}
+    for profile in ("reference", "speed"):
+        config = tiny_config(tiny_phi_dir, sample_data_dir, **{
+            "train.profile": profile, "train.max_steps": 3, "data.val_samples": 0, "lora.dropout": 0.0,
+            "train.output_dir": str(tmp_path / profile), "train.final_dir": str(tmp_path / f"{profile}-final")})
+        result = train(config)
+        assert result.plan.profile == profile
+        assert (result.plan.micro_batch, result.plan.grad_accum) == ((1, 8) if profile == "reference" else (8, 1))
+        losses[profile] = train_losses(tmp_path / profile)
+    for step in (1, 2, 3):
+        assert losses["speed"][step] == pytest.approx(losses["reference"][step], rel=1e-4), step
