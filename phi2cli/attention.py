@@ -14,12 +14,17 @@ import torch
 NAME = "phi2_varlen"
 
 
-def varlen_available() -> bool:
+def varlen_available(head_dim: int = 80) -> bool:
+    """True where torch's varlen flash kernel exists and runs for this head size (phi-2: 80)."""
     if not torch.cuda.is_available():
         return False
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
+        from torch.nn.attention.varlen import varlen_attn
+
+        probe = torch.randn(8, 2, head_dim, device="cuda", dtype=torch.bfloat16)
+        cu = torch.tensor([0, 3, 8], device="cuda", dtype=torch.int32)
+        varlen_attn(probe, probe, probe, cu, cu, 5, 5, window_size=(-1, 0))
+    except Exception:  # old torch, or no kernel for this GPU / head size
         return False
     return True
 
@@ -49,9 +54,9 @@ def _no_mask(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def register() -> bool:
+def register(head_dim: int = 80) -> bool:
     """Register the kernel with transformers; False where it cannot run (CPU, old torch)."""
-    if not varlen_available():
+    if not varlen_available(head_dim):
         return False
     from transformers import AttentionInterface, AttentionMaskInterface
 

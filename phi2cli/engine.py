@@ -151,8 +151,12 @@ def build_model(config: Phi2Config, plan: EnginePlan, precision: Any) -> Any:
         dequantize_base(model)
         for param in model.parameters():
             param.requires_grad_(False)
-    if plan.packed and attention.register():
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    if plan.packed and attention.register(head_dim):
         model.set_attn_implementation(attention.NAME)
+    from transformers import set_seed
+
+    set_seed(config.train.seed)  # LoRA's initial A matrices come from the global RNG
     return attach_lora(model, config.lora, plan.gradient_checkpointing)
 
 
@@ -210,9 +214,6 @@ def train(
     if is_main:
         save_run_config(config, out, run_facts)
 
-    from transformers import set_seed
-
-    set_seed(config.train.seed)  # LoRA's initial A matrices come from the global RNG
     try:
         model = build_model(config, plan, precision)
     except torch.cuda.OutOfMemoryError:

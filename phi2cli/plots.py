@@ -114,8 +114,10 @@ def write_loss_plot(summary: RunSummary, path: Path) -> Path:
         handles += lr_axis.plot(*zip(*rates), linestyle="--", color="tab:green", label="learning rate")
         lr_axis.set_ylabel("learning rate")
         lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        ax.set_zorder(lr_axis.get_zorder() + 1)  # keep loss markers above the dashed lr line
+        ax.patch.set_visible(False)
     ax.legend(handles=handles, loc="upper right")
-    ax.set_title(f"Training run: {Path(summary.source).parent.name or summary.source}")
+    ax.set_title(f"Training run: {'/'.join(Path(summary.source).parts[-3:-1]) or summary.source}")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format=image_format)

@@ -124,7 +124,6 @@ class Section:
     caption: str = ""
 
 
-
 def load_trainer_state(path: Optional[Path] = None) -> tuple[dict[str, Any], Path]:
     """Read the trainer state of a run.
 
@@ -197,10 +196,9 @@ def find_evaluate_metrics(state_file: Path) -> tuple[Optional[dict[str, Any]], l
             data = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None, [f"{file} is not readable JSON; ROUGE table skipped"]
-        if isinstance(data, dict) and isinstance(data.get("tuned"), dict):
+        if isinstance(data, dict) and any(isinstance(data.get(c), dict) for c in ("tuned", "base", "delta")):
             return {**data, "path": str(file)}, []
     return None, []
-
 
 
 def summarize_run(state: dict[str, Any], source: str = "", evaluate_metrics: Optional[dict] = None) -> RunSummary:
@@ -296,7 +294,6 @@ def thin(rows: list[TrainRow], every: int) -> list[TrainRow]:
     return rows if every <= 1 else [r for r in rows if r.step % every == 0]
 
 
-
 def fmt_fixed(value: Optional[float], decimals: int) -> str:
     return MISSING if value is None else f"{value:.{decimals}f}"
 
@@ -323,9 +320,10 @@ def report_sections(summary: RunSummary, every: int = 1) -> list[Section]:
     if summary.rows:
         shown = thin(summary.rows, every)
         caption = "" if shown else f"no logged step is a multiple of {every}"
-        sections.append(Section("Training", ("Step", "Training Loss", "Learning Rate", "Grad Norm", "Epoch"),
-                                [(str(r.step), fmt_fixed(r.loss, 4), fmt_sci(r.learning_rate),
-                                  fmt_fixed(r.grad_norm, 3), fmt_fixed(r.epoch, 2)) for r in shown], caption=caption))  # fmt: skip
+        rows = [(str(r.step), fmt_fixed(r.loss, 4), fmt_sci(r.learning_rate), fmt_fixed(r.grad_norm, 3),
+                 fmt_fixed(r.epoch, 2)) for r in shown]  # fmt: skip
+        headers = ("Step", "Training Loss", "Learning Rate", "Grad Norm", "Epoch")
+        sections.append(Section("Training", headers, rows, caption=caption))
     if summary.evals:
         keys = list(_EVAL_FIXED) + [k for e in summary.evals for k in e.metrics if k not in _EVAL_FIXED]
         keys = list(dict.fromkeys(keys))
@@ -334,9 +332,9 @@ def report_sections(summary: RunSummary, every: int = 1) -> list[Section]:
         sections.append(Section("Evaluation", headers, rows))
     if summary.best is not None:
         best = summary.best
-        sections.append(Section("Best checkpoint", ("Item", "Value"), [("Checkpoint", best.checkpoint),
-            ("Best metric", fmt_fixed(best.metric, 4)), ("Step", MISSING if best.step is None else str(best.step))],
-            align="ll"))  # fmt: skip
+        rows = [("Checkpoint", best.checkpoint), ("Best metric", fmt_fixed(best.metric, 4)),
+                ("Step", MISSING if best.step is None else str(best.step))]  # fmt: skip
+        sections.append(Section("Best checkpoint", ("Item", "Value"), rows, align="ll"))
     if totals := _totals_rows(summary.totals):
         sections.append(Section("Run totals", ("Item", "Value"), totals, align="ll"))
     if analysis := _analysis_rows(summary.analysis):
@@ -393,14 +391,17 @@ def _rouge_section(data: dict[str, Any]) -> Section:
 
     def cell(column: str, key: str) -> str:
         value = _num(data[column].get(key))
-        sign = "+" if column == "delta" else ""
-        return MISSING if value is None else f"{value:{sign}.{_METRIC_DECIMALS.get(key, 4)}f}"
+        if value is None:
+            return MISSING
+        scores = [abs(v) for c in columns if c != "delta" and (v := _num(data[c].get(key))) is not None]
+        # ROUGE of `phi2 evaluate` is F x 100 (2 decimals); a 0-1 fraction keeps 4; a loss always 4.
+        decimals = _METRIC_DECIMALS.get(key, 2 if key != "eval_loss" and scores and max(scores) >= 1 else 4)
+        return f"{value:{'+' if column == 'delta' else ''}.{decimals}f}"
 
     about = [f"{k}: {data[k]}" for k in ("model", "adapter", "split", "samples") if data.get(k) not in (None, "")]
     rows = [(k, *(cell(c, k) for c in columns)) for k in keys]
     return Section("ROUGE (phi2 evaluate)", ("Metric", *(c.title() for c in columns)), rows, "l" + "r" * len(columns),
                    " · ".join(about))
-
 
 
 def rich_report(summary: RunSummary, every: int = 1) -> Group:
@@ -421,7 +422,7 @@ def rich_report(summary: RunSummary, every: int = 1) -> Group:
 def render_report(summary: RunSummary, fmt: str = "table", every: int = 1, width: int = 120) -> str:
     """The report as text in one of FORMATS ('table' is plain text of the rich tables)."""
     if fmt == "json":
-        return json.dumps({"every": every, **summary.to_dict(every)}, indent=2, allow_nan=False)
+        return json.dumps({"every": every, **summary.to_dict(every)}, indent=2, allow_nan=False) + "\n"
     if fmt == "markdown":
         return _markdown(summary, every)
     if fmt == "html":
@@ -461,7 +462,6 @@ def _html(summary: RunSummary, every: int) -> str:
     return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>phi2 report: "
             f"{esc(summary.source)}</title>\n<style>{style}</style>\n</head>\n<body>\n"
             + "\n".join(body) + "\n</body>\n</html>\n")  # fmt: skip
-
 
 
 def _num(value: Any) -> Optional[float]:

@@ -56,7 +56,9 @@ def root(
 
 def fail(message: str, exit_code: int = 1) -> typer.Exit:
     """Print one red line and return the Exit to raise."""
-    err_console.print(f"[bold red]Error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]Error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(exit_code)
 
 

@@ -33,7 +33,7 @@ def report_command(
         ReportFormat, typer.Option("--format", "-f", help="table (terminal), markdown, json (raw numbers) or html.")
     ] = ReportFormat.table,
     every: Annotated[
-        int, typer.Option("--every", min=1, help="Show only training steps that are multiples of N (analysis uses all).")
+        int, typer.Option("--every", min=1, help="Show only training steps that are multiples of N (analysis: all).")
     ] = 1,
     plot: Annotated[
         Optional[Path],
@@ -45,7 +45,8 @@ def report_command(
     ] = True,
     output: Annotated[
         Optional[Path],
-        typer.Option("--output", "-o", help="Write the report to this file instead of the terminal.", show_default=False),
+        typer.Option("--output", "-o", help="Write the report to this file instead of the terminal.",
+                     show_default=False),  # fmt: skip
     ] = None,
 ) -> None:
     """Report a training run: loss table, evaluations, best checkpoint, totals and analysis.
