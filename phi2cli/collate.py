@@ -75,3 +75,11 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel())
+
+
+def sequence_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
+    """Length of every example in a batch from either collator."""
+    if "cu_seq_lens_q" in batch:
+        cu = batch["cu_seq_lens_q"]
+        return [int(n) for n in (cu[1:] - cu[:-1])]
+    return [int(n) for n in batch["attention_mask"].sum(dim=1)]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
-from phi2cli.collate import real_tokens
+from phi2cli.collate import real_tokens, sequence_lengths
 from phi2cli.prompts import IGNORE_INDEX
 
 
@@ -43,9 +43,11 @@ class Phi2Trainer(Trainer):
         super().__init__(*args, **kwargs)
         self.selective_head = selective_head
         self.real_tokens_seen = 0
+        self.squared_lengths_seen = 0  # sum of L^2 over examples: the attention share of the FLOPs
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         self.real_tokens_seen += real_tokens(inputs)
+        self.squared_lengths_seen += sum(n * n for n in sequence_lengths(inputs))
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,

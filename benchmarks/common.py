@@ -1,0 +1,81 @@
+"""Shared pieces of the benchmarks: a random-weight model of phi-2's exact shape, real XSUM rows."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = ROOT / "examples" / "tiny-phi-2-tokenizer"  # phi-2's real tokenizer and config
+BF16_PEAK_TFLOPS = 790.0  # a plain bf16 matrix product on an H200 (measured), the MFU denominator
+
+
+def make_random_phi2(out: Path) -> Path:
+    """Save a random-weight model of phi-2's exact shape (2.78 B parameters) with its tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (out / "config.json").is_file():
+        return out
+    config = AutoConfig.from_pretrained(str(TOKENIZER_DIR))
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(str(out))
+    for item in TOKENIZER_DIR.iterdir():
+        if item.name not in ("config.json",) and item.suffix != ".md":
+            shutil.copy(item, out / item.name)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def matmul_params(model: Any) -> int:
+    """Parameters that take part in matrix products (all but the input embedding)."""
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    return total - embed
+
+
+def model_flops(params: int, tokens: int, squared_lengths: int, layers: int, hidden: int) -> float:
+    """4 x params x tokens (forward + input-gradient backward; frozen base) plus causal attention.
+
+    Attention per sequence of length L and layer: forward 2 L^2 d (QK^T and AV, causal half),
+    backward twice that, so 6 L^2 d.
+    """
+    return 4.0 * params * tokens + 6.0 * squared_lengths * hidden * layers
+
+
+def shape_params(model_dir: Path) -> tuple[int, Any]:
+    """Matrix-product parameters of a model directory, counted on the meta device (no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return matmul_params(model), config
+
+
+def environment() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    for name in ("peft", "bitsandbytes", "accelerate"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception:
+            info[name] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,128 @@
+"""The real 4-bit path on a CUDA GPU with a random-weight model of phi-2's exact shape.
+
+Run on the GPU machine: python -m pytest -m gpu -s
+(PHI2_GPU_MODEL names where the 2.78 B model is saved; it is built there on first use.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = os.environ.get("PHI2_GPU_REPORT")  # where to append measured numbers (JSON lines)
+
+
+def record(name: str, **values) -> None:
+    print(f"\n[{name}] " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    if REPORT:
+        with open(REPORT, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"test": name, **values}) + "\n")
+
+
+@pytest.fixture(scope="session")
+def phi2_shape_dir() -> Path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import make_random_phi2
+
+    return make_random_phi2(Path(os.environ.get("PHI2_GPU_MODEL", "/tmp/phi2-random")))
+
+
+class Keep:
+    def __init__(self):
+        self.model = None
+
+    def __call__(self):
+        from transformers import TrainerCallback
+
+        keep = self
+
+        class _Cb(TrainerCallback):
+            def on_train_end(self, args, state, control, model=None, **kwargs):
+                keep.model = model
+
+        return _Cb()
+
+
+def gpu_config(model_dir: Path, profile: str, tmp: Path, **extra):
+    from phi2cli.config import Phi2Config, apply_overrides
+
+    values = {"model.model": str(model_dir), "data.data_dir": str(ROOT / "examples/data/xsum-sample"),
+              "data.samples": 40, "data.val_samples": 8, "train.max_steps": 4, "train.eval_every": 4,
+              "train.logging_steps": 1, "train.profile": profile, "train.output_dir": str(tmp / profile),
+              "train.final_dir": str(tmp / f"{profile}-final"), **extra}  # fmt: skip
+    return apply_overrides(Phi2Config(), values).validate()
+
+
+def test_reference_recipe_runs_the_real_4bit_path(phi2_shape_dir, tmp_path):
+    import bitsandbytes as bnb
+
+    from phi2cli.engine import train
+
+    keep = Keep()
+    config = gpu_config(phi2_shape_dir, "reference", tmp_path)
+    result = train(config, callbacks=[keep()])
+    four_bit = [m for m in keep.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 32 * 6  # q, k, v, dense, fc1, fc2 in each of 32 layers
+    assert four_bit[0].weight.quant_type == "nf4" and four_bit[0].weight.quant_state.nested  # double quant
+    assert result.plan.profile == "reference" and (result.plan.micro_batch, result.plan.grad_accum) == (1, 8)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in result.final_dir.iterdir()}
+    assert result.memory["peak_allocated_gib"] > 1.0
+    runtime = result.metrics["train_runtime"]
+    record("reference_4bit", steps=result.global_step, train_runtime_s=round(runtime, 2),
+           samples_per_s=result.metrics["train_samples_per_second"], **result.memory)
+
+
+def test_speed_profile_dequantizes_once_and_uses_varlen_attention(phi2_shape_dir, tmp_path):
+    import bitsandbytes as bnb
+
+    from phi2cli.engine import train
+
+    keep = Keep()
+    result = train(gpu_config(phi2_shape_dir, "speed", tmp_path), callbacks=[keep()])
+    assert result.plan.profile == "speed" and result.plan.dequantize_base and not result.plan.gradient_checkpointing
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in keep.model.modules())
+    assert keep.model.config._attn_implementation == "phi2_varlen"
+    history = json.loads((result.output_dir / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    assert all(math.isfinite(e["loss"]) for e in history if "loss" in e)
+    record("speed_profile", **result.memory, train_runtime_s=round(result.metrics["train_runtime"], 2))
+
+
+def test_fast_path_and_reference_path_give_the_same_loss(phi2_shape_dir):
+    """One batch of 8 real examples: padded 4-bit HF loss vs packed, dequantized, varlen, selective-head loss."""
+    from datasets import load_from_disk  # noqa: F401  (the engine's dataset format)
+
+    from phi2cli import attention
+    from phi2cli.collate import PackedCollator, PaddedCollator
+    from phi2cli.config import DEFAULT_TEMPLATE, DataConfig, ModelConfig
+    from phi2cli.engine import dequantize_base
+    from phi2cli.modeling import load_base_model, load_tokenizer, resolve_precision
+    from phi2cli.prompts import PromptFormat, encode_example
+    from phi2cli.sources import load_split
+    from phi2cli.trainer import selective_causal_lm_loss
+
+    tokenizer = load_tokenizer(str(phi2_shape_dir))
+    rows = load_split(DataConfig(data_dir=str(ROOT / "examples/data/xsum-sample")), "validation").rows[:8]
+    fmt = PromptFormat.create(DEFAULT_TEMPLATE, tokenizer)
+    features = [vars(encode_example(fmt, tokenizer, r["document"], r["summary"], 1024)) for r in rows]
+    model_cfg = ModelConfig(model=str(phi2_shape_dir))
+    model = load_base_model(model_cfg, resolve_precision(model_cfg), for_training=True).eval()
+    padded = {k: v.cuda() for k, v in PaddedCollator(tokenizer.pad_token_id)(features).items()}
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        reference = model(**padded).loss.float().item()
+        dequantize_base(model)
+        assert attention.register(80)
+        model.set_attn_implementation(attention.NAME)
+        packed = {k: (v.cuda() if hasattr(v, "cuda") else v) for k, v in PackedCollator()(features).items()}
+        fast, count = selective_causal_lm_loss(model, packed)
+    assert count == sum(f["summary_tokens"] for f in features)
+    record("fast_vs_reference_loss", reference=reference, fast=fast.item())
+    assert fast.item() == pytest.approx(reference, rel=1e-2)
