@@ -103,6 +103,7 @@ def summarize(name: str, timer: StepTimer, peak: dict[str, float], params: int, 
     return {
         "profile": name,
         "timed_steps": steps,
+        "warmup_s": round(sum(timer.times[:WARMUP_STEPS]), 2),
         "tokens_per_s": round(tokens / seconds, 1),
         "examples_per_s": round(8 * steps / seconds, 2),
         "seconds_per_step": round(seconds / steps, 4),
@@ -158,8 +159,11 @@ def run_engine(profile: str, model_dir: Path, prepared: Path, steps: int, workdi
     from phi2cli.config import Phi2Config, apply_overrides
     from phi2cli.engine import train
 
+    # "<profile>-eager" runs the same profile without torch.compile, to show what compiling buys.
+    eager = profile.endswith("-eager")
     config = apply_overrides(Phi2Config(), {
-        "model.model": str(model_dir), "train.profile": profile, "train.max_steps": steps, "train.logging_steps": 1,
+        "model.model": str(model_dir), "train.profile": profile.removesuffix("-eager"), "train.compile": not eager,
+        "train.max_steps": steps, "train.logging_steps": 1,
         "train.output_dir": str(workdir / profile), "train.final_dir": str(workdir / f"{profile}-final"),
         "data.val_samples": 0, "data.max_length": MAX_LENGTH, "train.eval_every": 10_000,
     }).validate()  # fmt: skip
@@ -214,27 +218,37 @@ def main() -> None:
     params, shape = shape_params(args.model)
     results: dict[str, Any] = {}
     for profile in args.profiles.split(","):
-        if profile == "reference":
-            timer, _ = run_reference(args.model, examples, args.ref_steps, workdir)
-        else:
-            timer, _ = run_engine(profile, args.model, prepared, args.steps, workdir)
         key = profile.replace("-", "_")
+        try:
+            if profile == "reference":
+                timer, _ = run_reference(args.model, examples, args.ref_steps, workdir)
+            else:
+                timer, _ = run_engine(profile, args.model, prepared, args.steps, workdir)
+        except Exception as err:  # record and go on: one failing profile must not lose the others
+            import traceback
+
+            traceback.print_exc()
+            results[key] = {"profile": profile, "error": f"{type(err).__name__}: {err}"[:500]}
+            continue
         results[key] = summarize(profile, timer, memory_report(), params, shape.num_hidden_layers, shape.hidden_size)
         if profile == "reference":
             results[key]["padded_tokens_per_s"] = round(8 * MAX_LENGTH * (len(timer.times) - WARMUP_STEPS)
                                                         / sum(timer.times[WARMUP_STEPS:]), 1)  # fmt: skip
+        timer.trainer_ref.clear()  # let the model go before the next profile loads its own
+        del timer
         print(f"{profile}: {results[key]['tokens_per_s']:,.0f} real tok/s, peak {results[key]['peak_gib']} GiB, "
+              f"first 2 steps {results[key]['warmup_s']} s, "
               f"MFU {results[key]['mfu']:.1%}", flush=True)  # fmt: skip
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     results["params_in_matmuls"] = params
     reference = results.get("reference")
-    for key in ("reference", "speed", "memory_saver"):
-        if reference and key in results:
+    for key in list(results):
+        if reference and isinstance(results[key], dict) and "tokens_per_s" in results[key]:
             value = results[key]
             value["speedup"] = round(value["tokens_per_s"] / reference["tokens_per_s"], 2)
-    if reference and "speed" in results:
+    if reference and "losses" in results.get("speed", {}):
         common = sorted(set(reference["losses"]) & set(results["speed"]["losses"]))
         diffs = [abs(reference["losses"][s] - results["speed"]["losses"][s]) for s in common]
         results["loss_match"] = {"steps": common, "max_abs_diff": round(max(diffs), 4) if diffs else None,
@@ -250,9 +264,8 @@ def main() -> None:
 def print_table(results: dict[str, Any]) -> None:
     header = f"{'profile':<14}{'real tok/s':>12}{'ex/s':>8}{'peak GiB':>10}{'MFU':>8}{'625 steps':>11}{'speedup':>9}"
     print(header)
-    for key in ("reference", "speed", "memory_saver"):
-        if key in results:
-            r = results[key]
+    for key, r in results.items():
+        if isinstance(r, dict) and "tokens_per_s" in r:
             print(f"{key:<14}{r['tokens_per_s']:>12,.0f}{r['examples_per_s']:>8.2f}{r['peak_gib'] or 0:>10.2f}"
                   f"{r['mfu']:>8.1%}{r['job_625_steps_s']:>10.0f}s{r.get('speedup', 1):>8.1f}x")  # fmt: skip
 

@@ -43,7 +43,11 @@ class PackedCollator:
     Attention stays within each example: the cumulative lengths go to a varlen attention kernel
     on CUDA, and transformers builds a block-diagonal mask from the position ids elsewhere. The
     first label of every example is -100, so no example predicts the next one's first token.
+    `max_length` (when given) is passed as the kernel's longest-sequence bound, so it stays one
+    constant and compiled code need not specialise on each batch's longest example.
     """
+
+    max_length: int | None = None
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids: list[int] = []
@@ -58,7 +62,7 @@ class PackedCollator:
             positions.extend(range(n))
             bounds.append(bounds[-1] + n)
         cu = torch.tensor(bounds, dtype=torch.int32)
-        longest = int((cu[1:] - cu[:-1]).max())
+        longest = self.max_length or int((cu[1:] - cu[:-1]).max())
         return {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),

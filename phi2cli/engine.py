@@ -157,7 +157,20 @@ def build_model(config: Phi2Config, plan: EnginePlan, precision: Any) -> Any:
     from transformers import set_seed
 
     set_seed(config.train.seed)  # LoRA's initial A matrices come from the global RNG
-    return attach_lora(model, config.lora, plan.gradient_checkpointing)
+    model = attach_lora(model, config.lora, plan.gradient_checkpointing)
+    if plan.compile:
+        compile_layers(model)
+    return model
+
+
+def compile_layers(model: Any) -> None:
+    """torch.compile every decoder layer: one compiled graph serves all 32 (same code, dynamic length)."""
+    import torch
+
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            module.compile(dynamic=True)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
 
 def train(
@@ -218,7 +231,7 @@ def train(
         model = build_model(config, plan, precision)
     except torch.cuda.OutOfMemoryError:
         raise DeviceError(out_of_memory_advice()) from None
-    collator = PackedCollator() if plan.packed else PaddedCollator(tokenizer.pad_token_id)
+    collator = PackedCollator(config.data.max_length) if plan.packed else PaddedCollator(tokenizer.pad_token_id)
     args = _training_arguments(config, plan, precision, has_eval=eval_set is not None)
     stopper = StopOnSignal()
     extra = [stopper, EvaluateAtEnd(), *(callbacks or [])]

@@ -12,7 +12,8 @@ from typing import Any
 from phi2cli.config import Phi2Config
 from phi2cli.errors import ConfigError
 
-SPEED_MIN_FREE_GIB = 24.0  # the speed profile peaks near 20 GiB on phi-2 at 8 x 1024 tokens
+SPEED_BASE_GIB = 8.0  # bf16 phi-2 weights, LoRA optimizer state, allocator slack
+SPEED_GIB_PER_TOKEN = 0.0075  # activations kept for backward without checkpointing (measured on phi-2)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class EnginePlan:
     dequantize_base: bool  # cache the NF4 base weights as bf16 once instead of every matmul
     selective_head: bool  # run lm_head only where a label is predicted
     optimizer: str
+    compile: bool = False  # torch.compile each decoder layer
     note: str | None = None
 
     @property
@@ -63,11 +65,12 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
     profile = train.profile
     note = None
     if profile == "auto":
+        need = speed_memory_gib(total // world_size, config.data.max_length)
         if not cuda:
             profile = "speed"
-        elif free_gib is not None and free_gib < SPEED_MIN_FREE_GIB:
+        elif free_gib is not None and free_gib < need:
             profile = "memory-saver"
-            note = f"{free_gib:.1f} GiB free on the GPU: using the memory-saver profile"
+            note = f"{free_gib:.1f} GiB free on the GPU (speed needs ~{need:.0f}): using the memory-saver profile"
         else:
             profile = "speed"
     optimizer = train.optimizer
@@ -79,5 +82,12 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
                           False, False, optimizer, note)  # fmt: skip
     micro, accum = split_global_batch(total, world_size, total)
     if profile == "memory-saver":
-        return EnginePlan("memory-saver", micro, accum, world_size, True, True, False, True, optimizer, note)
-    return EnginePlan("speed", micro, accum, world_size, True, False, quantized and cuda, True, optimizer, note)
+        return EnginePlan("memory-saver", micro, accum, world_size, True, True, False, True, optimizer,
+                          compile=cuda and train.compile, note=note)  # fmt: skip
+    return EnginePlan("speed", micro, accum, world_size, True, False, quantized and cuda, True, optimizer,
+                      compile=cuda and train.compile, note=note)  # fmt: skip
+
+
+def speed_memory_gib(examples_per_device: int, max_length: int) -> float:
+    """Worst-case GPU memory of the speed profile: every example at max length, no checkpointing."""
+    return SPEED_BASE_GIB + SPEED_GIB_PER_TOKEN * examples_per_device * max_length
