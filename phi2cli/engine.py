@@ -157,7 +157,7 @@ def build_model(config: Phi2Config, plan: EnginePlan, precision: Any) -> Any:
     from transformers import set_seed
 
     set_seed(config.train.seed)  # LoRA's initial A matrices come from the global RNG
-    model = attach_lora(model, config.lora, plan.gradient_checkpointing)
+    model = attach_lora(model, config.lora, plan.gradient_checkpointing, lean=plan.profile == "memory-saver")
     if plan.compile:
         compile_layers(model)
     return model

@@ -189,12 +189,39 @@ def lora_targets(lora_cfg: LoraConfig) -> Any:
     return "all-linear" if targets == ["all-linear"] else targets
 
 
-def attach_lora(model: Any, lora_cfg: LoraConfig, gradient_checkpointing: bool) -> Any:
-    """Prepare a (quantized) model for training and wrap it with fresh LoRA adapters."""
+def prepare_lean(model: Any, gradient_checkpointing: bool) -> Any:
+    """k-bit training preparation that keeps embeddings and lm_head in bf16.
+
+    peft's prepare_model_for_kbit_training upcasts every non-quantized weight to fp32, which
+    doubles the 2 x 131 M embedding and head weights of phi-2 for no gain under bf16 autocast;
+    only the layer norms get fp32 here, for stable statistics.
+    """
+    import torch
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.float()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def attach_lora(model: Any, lora_cfg: LoraConfig, gradient_checkpointing: bool, lean: bool = False) -> Any:
+    """Prepare a (quantized) model for training and wrap it with fresh LoRA adapters.
+
+    lean=True keeps embeddings/lm_head in bf16 (the memory-saver profile); the reference recipe
+    uses peft's prepare_model_for_kbit_training as published notebooks do.
+    """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if quantized and lean:
+        model = prepare_lean(model, gradient_checkpointing)
+    elif quantized:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,

@@ -82,8 +82,8 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
                           False, False, optimizer, note)  # fmt: skip
     micro, accum = split_global_batch(total, world_size, total)
     if profile == "memory-saver":
-        return EnginePlan("memory-saver", micro, accum, world_size, True, True, False, True, optimizer,
-                          compile=cuda and train.compile, note=note)  # fmt: skip
+        # No torch.compile here: bitsandbytes' 4-bit layers break the graphs and it ran slower (measured).
+        return EnginePlan("memory-saver", micro, accum, world_size, True, True, False, True, optimizer, note=note)
     return EnginePlan("speed", micro, accum, world_size, True, False, quantized and cuda, True, optimizer,
                       compile=cuda and train.compile, note=note)  # fmt: skip
 

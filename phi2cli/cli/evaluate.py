@@ -1,0 +1,125 @@
+"""`phi2 evaluate`: eval loss, perplexity and ROUGE of an adapter, optionally beside its base model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.table import Table
+
+from phi2cli.cli.app import (
+    DataDirOpt, DocFieldOpt, GenBatchOpt, IdFieldOpt, MaxNewTokensOpt, NumBeamsOpt,
+    SampleOpt, SeedOpt, SumFieldOpt, TemperatureOpt, TestFileOpt, TopPOpt, ValFileOpt, command, console,
+    data_overrides,
+)  # fmt: skip
+from phi2cli.evaluation import DEFAULT_ADAPTER, DEFAULT_SAMPLES, EVAL_SPLITS, METRIC_KEYS
+
+RunModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Base model (hub id or path) instead of the one the run was trained on.", show_default=False)]
+_DECIMALS = {"eval_loss": 4, "perplexity": 2, "mean_summary_words": 1}
+
+
+def _split(value: str) -> str:
+    if value not in EVAL_SPLITS:
+        raise typer.BadParameter(f"must be one of {', '.join(EVAL_SPLITS)}")
+    return value
+
+
+def _cell(value: Any, key: str, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:{'+' if signed else ''}.{_DECIMALS.get(key, 2)}f}"
+
+
+def metrics_table(metrics: dict[str, Any]) -> Table:
+    """Tuned (and base, delta) metrics, one row per metric."""
+    columns = [c for c in ("tuned", "base", "delta") if isinstance(metrics.get(c), dict)]
+    table = Table(title=f"phi2 evaluate: {metrics['split']} ({metrics['samples']} articles)")
+    table.add_column("metric")
+    for column in columns:
+        table.add_column({"tuned": "tuned", "base": "base", "delta": "delta (tuned - base)"}[column], justify="right")
+    for key in METRIC_KEYS:
+        table.add_row(key, *(_cell(metrics[c].get(key), key, c == "delta") for c in columns))
+    return table
+
+
+def _tracker(progress: Any) -> Callable[[str, int], Callable[[int], None]]:
+    def start(description: str, total: int) -> Callable[[int], None]:
+        task = progress.add_task(description, total=total)
+        return lambda n: progress.advance(task, n)
+
+    return start
+
+
+@command("evaluate")
+def evaluate_command(
+    adapter: Annotated[Path, typer.Option(
+        "--adapter", "-a", help="Adapter directory written by 'phi2 train'.")] = Path(DEFAULT_ADAPTER),
+    split: Annotated[str, typer.Option(
+        "--split", callback=_split, help="Split to evaluate: validation or test.")] = "validation",
+    samples: Annotated[int, typer.Option(
+        "--samples", "-n", min=1, help="Articles to evaluate, a seeded sample (all when the split has fewer).")
+    ] = DEFAULT_SAMPLES,
+    data_file: Annotated[Optional[Path], typer.Option(
+        "--file", help="Evaluate this JSONL/JSON/CSV/Parquet file (document/summary columns) instead.",
+        show_default=False)] = None,
+    compare_base: Annotated[bool, typer.Option(
+        "--compare-base", help="Also score the base model (no adapter, same prompts) and show the differences.")
+    ] = False,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Where metrics.json and predictions.jsonl go (default: the adapter directory).",
+        show_default=False)] = None,
+    model: RunModelOpt = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        "--dataset", help="Hub dataset to evaluate on instead of the run's data.", show_default=False)] = None,
+    data_dir: DataDirOpt = None,
+    validation_file: ValFileOpt = None,
+    test_file: TestFileOpt = None,
+    document_field: DocFieldOpt = None,
+    summary_field: SumFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    seed: SeedOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    num_beams: NumBeamsOpt = None,
+    do_sample: SampleOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    gen_batch_size: GenBatchOpt = None,
+) -> None:  # fmt: skip
+    """Score an adapter: eval loss, perplexity, ROUGE-1/2/L/Lsum and summary length.
+
+    Data comes from the run's saved source unless --file or a data flag is given.
+
+    The loss is training's (same prompts, truncation and masking), averaged over every summary token.
+
+    Each article gets a summary (greedy by default, first line) scored with ROUGE (F x 100, stemmed).
+
+    Writes metrics.json and predictions.jsonl to the adapter directory (or --output).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from phi2cli.evaluation import EvaluateOptions, evaluate
+    from phi2cli.ui import err_console, note, warn
+
+    overrides = data_overrides(
+        model=model, dataset=dataset, data_dir=data_dir, validation_file=validation_file, test_file=test_file,
+        document_field=document_field, summary_field=summary_field, id_field=id_field, seed=seed,
+        max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature,
+        top_p=top_p, gen_batch_size=gen_batch_size,
+    )  # fmt: skip
+    options = EvaluateOptions(
+        adapter_dir=str(adapter), split=split, samples=samples, data_file=str(data_file) if data_file else None,
+        output_dir=str(output) if output else None, compare_base=compare_base, gen_batch_size=gen_batch_size,
+        overrides=overrides,
+    )  # fmt: skip
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        result = evaluate(options, _tracker(progress))
+    for message in result.notes:
+        warn(message)
+    console.print(metrics_table(result.metrics))
+    timings = result.metrics["timings"]
+    note(f"loss {timings['loss_seconds']:.1f} s, generation {timings['generation_seconds']:.1f} s "
+         f"({timings['generated_tokens_per_second']:.0f} tokens/s), total {timings['total_seconds']:.1f} s")  # fmt: skip
+    console.print(f"Wrote [bold]{result.metrics_path}[/bold] and [bold]{result.predictions_path}[/bold]")

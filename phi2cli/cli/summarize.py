@@ -1,0 +1,70 @@
+"""`phi2 summarize`: one-sentence summaries of articles with the fine-tuned adapter."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, List
+
+import typer
+from rich.markup import escape
+
+from phi2cli.cli.app import (
+    GenBatchOpt, MaxNewTokensOpt, NumBeamsOpt, SampleOpt, TemperatureOpt, TopPOpt, command, console,
+    data_overrides,
+)  # fmt: skip
+from phi2cli.cli.evaluate import RunModelOpt
+from phi2cli.evaluation import DEFAULT_ADAPTER
+
+
+@command("summarize")
+def summarize_command(
+    inputs: Annotated[List[str], typer.Argument(
+        help="Article .txt files, directories of .txt files, JSONL files, or '-' for standard input.",
+        show_default=False)],
+    adapter: Annotated[Path, typer.Option(
+        "--adapter", "-a", help="Adapter directory written by 'phi2 train'.")] = Path(DEFAULT_ADAPTER),
+    base_only: Annotated[bool, typer.Option(
+        "--base-only", help="Use the base model without the adapter (from --model or the run's config).")] = False,
+    document_field: Annotated[str, typer.Option(
+        "--document-field", help="JSONL field that holds the article text.")] = "document",
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print a JSON list of {source, summary} instead of text.")] = False,
+    model: RunModelOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    num_beams: NumBeamsOpt = None,
+    do_sample: SampleOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    gen_batch_size: GenBatchOpt = None,
+) -> None:  # fmt: skip
+    """Summarize news articles in one sentence, prompted exactly as in training.
+
+    Uses the latest run's adapter (phi2-xsum-final/) unless --adapter or --base-only is given.
+
+    A single article is streamed to the terminal as it is generated.
+
+    Articles longer than the run's max length (minus --max-new-tokens) are truncated, with a note on stderr.
+
+    Examples: phi2 summarize article.txt; cat article.txt | phi2 summarize -; phi2 summarize --json docs/
+    """
+    from phi2cli.evaluation import read_articles, results_json, summarize
+    from phi2cli.ui import note
+
+    overrides = data_overrides(model=model, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                               do_sample=do_sample, temperature=temperature, top_p=top_p,
+                               gen_batch_size=gen_batch_size)  # fmt: skip
+    articles = read_articles(inputs, document_field)
+    stream = sys.stdout if len(articles) == 1 and not as_json and sys.stdout.isatty() else None
+    results, notes = summarize(articles, adapter, base_only, overrides, gen_batch_size, stream=stream)
+    for message in notes:
+        note(message)
+    if as_json:
+        typer.echo(results_json(results))
+    elif len(results) == 1:
+        if stream is None:
+            typer.echo(results[0].summary)
+    else:
+        for result in results:
+            console.print(f"[bold]{escape(result.source)}[/bold]", highlight=False)
+            typer.echo(result.summary)

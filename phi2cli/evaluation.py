@@ -1,0 +1,313 @@
+"""`evaluate` and `summarize` use cases: resolve the run, read inputs, score, write artifacts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from phi2cli.config import Phi2Config, TrainConfig, apply_overrides
+from phi2cli.errors import ConfigError, DataError, RunError
+from phi2cli.metrics import summary_metrics
+
+DEFAULT_ADAPTER = TrainConfig().final_dir
+DEFAULT_SAMPLES = 500
+EVAL_SPLITS = ("validation", "test")
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+METRIC_KEYS = ("eval_loss", "perplexity", "rouge1", "rouge2", "rougeL", "rougeLsum", "mean_summary_words")
+SOURCE_KEYS = ("data.dataset", "data.data_dir", "data.validation_file", "data.test_file")
+LOSS_REDUCTION = "token-weighted mean over every labelled token of the set (training's per-token loss)"
+# A task tracker: (description, total) -> a function advancing that task by n.
+Tracker = Callable[[str, int], Callable[[int], None]]
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    adapter_dir: str = DEFAULT_ADAPTER
+    split: str = "validation"
+    samples: int = DEFAULT_SAMPLES  # articles to score (all when the split has fewer)
+    data_file: str | None = None  # a JSONL/JSON/CSV/Parquet file used as the split
+    output_dir: str | None = None  # where metrics.json/predictions.jsonl go; the adapter dir if None
+    compare_base: bool = False
+    gen_batch_size: int | None = None  # None: 128 on a GPU, the config's value on a CPU
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # dotted config keys from flags
+
+
+@dataclass
+class EvaluationResult:
+    metrics: dict[str, Any]
+    predictions: list[dict[str, str]]
+    metrics_path: Path
+    predictions_path: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def _no_tracker(description: str, total: int) -> Callable[[int], None]:
+    return lambda n: None
+
+
+def resolve_config(adapter_dir: str | Path, overrides: Mapping[str, Any], base_only: bool = False) -> Phi2Config:
+    """The run's saved config under the flags; with base_only, defaults when there is no run.
+
+    Raises:
+        RunError/ModelError for a missing or non-adapter directory; ConfigError for bad flags.
+    """
+    from phi2cli.inference import check_adapter_dir, run_config_for
+
+    if not base_only:
+        config, _ = run_config_for(check_adapter_dir(adapter_dir))
+    else:
+        try:
+            config, _ = run_config_for(adapter_dir)
+        except RunError:
+            if not overrides.get("model.model"):
+                raise RunError(
+                    f"--base-only needs --model MODEL, or a run in {adapter_dir} (--adapter DIR) to take it from"
+                ) from None
+            config = Phi2Config()
+    if any(overrides.get(key) for key in SOURCE_KEYS):  # a data source flag replaces the run's whole source
+        cleared = dataclasses.replace(config.data, data_dir=None, train_file=None, validation_file=None, test_file=None)
+        config = dataclasses.replace(config, data=cleared)
+    return apply_overrides(config, overrides).validate()
+
+
+def load_eval_rows(config: Phi2Config, split: str, data_file: str | None) -> Any:
+    """Rows of `split` from --file, else from the run's (or the flags') data source."""
+    from phi2cli.sources import load_split
+
+    if split not in EVAL_SPLITS:
+        raise ConfigError(f"--split must be one of {', '.join(EVAL_SPLITS)} (got '{split}')")
+    data = config.data
+    if data_file:
+        data = dataclasses.replace(data, **{f"{split}_file": data_file})
+    return load_split(data, split)
+
+
+def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> EvaluationResult:
+    """Eval loss, perplexity, ROUGE and summary length of an adapter (and optionally its base).
+
+    Args:
+        options: what to evaluate and how (see EvaluateOptions).
+        track: progress tracker for the loss and generation passes.
+    Returns:
+        EvaluationResult; metrics.json and predictions.jsonl are written atomically.
+    Raises:
+        RunError, ModelError, DataError, ConfigError, DeviceError.
+    """
+    from phi2cli.data import sample_rows
+    from phi2cli.fileio import ensure_writable_dir, write_json_atomic, write_jsonl_atomic
+    from phi2cli.inference import attach_adapter, default_batch_size, load_model
+    from phi2cli.prompts import encode_example
+
+    if options.samples < 1:
+        raise ConfigError(f"--samples must be at least 1 (got {options.samples})")
+    started = time.perf_counter()
+    config = resolve_config(options.adapter_dir, options.overrides)
+    adapter = Path(options.adapter_dir)
+    output_dir = Path(options.output_dir) if options.output_dir else adapter
+    ensure_writable_dir(output_dir)  # fail before the slow part, not after it
+    loaded_rows = load_eval_rows(config, options.split, options.data_file)
+    rows = sample_rows(loaded_rows.rows, options.samples, config.data.seed)  # training's --val-samples order
+    notes = []
+    if options.samples > len(loaded_rows.rows):
+        notes.append(f"--samples {options.samples}: the {options.split} split has {len(rows)}; using all")
+
+    loaded = load_model(config, None if options.compare_base else adapter)
+    notes += loaded.notes
+    data = config.data
+    encoded = [encode_example(loaded.fmt, loaded.tokenizer, r["document"], r["summary"], data.max_length,
+                              data.loss_on) for r in rows]  # fmt: skip
+    examples = [e for e in encoded if e is not None]
+    if not examples:
+        raise DataError(f"no example's summary fits the run's max_length {data.max_length}; nothing to score")
+    if len(examples) < len(rows):
+        notes.append(f"{len(rows) - len(examples)} example(s) left out of the loss: summary longer than max_length")
+    batch_size = default_batch_size(loaded, options.gen_batch_size)
+    timings: dict[str, float] = {"load_seconds": time.perf_counter() - started}
+    truncated: dict[str, int] = {}  # articles cut to fit max_length - max_new_tokens
+
+    def score(label: str) -> tuple[dict[str, float], list[str]]:
+        from phi2cli.inference import eval_loss, generate
+
+        prefix = "" if label == "tuned" else "base_"
+        loss = eval_loss(loaded, examples, advance=track(f"{label}: eval loss", len(examples)))
+        gen_start = time.perf_counter()
+        generated = generate(loaded, [r["document"] for r in rows], config.generation, batch_size,
+                             advance=track(f"{label}: summaries", len(rows)))  # fmt: skip
+        seconds = time.perf_counter() - gen_start
+        new_tokens = sum(g.new_tokens for g in generated)
+        timings.update({f"{prefix}loss_seconds": loss.seconds, f"{prefix}generation_seconds": seconds,
+                        f"{prefix}generated_tokens": new_tokens,
+                        f"{prefix}generated_tokens_per_second": new_tokens / seconds if seconds else 0.0})  # fmt: skip
+        texts = [g.text for g in generated]
+        quality = summary_metrics(texts, [r["summary"] for r in rows])
+        truncated[label] = sum(g.truncated for g in generated)
+        return {"eval_loss": loss.loss, "perplexity": loss.perplexity, **quality}, texts
+
+    base = base_texts = None
+    if options.compare_base:
+        base, base_texts = score("base")
+        attach_adapter(loaded, adapter)
+    tuned, texts = score("tuned")
+    timings["total_seconds"] = time.perf_counter() - started
+
+    g = config.generation
+    metrics: dict[str, Any] = {
+        "model": config.model.model,
+        "adapter": str(adapter),
+        "split": options.split,
+        "data": options.data_file or loaded_rows.source,
+        "samples": len(rows),
+        "loss_examples": len(examples),
+        "truncated_articles": truncated["tuned"],
+        "settings": {
+            "max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams, "do_sample": g.do_sample,
+            "temperature": g.temperature, "top_p": g.top_p, "gen_batch_size": batch_size,
+            "max_length": data.max_length, "loss_on": data.loss_on, "template": data.template, "seed": data.seed,
+            "loss_reduction": LOSS_REDUCTION, "rouge": "F-measure x 100, Porter stemming, mean over articles",
+            "device": loaded.device, "dtype": loaded.dtype, "quantization": config.model.quantization,
+            "adapter_merged": loaded.merged,
+        },
+        "timings": {k: round(v, 4) if isinstance(v, float) else v for k, v in timings.items()},
+        "tuned": tuned,
+    }  # fmt: skip
+    if base is not None:
+        metrics["base"] = base
+        metrics["delta"] = {k: tuned[k] - base[k] for k in METRIC_KEYS}
+    _check_finite(metrics)
+    predictions = [{"id": r["id"], "reference": r["summary"], "prediction": t} for r, t in zip(rows, texts)]
+    if base_texts is not None:
+        for row, text in zip(predictions, base_texts):
+            row["base_prediction"] = text
+    metrics_path = write_json_atomic(output_dir / METRICS_FILE, metrics)
+    predictions_path = write_jsonl_atomic(output_dir / PREDICTIONS_FILE, predictions)
+    return EvaluationResult(metrics, predictions, metrics_path, predictions_path, notes)
+
+
+def _check_finite(metrics: dict[str, Any]) -> None:
+    """JSON has no NaN/inf: an overflowing perplexity becomes null rather than invalid JSON."""
+    for block in ("tuned", "base", "delta"):
+        for key, value in metrics.get(block, {}).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                metrics[block][key] = None
+
+
+# --- summarize --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Article:
+    source: str  # file path, 'file.jsonl:LINE', or '<stdin>'
+    text: str
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+    if b"\x00" in raw:
+        raise DataError(f"{path} looks binary (NUL bytes); give a UTF-8 text file with the article")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path} is empty; it needs the article text")
+    return text
+
+
+def _read_jsonl(path: Path, document_field: str) -> list[Article]:
+    from phi2cli.sources import read_records
+
+    records = read_records(path)
+    if not any(document_field in r for r in records):
+        found = ", ".join(map(str, records[0])) or "none"
+        raise DataError(f"{path}: no '{document_field}' field (found {found}); name it with --document-field")
+    articles = []
+    for number, record in enumerate(records, start=1):
+        value = record.get(document_field)
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{path}: row {number} has no text in '{document_field}'")
+        articles.append(Article(f"{path}:{number}", value))
+    return articles
+
+
+def read_articles(inputs: Sequence[str], document_field: str = "document", stdin: Any = None) -> list[Article]:
+    """Articles from files, directories of .txt files, JSONL files, or '-' (stdin).
+
+    Raises:
+        DataError for a missing, empty, binary or non-UTF-8 input, or a directory without .txt files.
+    """
+    import sys
+
+    articles: list[Article] = []
+    for item in inputs:
+        if item == "-":
+            text = (stdin or sys.stdin).read()
+            if not text.strip():
+                raise DataError("standard input is empty; pipe the article text in")
+            articles.append(Article("<stdin>", text))
+            continue
+        path = Path(item)
+        if not path.exists():
+            raise DataError(f"{path} does not exist; check the path")
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".txt" and p.is_file())
+            if not files:
+                raise DataError(f"{path} holds no .txt files; put one article per .txt file there")
+            articles += [Article(str(f), _read_text(f)) for f in files]
+        elif path.suffix.lower() == ".jsonl":
+            articles += _read_jsonl(path, document_field)
+        else:
+            articles.append(Article(str(path), _read_text(path)))
+    return articles
+
+
+@dataclass
+class SummaryResult:
+    source: str
+    summary: str
+    truncated: bool
+    prompt_tokens: int
+
+
+def summarize(articles: Sequence[Article], adapter_dir: str | Path = DEFAULT_ADAPTER, base_only: bool = False,
+              overrides: Mapping[str, Any] | None = None, gen_batch_size: int | None = None,
+              stream: Any = None) -> tuple[list[SummaryResult], list[str]]:  # fmt: skip
+    """Summarize articles with the run's adapter (or the base model), prompted as in training.
+
+    Args:
+        articles: from read_articles.
+        adapter_dir: the adapter (and run config) to use.
+        base_only: use the base model alone (model from --model or the run's config).
+        overrides: dotted config keys from flags (model, generation settings).
+        gen_batch_size: articles per batch; None picks one for the device.
+        stream: a text stream to write a single article's summary to while it is generated.
+    Returns:
+        (one SummaryResult per article in order, notes for the user)
+    """
+    from phi2cli.inference import default_batch_size, generate, load_model
+
+    config = resolve_config(adapter_dir, overrides or {}, base_only)
+    loaded = load_model(config, None if base_only else adapter_dir)
+    generated = generate(loaded, [a.text for a in articles], config.generation,
+                         default_batch_size(loaded, gen_batch_size), stream=stream)  # fmt: skip
+    room = config.data.max_length - config.generation.max_new_tokens - loaded.fmt.fixed_tokens
+    why = f"truncated to {room} tokens to fit max_length {config.data.max_length} minus --max-new-tokens " \
+          f"{config.generation.max_new_tokens}"  # fmt: skip
+    cut = [a.source for a, g in zip(articles, generated) if g.truncated]
+    notes = [f"{source}: article {why}" for source in cut] if len(cut) <= 3 else \
+        [f"{len(cut)} of {len(articles)} articles {why} (first: {cut[0]})"]  # fmt: skip
+    results = [SummaryResult(a.source, g.text, g.truncated, g.prompt_tokens) for a, g in zip(articles, generated)]
+    return results, loaded.notes + notes
+
+
+def results_json(results: Sequence[SummaryResult]) -> str:
+    """Machine-readable output of summarize: a JSON list of {source, summary}."""
+    return json.dumps([{"source": r.source, "summary": r.summary} for r in results], ensure_ascii=False, indent=2)

@@ -1,0 +1,93 @@
+"""`export`: fold a LoRA adapter into a full-precision copy of its base model, saved as a plain
+transformers model directory (safetensors + tokenizer + README) that needs neither peft nor phi2cli.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phi2cli.errors import ConfigError, RunError
+
+DEFAULT_OUTPUT = "phi2-xsum-merged"
+EXPORT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    output_dir: Path
+    base_model: str
+    adapter_dir: Path
+    dtype: str
+    files: list[str]
+
+
+def check_output(output_dir: str | Path, overwrite: bool) -> Path:
+    """Refuse a file, or a non-empty directory unless overwrite."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise RunError(f"--output {path} is a file; choose a directory path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise RunError(f"{path} already exists and is not empty; pass --overwrite to replace it or choose --output")
+    return path
+
+
+def _readme(base_model: str, adapter_dir: Path, dtype: str, template: str, output: Path) -> str:
+    prompt = template.replace("{document}", "<article>")
+    return (
+        f"# phi-2 fine-tuned for XSUM summarization (merged)\n\n"
+        f"Base model `{base_model}` with the LoRA adapter from `{adapter_dir}` merged into its weights "
+        f"(`{dtype}`). A standard transformers model: no peft needed.\n\n"
+        f"```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f"model = AutoModelForCausalLM.from_pretrained(\"{output}\")\n"
+        f"tokenizer = AutoTokenizer.from_pretrained(\"{output}\")\n```\n\n"
+        f"Prompt it as in training, then generate greedily and keep the first line:\n\n"
+        f"```text\n{prompt}\n```\n"
+    )
+
+
+def export_merged(adapter_dir: str | Path, output_dir: str | Path = DEFAULT_OUTPUT, dtype: str = "bfloat16",
+                  overwrite: bool = False, model: str | None = None) -> ExportResult:  # fmt: skip
+    """Merge the adapter into an unquantized base model and save it atomically.
+
+    The base is loaded in `dtype` on the CPU (not 4-bit: merging into NF4 weights would round the
+    adapter away), the adapter merged with peft's merge_and_unload, and the result saved with the
+    tokenizer the run used.
+
+    Args:
+        adapter_dir: a directory written by 'phi2 train' (adapter + phi2_run.json).
+        output_dir: the model directory to write.
+        dtype: bfloat16, float16 or float32.
+        overwrite: replace a non-empty output directory.
+        model: base model override (hub id or path); the run's saved base model by default.
+    Returns:
+        ExportResult with the saved files.
+    Raises:
+        ConfigError (bad dtype), RunError (output exists), ModelError (adapter/base unloadable).
+    """
+    from phi2cli.config import apply_overrides
+    from phi2cli.fileio import atomic_directory, write_text_atomic
+    from phi2cli.inference import check_adapter_dir, run_config_for
+    from phi2cli.modeling import Precision, load_adapter, load_base_model, load_tokenizer
+
+    if dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)} (got '{dtype}')")
+    adapter = check_adapter_dir(adapter_dir)
+    config, _ = run_config_for(adapter)
+    config = apply_overrides(config, {"model.model": model})
+    output = check_output(output_dir, overwrite)
+    model_cfg = dataclasses.replace(config.model, quantization="none", compute_dtype=dtype)
+    base = load_base_model(model_cfg, Precision("cpu", "none", dtype), for_training=False)
+    tokenizer_source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else \
+        (config.model.tokenizer or config.model.model)  # fmt: skip
+    tokenizer = load_tokenizer(tokenizer_source)
+    merged: Any = load_adapter(base, adapter).merge_and_unload()
+    merged.config.use_cache = True
+    with atomic_directory(output) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        write_text_atomic(tmp / "README.md", _readme(config.model.model, adapter, dtype, config.data.template, output))
+    files = sorted(p.name for p in output.iterdir())
+    return ExportResult(output, config.model.model, adapter, dtype, files)

@@ -1,0 +1,360 @@
+"""A trained run at inference: base model (+ merged adapter), batched generation, eval loss.
+
+Prompts are built exactly as in training (the run's template through PromptFormat, the article
+cut by the same function). On CUDA a 4-bit base is dequantized once and the adapter merged into
+the bf16 weights, so no step pays for NF4 dequantization or LoRA matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
+
+from phi2cli.config import RUN_CONFIG_NAME, GenerationConfig, Phi2Config, load_run_config
+from phi2cli.errors import ConfigError, DataError, DeviceError, ModelError, RunError
+from phi2cli.metrics import first_line
+from phi2cli.prompts import IGNORE_INDEX, EncodedExample, PromptFormat, encode_document
+
+CUDA_GEN_BATCH = 128  # default articles per generate() call on a GPU (halved on out-of-memory)
+LOSS_TOKENS = {"cuda": 32768, "cpu": 4096}  # tokens per packed eval-loss batch
+Advance = Callable[[int], None]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference and what is needed to prompt it as in training."""
+
+    model: Any
+    tokenizer: Any
+    fmt: PromptFormat
+    config: Phi2Config
+    device: str  # "cuda" or "cpu"
+    dtype: str  # weights' compute dtype
+    adapter_dir: Path | None = None  # None while it is the base model
+    merged: bool = False  # adapter folded into the weights
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Generated:
+    text: str  # first line of the generated continuation
+    prompt_tokens: int
+    new_tokens: int  # tokens generated up to and including the stop token
+    truncated: bool  # the article was cut to fit max_length - max_new_tokens
+
+
+@dataclass(frozen=True)
+class LossResult:
+    loss: float  # token-weighted mean cross-entropy over every labelled token of the set
+    perplexity: float
+    tokens: int  # labelled tokens scored
+    examples: int
+    seconds: float
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    """The adapter directory, or a RunError/ModelError saying why it cannot be used."""
+    path = Path(adapter_dir)
+    if not path.exists():
+        raise RunError(f"adapter directory {path} does not exist; train one with 'phi2 train' or pass --adapter DIR")
+    if not path.is_dir():
+        raise RunError(f"--adapter {path} is a file; pass the directory written by 'phi2 train'")
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(
+            f"{path} holds no adapter_config.json: not a LoRA adapter directory "
+            f"(train one with 'phi2 train', or pass --adapter DIR)"
+        )
+    return path
+
+
+def run_config_for(adapter_dir: str | Path) -> tuple[Phi2Config, dict[str, Any]]:
+    """The saved config of the run that wrote `adapter_dir` (in it, or beside a checkpoint-N)."""
+    path = Path(adapter_dir)
+    for folder in (path, path.parent):
+        if (folder / RUN_CONFIG_NAME).is_file():
+            return load_run_config(folder)
+    raise RunError(
+        f"{path} has no {RUN_CONFIG_NAME} (nor has its parent), so its prompt template is unknown; "
+        f"pass a directory written by 'phi2 train'"
+    )
+
+
+def _tokenizer_source(config: Phi2Config, adapter_dir: Path | None) -> str:
+    if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file():
+        return str(adapter_dir)  # the tokenizer saved with the run is the one training used
+    return config.model.tokenizer or config.model.model
+
+
+def load_model(config: Phi2Config, adapter_dir: str | Path | None = None) -> LoadedModel:
+    """Load the base model for inference, with the adapter merged in when one is given.
+
+    Args:
+        config: the run's config (model, template and max_length are used).
+        adapter_dir: a LoRA adapter directory; None for the base model alone.
+    Returns:
+        LoadedModel in eval mode with the KV cache on.
+    Raises:
+        ModelError, RunError, DeviceError, HubUnreachableError, ConfigError.
+    """
+    from phi2cli.modeling import load_base_model, load_tokenizer, resolve_precision
+
+    adapter_path = check_adapter_dir(adapter_dir) if adapter_dir is not None else None
+    precision = resolve_precision(config.model)
+    tokenizer = load_tokenizer(_tokenizer_source(config, adapter_path))
+    fmt = PromptFormat.create(config.data.template, tokenizer)
+    base = load_base_model(config.model, precision, for_training=False)
+    notes = [precision.note] if precision.note and precision.device == "cuda" else []
+    if precision.device == "cuda" and precision.quantization == "4bit":
+        from phi2cli.engine import dequantize_base
+
+        dequantize_base(base)  # once, instead of in every matmul of every decoding step
+    base.eval()
+    base.requires_grad_(False)
+    loaded = LoadedModel(base, tokenizer, fmt, config, precision.device, precision.compute_dtype, notes=notes)
+    if adapter_path is not None:
+        attach_adapter(loaded, adapter_path)
+    return loaded
+
+
+def attach_adapter(loaded: LoadedModel, adapter_dir: str | Path) -> LoadedModel:
+    """Load a LoRA adapter onto `loaded.model` and merge it into the weights (in place)."""
+    from phi2cli.modeling import load_adapter
+
+    path = check_adapter_dir(adapter_dir)
+    model = load_adapter(loaded.model, path)
+    if getattr(model, "is_loaded_in_8bit", False):  # merging into int8 weights would round them
+        loaded.notes.append("8-bit base: the adapter is applied unmerged (slower)")
+    else:
+        model = model.merge_and_unload()
+        loaded.merged = True
+    model.eval()
+    loaded.model, loaded.adapter_dir = model, path
+    return loaded
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _pack(features: Sequence[EncodedExample], budget: int) -> list[list[EncodedExample]]:
+    """Greedy packing by length into batches of at most `budget` tokens (one example minimum)."""
+    ordered = sorted(features, key=lambda f: len(f.input_ids))
+    batches: list[list[EncodedExample]] = []
+    current: list[EncodedExample] = []
+    size = 0
+    for feature in ordered:
+        n = len(feature.input_ids)
+        if current and size + n > budget:
+            batches.append(current)
+            current, size = [], 0
+        current.append(feature)
+        size += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+def eval_loss(loaded: LoadedModel, examples: Sequence[EncodedExample], tokens_per_batch: int | None = None,
+              advance: Advance | None = None) -> LossResult:  # fmt: skip
+    """Training's eval loss over `examples`: packed rows through selective_causal_lm_loss.
+
+    The mean is token-weighted over the whole set (sum of every labelled token's loss / their
+    count), so it does not depend on how examples are batched. The Trainer's eval_loss averages
+    per-batch means instead; the two agree up to how unequal the batches' token counts are.
+    Only two scalars are kept per batch, never the logits.
+    """
+    import torch
+
+    from phi2cli import attention
+    from phi2cli.collate import PackedCollator
+    from phi2cli.trainer import selective_causal_lm_loss
+
+    model, device = loaded.model, loaded.device
+    varlen = device == "cuda" and attention.register()
+    budget = tokens_per_batch or (LOSS_TOKENS["cuda"] if varlen else LOSS_TOKENS["cpu"])
+    collate = PackedCollator()
+    total, count = 0.0, 0
+    _sync(device)
+    start = time.perf_counter()
+    if varlen:  # the same packed-attention kernel as training's speed profile
+        model.set_attn_implementation(attention.NAME)
+    try:
+        with torch.inference_mode():
+            for batch_examples in _pack(examples, budget):
+                features = [{"input_ids": e.input_ids, "labels": e.labels} for e in batch_examples]
+                batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v
+                         for k, v in collate(features).items()}  # fmt: skip
+                loss_sum, labelled = selective_causal_lm_loss(model, batch, num_items=1)
+                total += float(loss_sum)
+                count += labelled
+                if advance:
+                    advance(len(batch_examples))
+    except torch.cuda.OutOfMemoryError:
+        raise DeviceError("the GPU ran out of memory computing the eval loss; use a shorter --max-length") from None
+    finally:
+        if varlen:
+            model.set_attn_implementation(loaded.config.model.attn_implementation)
+    _sync(device)
+    if not count:
+        raise DataError("no labelled tokens to score; every example's summary was cut away")
+    loss = total / count
+    perplexity = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
+    return LossResult(loss, perplexity, count, len(examples), time.perf_counter() - start)
+
+
+def labelled_tokens(example: EncodedExample) -> int:
+    """Tokens whose loss counts (the first label is never predicted)."""
+    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """EOS plus the tokenizer's single-token newline(s): a summary is one line (phi-2: 198, 628)."""
+    ids = [int(tokenizer.eos_token_id)]
+    for text in ("\n", "\n\n"):
+        encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1 and encoded[0] not in ids:
+            ids.append(int(encoded[0]))
+    return ids
+
+
+def build_prompts(loaded: LoadedModel, documents: Sequence[str], max_new_tokens: int) -> list[tuple[list[int], bool]]:
+    """Prompt ids per article, the article cut to fit the run's max_length minus max_new_tokens."""
+    room = loaded.config.data.max_length - max_new_tokens
+    if room - loaded.fmt.fixed_tokens < 1:
+        raise ConfigError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for the article within the run's "
+            f"max_length {loaded.config.data.max_length} (the prompt alone is {loaded.fmt.fixed_tokens} tokens)"
+        )
+    return [loaded.fmt.encode_prompt(encode_document(loaded.tokenizer, doc), room) for doc in documents]
+
+
+def default_batch_size(loaded: LoadedModel, requested: int | None) -> int:
+    """--gen-batch-size if given, else large on a GPU and the config's value on a CPU."""
+    if requested:
+        return requested
+    return CUDA_GEN_BATCH if loaded.device == "cuda" else loaded.config.generation.batch_size
+
+
+def generate(loaded: LoadedModel, documents: Sequence[str], gen: GenerationConfig, batch_size: int,
+             advance: Advance | None = None, stream: TextIO | None = None) -> list[Generated]:  # fmt: skip
+    """Summarize each article: batched, longest first, left-padded; results in input order.
+
+    Args:
+        loaded: from load_model.
+        documents: article texts.
+        gen: decoding settings (max_new_tokens, num_beams, do_sample, temperature, top_p).
+        batch_size: articles per generate() call; halved on CUDA out-of-memory.
+        advance: called with the number of articles done after each batch.
+        stream: write the text of a single article here as it is generated (greedy/sampling only).
+    Returns:
+        one Generated per document, same order.
+    """
+    import torch
+
+    prompts = build_prompts(loaded, documents, gen.max_new_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i][0]))  # longest first: OOM shows early
+    results: list[Generated | None] = [None] * len(prompts)
+    config = _generation_config(loaded, gen)
+    if gen.do_sample:
+        torch.manual_seed(loaded.config.data.seed)
+    streamer = None
+    if stream is not None and len(prompts) == 1 and gen.num_beams == 1:
+        streamer = FirstLineStreamer(loaded.tokenizer, stream)
+    start, size = 0, max(1, batch_size)
+    while start < len(order):
+        chunk = order[start:start + size]
+        try:
+            outputs = _generate_batch(loaded, [prompts[i][0] for i in chunk], config, streamer)
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise DeviceError("the GPU ran out of memory generating one summary; lower --max-new-tokens") from None
+            torch.cuda.empty_cache()
+            size //= 2
+            continue
+        for index, (text, new_tokens) in zip(chunk, outputs):
+            ids, truncated = prompts[index]
+            results[index] = Generated(text, len(ids), new_tokens, truncated)
+        start += len(chunk)
+        if advance:
+            advance(len(chunk))
+    return [r for r in results if r is not None]
+
+
+def _generation_config(loaded: LoadedModel, gen: GenerationConfig) -> Any:
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    sampling = {"temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample else {}
+    return HFGenerationConfig(
+        max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, do_sample=gen.do_sample,
+        eos_token_id=stop_token_ids(loaded.tokenizer), pad_token_id=loaded.tokenizer.pad_token_id,
+        use_cache=True, **sampling,
+    )  # fmt: skip
+
+
+def _generate_batch(loaded: LoadedModel, prompts: list[list[int]], config: Any,
+                    streamer: Any) -> list[tuple[str, int]]:  # fmt: skip
+    """Left-pad a batch (generation appends on the right), generate, decode each first line."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    pad = loaded.tokenizer.pad_token_id
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    device = loaded.model.device
+    with torch.inference_mode():
+        out = loaded.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                    generation_config=config, streamer=streamer)  # fmt: skip
+    stops = set(config.eos_token_id)
+    decoded = []
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+        text = loaded.tokenizer.decode(row[:end], skip_special_tokens=True)
+        decoded.append((first_line(text), end))
+    return decoded
+
+
+class FirstLineStreamer:
+    """Writes generated text as it comes, up to the end of the first line (what the summary keeps)."""
+
+    def __init__(self, tokenizer: Any, out: TextIO) -> None:
+        from transformers import TextStreamer
+
+        class _Streamer(TextStreamer):
+            def on_finalized_text(inner, text: str, stream_end: bool = False) -> None:  # noqa: N805
+                self.write(text, stream_end)
+
+        self._inner = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.out = out
+        self.started = False  # leading spaces of the summary are not shown
+        self.done = False  # the first line has ended
+        self.finished = False  # the closing newline is written
+
+    def put(self, value: Any) -> None:
+        self._inner.put(value)
+
+    def end(self) -> None:
+        self._inner.end()
+
+    def write(self, text: str, stream_end: bool) -> None:
+        if not self.done:
+            if not self.started:
+                text = text.lstrip()
+            if "\n" in text:
+                text, self.done = text.split("\n", 1)[0], True
+            if text:
+                self.started = True
+                self.out.write(text)
+                self.out.flush()
+        if (stream_end or self.done) and not self.finished:
+            self.out.write("\n")
+            self.out.flush()
+            self.finished = True
