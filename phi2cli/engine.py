@@ -27,6 +27,7 @@ class TrainResult:
     plan: EnginePlan
     metrics: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)
+    throughput: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -201,29 +202,34 @@ def train(
     from phi2cli import data as data_mod
     from phi2cli.collate import PackedCollator, PaddedCollator
     from phi2cli.modeling import load_tokenizer, memory_report, resolve_precision
-    from phi2cli.trainer import EvaluateAtEnd, Phi2Trainer, ProgressCallback, StopOnSignal
+    from phi2cli.trainer import EvaluateAtEnd, Phi2Trainer, ProgressCallback, StopOnSignal, ThroughputMeter
 
-    check_output_dirs(config, resume, overwrite)
+    from accelerate import PartialState
+
+    state = PartialState()  # one process, or one of N under a distributed launcher
+    is_main = state.is_main_process
+    with state.main_process_first():  # the main process checks, cleans and prepares; the others then read
+        check_output_dirs(config, resume, overwrite and is_main)
     precision = resolve_precision(config.model)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = state.num_processes
     plan = resolve_plan(config, cuda=precision.device == "cuda", quantized=precision.quantization == "4bit",
                         free_gib=_free_gib(), world_size=world_size)  # fmt: skip
     notes = [n for n in (precision.note, plan.note) if n]
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
     out = Path(config.train.output_dir)
-    if prepared_dir is None:
-        prepared_dir = out / "prepared"
-        if not (resume and (prepared_dir / data_mod.MANIFEST_NAME).exists()):
-            kwargs = {"progress": progress} if progress else {}
-            notes += data_mod.prepare(config, tokenizer, prepared_dir, **kwargs).warnings
-    dataset, manifest = data_mod.load_prepared(prepared_dir)
+    with state.main_process_first():
+        if prepared_dir is None:
+            prepared_dir = out / "prepared"
+            if is_main and not (resume and (prepared_dir / data_mod.MANIFEST_NAME).exists()):
+                kwargs = {"progress": progress} if progress else {}
+                notes += data_mod.prepare(config, tokenizer, prepared_dir, **kwargs).warnings
+        dataset, manifest = data_mod.load_prepared(prepared_dir)
     data_mod.check_compatible(manifest, config)
     train_set, eval_set = dataset["train"], dataset["validation"] if "validation" in dataset else None
 
     run_facts = {"precision": precision.__dict__, "plan": plan.to_dict(), "prepared_dir": str(prepared_dir),
                  "tokenizer": config.model.tokenizer or config.model.model, "template": config.data.template,
                  "eos_token_id": tokenizer.eos_token_id, "manifest": {k: manifest[k] for k in ("source", "splits")}}  # fmt: skip
-    is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main:
         save_run_config(config, out, run_facts)
 
@@ -241,6 +247,8 @@ def train(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
+    meter = ThroughputMeter(lambda: trainer.real_tokens_seen)
+    trainer.add_callback(meter)
     if display is not None and is_main:
         trainer.add_callback(ProgressCallback(display, lambda: trainer.real_tokens_seen))
     if torch.cuda.is_available():
@@ -252,19 +260,23 @@ def train(
         raise DeviceError(out_of_memory_advice()) from None
     finally:
         stopper.uninstall()
-    state = trainer.state
+    trainer_state = trainer.state
     if stopper.requested:
         saved = checkpoints(out)
         where = saved[-1] if saved else out
         raise TrainingInterrupted(
-            f"stopped by {stopper.requested} at step {state.global_step}; checkpoint saved in {where}. "
+            f"stopped by {stopper.requested} at step {trainer_state.global_step}; checkpoint saved in {where}. "
             f"Resume with: phi2 train --resume {resume_hint(config)}"
         )
     final = Path(config.train.final_dir)
+    memory = memory_report()
+    run_facts.update(throughput=meter.result, memory=memory, train_metrics=dict(result.metrics))
     if is_main:
         save_final(trainer, tokenizer, config, final, run_facts)
-    return TrainResult(out, final, state.best_model_checkpoint, state.best_metric, state.global_step, plan,
-                       dict(result.metrics), memory_report(), notes)  # fmt: skip
+    state.wait_for_everyone()
+    return TrainResult(out, final, trainer_state.best_model_checkpoint, trainer_state.best_metric,
+                       trainer_state.global_step, plan, dict(result.metrics), memory, meter.result,
+                       notes)  # fmt: skip
 
 
 def save_final(trainer: Any, tokenizer: Any, config: Phi2Config, final: Path, facts: dict[str, Any]) -> None:

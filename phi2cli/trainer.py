@@ -143,3 +143,34 @@ class ProgressCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.display("end", {"step": state.global_step})
+
+
+class ThroughputMeter(TrainerCallback):
+    """Real tokens per second over all processes, after `skip` warm-up steps (compile, allocator)."""
+
+    def __init__(self, tokens: Callable[[], int], skip: int = 2) -> None:
+        self.tokens = tokens
+        self.skip = skip
+        self.start: tuple[float, int, int] | None = None
+        self.result: dict[str, float] = {}
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step - self._first == self.skip:
+            self.start = (time.perf_counter(), self.tokens(), state.global_step)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._first = state.global_step
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.start is None or state.global_step <= self.start[2]:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - self.start[0]
+        tokens = torch.tensor([float(self.tokens() - self.start[1])])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            tokens = tokens.to(args.device)
+            torch.distributed.all_reduce(tokens)
+        steps = state.global_step - self.start[2]
+        self.result = {"tokens_per_s": round(float(tokens.item()) / seconds, 1), "timed_steps": steps,
+                       "seconds_per_step": round(seconds / steps, 4), "warmup_steps": self.skip}  # fmt: skip

@@ -56,11 +56,13 @@ def train_command(
     gradient_checkpointing: Annotated[Optional[bool], opt(
         "train.gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")] = None,
     profile: Annotated[Optional[str], opt("train.profile", "--profile")] = None,
+    compile_layers: Annotated[Optional[bool], opt("train.compile", "--compile/--no-compile")] = None,
     train_seed: Annotated[Optional[int], opt("train.seed", "--train-seed")] = None,
     output_dir: Annotated[Optional[str], opt("train.output_dir", "--output-dir", "-o")] = None,
     final_dir: Annotated[Optional[str], opt("train.final_dir", "--final-dir")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its newest checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an earlier run in the output directories first.")] = False,
+    gpus: Annotated[int, typer.Option("--gpus", help="Data-parallel GPUs (DDP via accelerate); the global batch stays 8 examples per step.")] = 1,
 ) -> None:  # fmt: skip
     """Fine-tune the model on XSUM with QLoRA (4-bit NF4 base + LoRA adapters).
 
@@ -70,6 +72,14 @@ def train_command(
     """
     from phi2cli.engine import train
     from phi2cli.ui import TrainingDisplay, note, track, warn
+
+    if gpus > 1:
+        from phi2cli.launch import launched, run_distributed
+
+        if not launched():
+            import sys
+
+            raise typer.Exit(run_distributed(gpus, sys.argv[1:]))
 
     overrides: dict[str, Any] = data_overrides(
         dataset=dataset, data_dir=data_dir, train_file=train_file, validation_file=validation_file,
@@ -83,20 +93,29 @@ def train_command(
         "train.batch_size": batch_size, "train.grad_accum": grad_accum, "train.epochs": epochs,
         "train.max_steps": max_steps, "train.eval_every": eval_every, "train.logging_steps": logging_steps,
         "train.eval_batch_size": eval_batch_size, "train.optimizer": optimizer,
-        "train.gradient_checkpointing": gradient_checkpointing, "train.profile": profile, "train.seed": train_seed,
+        "train.gradient_checkpointing": gradient_checkpointing, "train.profile": profile, "train.compile": compile_layers, "train.seed": train_seed,
         "train.output_dir": output_dir, "train.final_dir": final_dir,
     })  # fmt: skip
     cfg = resolve_train_config(config, overrides, resume)
+    import os
+    from contextlib import nullcontext
+
     display = TrainingDisplay(console)
-    with display:
-        result = train(cfg, prepared_dir=prepared, resume=resume, overwrite=overwrite, display=display.update,
-                       progress=track)  # fmt: skip
+    main_process = os.environ.get("LOCAL_RANK", "0") == "0"
+    with display if main_process else nullcontext():
+        result = train(cfg, prepared_dir=prepared, resume=resume, overwrite=overwrite,
+                       display=display.update if main_process else None, progress=track)  # fmt: skip
+    if not main_process:
+        return
     for message in result.notes:
         warn(message)
     note(f"engine profile: {result.plan.profile} ({result.plan.micro_batch} x {result.plan.grad_accum} "
          f"x {result.plan.world_size} GPU(s) = {result.plan.examples_per_step} examples per step)")  # fmt: skip
     if result.best_checkpoint:
         console.print(f"Best checkpoint: [bold]{result.best_checkpoint}[/bold] (eval loss {result.best_metric:.4f})")
+    if result.throughput:
+        console.print(f"Throughput: {result.throughput['tokens_per_s']:,.0f} real tokens/s "
+                      f"({result.throughput['seconds_per_step']:.3f} s per step after warm-up)")  # fmt: skip
     if result.memory:
         console.print(f"Peak GPU memory: {result.memory['peak_allocated_gib']:.2f} GiB allocated, "
                       f"{result.memory['peak_reserved_gib']:.2f} GiB reserved")  # fmt: skip
