@@ -312,3 +312,23 @@ def dump_yaml(config: Phi2Config) -> str:
     import yaml
 
     return yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+PATH_FIELDS = ("model.model", "model.tokenizer", "data.data_dir", "data.train_file", "data.validation_file",
+               "data.test_file")  # fmt: skip
+
+
+def resolve_local_path(value: str | None) -> str | None:
+    """An existing local path made absolute (hub ids and missing paths are returned as given)."""
+    if value and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
+def with_absolute_paths(config: Phi2Config) -> Phi2Config:
+    """Local paths made absolute, so a saved run config works from any working directory."""
+    values = {}
+    for dotted in PATH_FIELDS:
+        section, name = dotted.split(".")
+        values[dotted] = resolve_local_path(getattr(getattr(config, section), name))
+    return apply_overrides(config, values)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from phi2cli import __version__
-from phi2cli.config import Phi2Config
+from phi2cli.config import Phi2Config, resolve_local_path
 from phi2cli.errors import ConfigError, DataError
 from phi2cli.fileio import atomic_directory, write_json_atomic
 from phi2cli.prompts import PromptFormat, encode_example
@@ -157,7 +157,7 @@ def prepare(
         "dataset": data.data_dir if uses_local_files(data) else data.dataset,
         "seed": data.seed,
         "template": data.template,
-        "tokenizer": config.model.tokenizer or config.model.model,
+        "tokenizer": resolve_local_path(config.model.tokenizer or config.model.model),
         "eos_token_id": fmt.eos_id,
         "loss_on": data.loss_on,
         "max_length": data.max_length,
@@ -210,8 +210,10 @@ def load_prepared(path: str | Path) -> tuple[Any, dict[str, Any]]:
 
 def check_compatible(manifest: dict[str, Any], config: Phi2Config) -> None:
     """A prepared dataset must have been tokenized for the model being trained."""
+    from phi2cli.config import resolve_local_path
+
     tokenizer = config.model.tokenizer or config.model.model
-    if manifest.get("tokenizer") not in (None, tokenizer):
+    if manifest.get("tokenizer") is not None and resolve_local_path(manifest["tokenizer"]) != resolve_local_path(tokenizer):
         raise ConfigError(
             f"the prepared dataset was tokenized with {manifest['tokenizer']}, but the model is {tokenizer}; "
             f"run 'phi2 prepare --model {tokenizer}' or pass the matching --model"

@@ -206,6 +206,10 @@ def train(
 
     from accelerate import PartialState
 
+    from phi2cli.config import with_absolute_paths
+
+    config = with_absolute_paths(config)
+
     state = PartialState()  # one process, or one of N under a distributed launcher
     is_main = state.is_main_process
     with state.main_process_first():  # the main process checks, cleans and prepares; the others then read

@@ -1,0 +1,63 @@
+"""Where the time of one optimizer step goes: torch.profiler over the speed profile, after warm-up.
+
+    python benchmarks/profile_step.py --model /tmp/phi2-random --data-dir DIR --out results/train_profile.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, make_random_phi2  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path("/tmp/phi2-random"))
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "examples" / "data" / "xsum-sample")
+    parser.add_argument("--profile", default="speed")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_profile.txt")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import TrainerCallback
+
+    from phi2cli.config import Phi2Config, apply_overrides
+    from phi2cli.engine import train
+
+    make_random_phi2(args.model)
+    work = Path(tempfile.mkdtemp(prefix="phi2-profile-"))
+    config = apply_overrides(Phi2Config(), {
+        "model.model": str(args.model), "data.data_dir": str(args.data_dir), "data.samples": 64,
+        "data.val_samples": 0, "data.max_length": 512, "train.max_steps": 7, "train.profile": args.profile,
+        "train.output_dir": str(work / "run"), "train.final_dir": str(work / "final"), "train.eval_every": 1000,
+    }).validate()  # fmt: skip
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                  torch.profiler.ProfilerActivity.CUDA])  # fmt: skip
+
+    class Window(TrainerCallback):  # profile steps 4-6 (after allocator and kernel warm-up)
+        def on_step_begin(self, a, state, control, **kw):
+            if state.global_step == 3:
+                profiler.__enter__()
+
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step == 6:
+                torch.cuda.synchronize()
+                profiler.__exit__(None, None, None)
+
+    train(config, callbacks=[Window()])
+    averages = profiler.key_averages()
+    cuda_total = sum(e.self_device_time_total for e in averages) / 1e3 / 3
+    lines = [f"profile {args.profile}, steps 4-6 of 8 examples (max 512 tokens), per step:",
+             f"GPU kernel time {cuda_total:.1f} ms per step", "",
+             averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)]  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines[:2]))
+
+
+if __name__ == "__main__":
+    main()
