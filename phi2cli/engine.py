@@ -210,7 +210,8 @@ def train(
 
     config = with_absolute_paths(config)
 
-    state = PartialState()  # one process, or one of N under a distributed launcher
+    # One process, or one of N under a distributed launcher (accelerate launch, torchrun).
+    state = PartialState(cpu=not torch.cuda.is_available())
     is_main = state.is_main_process
     with state.main_process_first():  # the main process checks, cleans and prepares; the others then read
         check_output_dirs(config, resume, overwrite and is_main)

@@ -142,6 +142,11 @@ def gguf_to_directory(gguf_path: str) -> str:
         tokenizer = load_tokenizer(str(path))
     except Exception as err:
         raise _load_error("model", gguf_path, err) from None
+    # The weights are plain float32 now; drop the GGUF marker that makes save_pretrained refuse.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     with atomic_directory(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
