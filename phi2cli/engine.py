@@ -67,7 +67,7 @@ def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, ha
     train = config.train
     on_gpu = precision.device == "cuda"
     eval_strategy = "steps" if has_eval else "no"
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=train.output_dir,
         per_device_train_batch_size=plan.micro_batch,
         per_device_eval_batch_size=train.eval_batch_size,
@@ -101,6 +101,11 @@ def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, ha
         ddp_find_unused_parameters=False if plan.world_size > 1 else None,
         save_only_model=False,
     )
+    if plan.world_size == 1:
+        # One process uses one GPU: the Trainer would otherwise wrap the model in DataParallel on a
+        # multi-GPU machine, which cannot split packed rows. Several GPUs go through --gpus (DDP).
+        args._n_gpu = min(args._n_gpu, 1)
+    return args
 
 
 def _free_gib() -> float | None:
