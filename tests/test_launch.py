@@ -1,0 +1,75 @@
+"""Multi-GPU launch arithmetic and command line (the GPU runs themselves are in benchmarks/multi_gpu.py)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from phi2cli.config import Phi2Config, apply_overrides
+from phi2cli.errors import ConfigError
+from phi2cli.launch import SAFE_NCCL_ENV, launch_command, strip_gpus_flag
+from phi2cli.plan import resolve_plan, split_global_batch, speed_memory_gib
+
+
+@pytest.mark.parametrize(
+    "total, world, micro_wanted, expected",
+    [(8, 1, 1, (1, 8)), (8, 2, 1, (1, 4)), (8, 4, 1, (1, 2)), (8, 8, 1, (1, 1)), (8, 1, 8, (8, 1)),
+     (8, 2, 8, (4, 1)), (32, 2, 32, (16, 1)), (24, 2, 5, (4, 3)), (8, 2, 3, (2, 2))],
+)  # fmt: skip
+def test_global_batch_is_split_over_gpus(total, world, micro_wanted, expected):
+    micro, accum = split_global_batch(total, world, micro_wanted)
+    assert (micro, accum) == expected
+    assert micro * accum * world == total
+
+
+def test_a_global_batch_that_does_not_divide_is_refused():
+    with pytest.raises(ConfigError, match="8 examples per step cannot be split over 3 GPUs"):
+        split_global_batch(8, 3, 1)
+
+
+@pytest.mark.parametrize("profile, world, expected", [
+    ("reference", 1, (1, 8)), ("reference", 2, (1, 4)), ("speed", 1, (8, 1)), ("speed", 2, (4, 1)),
+    ("memory-saver", 4, (2, 1)),
+])  # fmt: skip
+def test_every_profile_keeps_eight_examples_per_step(profile, world, expected):
+    config = apply_overrides(Phi2Config(), {"train.profile": profile})
+    plan = resolve_plan(config, cuda=True, quantized=True, free_gib=140.0, world_size=world)
+    assert (plan.micro_batch, plan.grad_accum) == expected
+    assert plan.examples_per_step == 8 and plan.world_size == world
+
+
+def test_auto_profile_follows_free_memory():
+    config = Phi2Config()
+    assert resolve_plan(config, cuda=True, quantized=True, free_gib=140.0).profile == "speed"
+    small = resolve_plan(config, cuda=True, quantized=True, free_gib=7.5)
+    assert small.profile == "memory-saver" and small.gradient_checkpointing and not small.dequantize_base
+    assert "7.5 GiB free" in small.note
+    assert resolve_plan(config, cuda=False, quantized=False, free_gib=None).optimizer == "adamw_torch"
+    assert speed_memory_gib(8, 1024) == pytest.approx(8.0 + 0.0075 * 8 * 1024)
+
+
+def test_gpus_flag_is_taken_out_and_the_rest_forwarded():
+    argv = ["train", "--samples", "5000", "--gpus", "2", "--lr", "1e-4", "--gpus=4", "--profile", "speed"]
+    assert strip_gpus_flag(argv) == ["train", "--samples", "5000", "--lr", "1e-4", "--profile", "speed"]
+
+
+def test_launch_command_runs_one_process_per_gpu_under_accelerate():
+    command = launch_command(2, ["train", "--samples", "100"], main_port=29555)
+    assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert command[command.index("--num_processes") + 1] == "2" and "--multi_gpu" in command
+    assert command[command.index("--main_process_port") + 1] == "29555"
+    assert command[-5:] == ["-m", "phi2cli", "train", "--samples", "100"]
+    assert SAFE_NCCL_ENV["NCCL_NVLS_ENABLE"] == "0"
+    with pytest.raises(ConfigError, match="--gpus must be 2 or more"):
+        launch_command(1, ["train"])
+
+
+def test_more_gpus_than_the_machine_has_is_a_one_line_error():
+    from typer.testing import CliRunner
+
+    from phi2cli.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--gpus", "2", "--samples", "8"])
+    assert result.exit_code == 1
+    assert "--gpus 2 asks for more GPUs than this machine has (0)" in result.output
