@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from phi2cli import __version__
-from phi2cli.config import Phi2Config, resolve_local_path
+from phi2cli.config import DataConfig, Phi2Config, _section_dict, resolve_local_path
 from phi2cli.errors import ConfigError, DataError
 from phi2cli.fileio import atomic_directory, write_json_atomic
 from phi2cli.prompts import PromptFormat, encode_example
@@ -111,6 +111,9 @@ def prepare(
     Raises:
         DataError / HubUnreachableError / ConfigError with a message that says what to do.
     """
+    from phi2cli.config import with_absolute_paths
+
+    config = with_absolute_paths(config)  # the manifest must point at the data from any directory
     data = config.data
     fmt = PromptFormat.create(data.template, tokenizer)
     if fmt.fixed_tokens + 2 > data.max_length:
@@ -161,6 +164,7 @@ def prepare(
         "eos_token_id": fmt.eos_id,
         "loss_on": data.loss_on,
         "max_length": data.max_length,
+        "data_config": _section_dict(data),  # lets 'phi2 train --prepared' record where the data came from
         "splits": split_stats,
     }
     target = Path(output_dir or data.prepared_dir)
@@ -218,3 +222,12 @@ def check_compatible(manifest: dict[str, Any], config: Phi2Config) -> None:
             f"the prepared dataset was tokenized with {manifest['tokenizer']}, but the model is {tokenizer}; "
             f"run 'phi2 prepare --model {tokenizer}' or pass the matching --model"
         )
+
+
+def data_config_of(manifest: dict[str, Any]) -> DataConfig | None:
+    """The data settings a prepared dataset was made with (None for older manifests)."""
+    saved = manifest.get("data_config")
+    if not isinstance(saved, dict):
+        return None
+    known = {k: v for k, v in saved.items() if k in DataConfig.__dataclass_fields__}
+    return DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in known.items()})

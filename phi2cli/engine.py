@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -235,6 +236,9 @@ def train(
                 notes += data_mod.prepare(config, tokenizer, prepared_dir, **kwargs).warnings
         dataset, manifest = data_mod.load_prepared(prepared_dir)
     data_mod.check_compatible(manifest, config)
+    prepared_with = data_mod.data_config_of(manifest)
+    if prepared_with is not None:  # the run config records the data as it was prepared
+        config = dataclasses.replace(config, data=prepared_with)
     train_set, eval_set = dataset["train"], dataset["validation"] if "validation" in dataset else None
 
     run_facts = {"precision": precision.__dict__, "plan": plan.to_dict(), "prepared_dir": str(prepared_dir),

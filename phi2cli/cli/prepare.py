@@ -36,10 +36,10 @@ def prepare_command(
 ) -> None:
     """Sample XSUM, format prompts, tokenize and save a dataset ready for training.
 
-    Data comes from the hub (--dataset, default EdinburghNLP/xsum) or local files (--data-dir with
-    train/validation files, or --train-file/--validation-file) in JSONL, JSON, CSV or Parquet.
+    Data comes from the hub (--dataset, default EdinburghNLP/xsum) or local files (--data-dir with train/validation files, or --train-file/--validation-file) in JSONL, JSON, CSV or Parquet.
+
     Writes a 'save_to_disk' dataset plus manifest.json with token-length statistics.
-    """
+    """  # noqa: E501 (one line per paragraph: --help keeps line breaks)
     from phi2cli import data as data_mod
     from phi2cli.modeling import load_tokenizer
     from phi2cli.ui import manifest_table, track, warn

@@ -66,10 +66,10 @@ def train_command(
 ) -> None:  # fmt: skip
     """Fine-tune the model on XSUM with QLoRA (4-bit NF4 base + LoRA adapters).
 
-    Prepares the data implicitly (same as 'phi2 prepare') unless --prepared is given. Checkpoints go to
-    --output-dir (checkpoint-N), the best adapter to --final-dir. Ctrl-C saves a checkpoint;
-    continue with --resume.
-    """
+    Prepares the data implicitly (same as 'phi2 prepare') unless --prepared is given.
+
+    Checkpoints go to --output-dir (checkpoint-N), the best adapter to --final-dir. Ctrl-C saves a checkpoint; continue with --resume.
+    """  # noqa: E501 (one line per paragraph: --help keeps line breaks)
     from phi2cli.engine import train
     from phi2cli.ui import TrainingDisplay, note, track, warn
 
