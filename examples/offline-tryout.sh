@@ -4,15 +4,16 @@
 # command, file and table is the real thing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$(pwd)
 WORK=${WORK:-runs/tryout}
 mkdir -p "$WORK"
-python examples/make_tiny_model.py "$WORK/tiny-phi-2"
 cd "$WORK"
-phi2 prepare --data-dir ../../examples/data/xsum-sample --model tiny-phi-2 --samples 200 --val-samples 40 --max-length 512
+python "$ROOT/examples/make_tiny_model.py" tiny-phi-2
+phi2 prepare --data-dir "$ROOT/examples/data/xsum-sample" --model tiny-phi-2 --samples 200 --val-samples 40 --max-length 512
 phi2 train --prepared phi2-xsum-prepared --model tiny-phi-2 --max-steps 10 --eval-every 5 \
     --logging-steps 2 --warmup-steps 0 --lr 1e-3 --overwrite
 phi2 evaluate --samples 16 --max-new-tokens 20 --compare-base
-phi2 summarize ../../examples/article.txt --max-new-tokens 20
+phi2 summarize "$ROOT/examples/article.txt" --max-new-tokens 20
 phi2 report --every 2
 phi2 report --format markdown --plot loss.png > report.md
 phi2 export --dtype float32 --overwrite
