@@ -183,7 +183,8 @@ def apply_overrides(config: Phi2Config, overrides: Mapping[str, Any], source: st
         cls = SECTIONS.get(section)
         known = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
         if name not in known:
-            raise ConfigError(f"{source}: unknown setting '{dotted}'")
+            options = f"known in {section}: {', '.join(known)}" if known else f"sections: {', '.join(SECTIONS)}"
+            raise ConfigError(f"{source}: unknown setting '{dotted}' ({options})")
         by_section.setdefault(section, {})[name] = _coerce(value, known[name], dotted, source)
     changes = {s: dataclasses.replace(getattr(config, s), **kv) for s, kv in by_section.items()}
     return dataclasses.replace(config, **changes)
@@ -207,7 +208,8 @@ def _coerce(value: Any, spec: dataclasses.Field, dotted: str, source: str) -> An
                 raise ValueError(value)
             return int(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: '{dotted}' must be a {type(default).__name__}, got {value!r}") from None
+        kind = {"int": "an integer", "float": "a number", "tuple": "a list"}.get(type(default).__name__, "text")
+        raise ConfigError(f"{source}: '{dotted}' must be {kind}, got {value!r}") from None
     return value
 
 
@@ -256,12 +258,14 @@ def validation_problems(config: Phi2Config) -> list[str]:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (.yaml/.yml) or TOML (.toml) config file into nested dicts."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass a .yaml or .toml file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (write one with 'phi2 config > {path.name}')")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+        raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
     try:
         if path.suffix.lower() == ".toml":
             try:
@@ -272,8 +276,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         import yaml
 
         loaded = yaml.safe_load(text)
-    except Exception as err:  # parser errors carry the line number in their text
-        raise ConfigError(f"config file {path} could not be parsed: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # TOML errors carry the line number in their text, YAML errors in a mark
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        reason = str(getattr(err, "problem", None) or str(err).splitlines()[0])
+        raise ConfigError(f"config file {where} could not be parsed: {reason}; fix it") from None
     return loaded or {}
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Sequence
 from phi2cli import __version__
 from phi2cli.config import DataConfig, Phi2Config, _section_dict, resolve_local_path
 from phi2cli.errors import ConfigError, DataError
-from phi2cli.fileio import atomic_directory, write_json_atomic
+from phi2cli.fileio import atomic_directory, check_writable_dir, write_json_atomic
 from phi2cli.prompts import PromptFormat, encode_example
 from phi2cli.sources import describe_source, load_split, uses_local_files
 
@@ -121,6 +121,8 @@ def prepare(
             f"--max-length {data.max_length} is shorter than the prompt template ({fmt.fixed_tokens} tokens) "
             f"plus a summary; raise --max-length"
         )
+    target = Path(output_dir or data.prepared_dir)
+    check_writable_dir(target)  # before the slow part, not after it
     wanted = {"train": data.samples, "validation": data.val_samples}
     warnings: list[str] = []
     splits: dict[str, dict[str, list[Any]]] = {}
@@ -167,7 +169,6 @@ def prepare(
         "data_config": _section_dict(data),  # lets 'phi2 train --prepared' record where the data came from
         "splits": split_stats,
     }
-    target = Path(output_dir or data.prepared_dir)
     _save(splits, manifest, target)
     return PreparedData(target, manifest, warnings)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -43,10 +42,13 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
 
 def check_output_dirs(config: Phi2Config, resume: bool, overwrite: bool) -> None:
     """Never clobber an earlier run silently: refuse unless --resume or --overwrite."""
+    from phi2cli.fileio import check_writable_dir
+
     out, final = Path(config.train.output_dir), Path(config.train.final_dir)
     for path in (out, final):
         if path.exists() and not path.is_dir():
             raise RunError(f"{path} is a file, not a directory; choose another output path")
+        check_writable_dir(path)  # before the slow part, not after it
     has_run = bool(checkpoints(out)) or (out / "trainer_state.json").exists() or (final / "adapter_config.json").exists()
     if resume:
         if not checkpoints(out):

@@ -233,7 +233,7 @@ def _read_jsonl(path: Path, document_field: str) -> list[Article]:
     for number, record in enumerate(records, start=1):
         value = record.get(document_field)
         if not isinstance(value, str) or not value.strip():
-            raise DataError(f"{path}: row {number} has no text in '{document_field}'")
+            raise DataError(f"{path}: row {number} has no text in '{document_field}'; fill it in or remove the row")
         articles.append(Article(f"{path}:{number}", value))
     return articles
 

@@ -31,7 +31,9 @@ def check_output(output_dir: str | Path, overwrite: bool) -> Path:
         raise RunError(f"--output {path} is a file; choose a directory path")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise RunError(f"{path} already exists and is not empty; pass --overwrite to replace it or choose --output")
-    return path
+    from phi2cli.fileio import check_writable_dir
+
+    return check_writable_dir(path)  # before loading the model, not after
 
 
 def _readme(base_model: str, adapter_dir: Path, dtype: str, template: str, output: Path) -> str:

@@ -19,14 +19,37 @@ def _disk_error(path: Path, err: OSError) -> Phi2Error:
         return Phi2Error(f"disk full while writing {path}; free space and run the command again")
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return Phi2Error(f"cannot write {path}: permission denied; choose a writable output directory")
+    if err.errno == errno.EISDIR:
+        return Phi2Error(f"cannot write {path}: it is a directory; give a file name")
+    if err.errno == errno.ENOTDIR:
+        blocker = next((p for p in path.parents if p.is_file()), None)
+        where = f"{blocker} is a file, not a directory" if blocker else "a parent is not a directory"
+        return Phi2Error(f"cannot write {path}: {where}; choose another output path")
     return Phi2Error(f"cannot write {path}: {err.strerror or err}")
+
+
+def check_writable_dir(path: str | Path) -> Path:
+    """Fail early, creating nothing, when `path` cannot become a writable directory.
+
+    Raises:
+        Phi2Error naming the file in the way or the directory without write permission.
+    """
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None:
+        return path
+    if not existing.is_dir():
+        if existing == path:
+            raise Phi2Error(f"{path} is a file, not a directory; choose another output path")
+        raise Phi2Error(f"cannot create {path}: {existing} is a file, not a directory; choose another output path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise Phi2Error(f"cannot write to {existing}: permission denied; choose a writable output directory")
+    return path
 
 
 def ensure_writable_dir(path: str | Path) -> Path:
     """Create a directory (and parents) or raise a Phi2Error that says why it cannot be used."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise Phi2Error(f"{path} is a file, not a directory; choose another output path")
+    path = check_writable_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -37,14 +60,24 @@ def ensure_writable_dir(path: str | Path) -> Path:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write text to path via a temp file in the same directory and an atomic rename."""
+    """Write UTF-8 text to path via a temp file in the same directory and an atomic rename."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write bytes to path via a temp file in the same directory and an atomic rename.
+
+    Raises:
+        Phi2Error ("disk full while writing ...", permission, a directory in the way); the
+        previous file is left as it was and no temp file stays behind.
+    """
     path = Path(path)
     ensure_writable_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; written files should read like any other
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -75,20 +108,30 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     ensure_writable_dir(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes 0700
+    old = None
     try:
         yield tmp
-        old = None
         if final.exists():
             if not final.is_dir():
                 raise Phi2Error(f"{final} is a file, not a directory; choose another output path")
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
         os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _roll_back(tmp, final, old)
         raise _disk_error(final, err) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _roll_back(tmp, final, old)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _roll_back(tmp: Path, final: Path, old: Path | None) -> None:
+    """Remove the temp directory and put the previous version back if it was moved aside."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None and old.exists() and not final.exists():
+        try:
+            os.replace(old, final)
+        except OSError:  # the original error is the one to report; the previous version stays in `old`
+            pass

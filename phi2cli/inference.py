@@ -63,10 +63,12 @@ def check_adapter_dir(adapter_dir: str | Path) -> Path:
     if not path.is_dir():
         raise RunError(f"--adapter {path} is a file; pass the directory written by 'phi2 train'")
     if not (path / "adapter_config.json").is_file():
-        raise ModelError(
-            f"{path} holds no adapter_config.json: not a LoRA adapter directory "
-            f"(train one with 'phi2 train', or pass --adapter DIR)"
-        )
+        from phi2cli.engine import checkpoints
+
+        saved = checkpoints(path)
+        hint = f"it holds checkpoints: pass --adapter {saved[-1]}" if saved else \
+            "train one with 'phi2 train', or pass --adapter DIR"  # fmt: skip
+        raise ModelError(f"{path} holds no adapter_config.json: not a LoRA adapter directory ({hint})")
     return path
 
 

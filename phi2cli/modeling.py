@@ -262,10 +262,26 @@ def load_adapter(base: Any, adapter_dir: str | Path, is_trainable: bool = False)
     try:
         return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
     except RuntimeError as err:  # size mismatch: adapter trained on another base model
-        raise ModelError(
-            f"adapter {adapter_dir} does not fit base model ({str(err).splitlines()[0][:120]}); "
-            f"use the --model it was trained on"
-        ) from None
+        raise ModelError(_adapter_mismatch(adapter_dir, base, str(err))) from None
+
+
+def _adapter_mismatch(adapter_dir: Path, base: Any, error: str) -> str:
+    """Say which base model an adapter was trained on when its weights do not fit `base`."""
+    import json
+    import re
+
+    try:
+        trained_on = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        trained_on = trained_on.get("base_model_name_or_path")
+    except (OSError, ValueError):
+        trained_on = None
+    shapes = re.search(r"shape torch\.Size\((\[.*?\])\) from checkpoint, the shape in current model is "
+                       r"torch\.Size\((\[.*?\])\)", error)  # fmt: skip
+    detail = f"LoRA weight {shapes.group(1)} vs {shapes.group(2)} in the base" if shapes else \
+        (error.splitlines()[0][:120] if error else "weights do not load")  # fmt: skip
+    base_name = getattr(getattr(base, "config", None), "name_or_path", None) or "this base model"
+    fix = f"pass --model {trained_on}" if trained_on else "pass the --model it was trained on"
+    return f"adapter {adapter_dir} was trained on another base model than {base_name} ({detail}); {fix}"
 
 
 def memory_report() -> dict[str, float]:

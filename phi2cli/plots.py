@@ -6,13 +6,11 @@ matplotlib is imported inside write_loss_plot: only `--plot` pays for it.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
-from phi2cli.errors import ConfigError, Phi2Error, RunError
-from phi2cli.fileio import ensure_writable_dir
+from phi2cli.errors import ConfigError, RunError
+from phi2cli.fileio import write_bytes_atomic
 from phi2cli.report import RunSummary, fmt_fixed, fmt_sci
 
 BLOCKS = "▁▂▃▄▅▆▇█"
@@ -121,17 +119,4 @@ def write_loss_plot(summary: RunSummary, path: Path) -> Path:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format=image_format)
-    return _write_bytes_atomic(path, buffer.getvalue())
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> Path:
-    ensure_writable_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise Phi2Error(f"cannot write {path}: {err.strerror or err}; choose a writable path for --plot") from None
-    return path
+    return write_bytes_atomic(path, buffer.getvalue())

@@ -187,7 +187,10 @@ def normalize_rows(records: Iterable[dict[str, Any]], cfg: DataConfig, source: s
         rows.append({"id": str(example_id) if example_id is not None else str(index), "document": document,
                      "summary": summary})  # fmt: skip
     if not rows:
-        raise DataError(f"{source}: every example has an empty document or summary")
+        raise DataError(
+            f"{source}: every example has an empty '{cfg.document_field}' or '{cfg.summary_field}', nothing is "
+            f"left; fill them in or name the right columns with --document-field/--summary-field"
+        )
     return SplitRows(rows, source, dropped)
 
 

@@ -86,3 +86,30 @@ def tiny_phi_dir(tmp_path_factory, phi2_tokenizer_dir) -> Path:
         if (phi2_tokenizer_dir / name).exists():
             shutil.copy(phi2_tokenizer_dir / name, out / name)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_phi_dir, sample_data_dir) -> Path:
+    """A tiny `phi2 train` run, once per session (2 steps, large LR so the adapter matters)."""
+    from typer.testing import CliRunner
+
+    from phi2cli.cli import app
+
+    root = tmp_path_factory.mktemp("phi2-trained-tiny-run")
+    here = os.getcwd()
+    os.chdir(root)  # the run writes ./phi2-xsum-finetuned and ./phi2-xsum-final here
+    try:
+        args = ["train", "--data-dir", str(sample_data_dir), "--model", str(tiny_phi_dir), "--samples", "16",
+                "--val-samples", "8", "--max-steps", "2", "--eval-every", "2", "--max-length", "256",
+                "--warmup-steps", "0", "--lr", "0.01"]  # fmt: skip
+        result = CliRunner().invoke(app, args)
+    finally:
+        os.chdir(here)
+    assert result.exit_code == 0, result.output
+    return root
+
+
+@pytest.fixture
+def final(trained, isolated_env) -> Path:
+    """The trained adapter copied into this test's working directory as phi2-xsum-final/."""
+    return Path(shutil.copytree(trained / "phi2-xsum-final", isolated_env / "phi2-xsum-final"))

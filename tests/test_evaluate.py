@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,35 +14,6 @@ from phi2cli.cli import app
 runner = CliRunner()
 WIDE = {"COLUMNS": "200"}
 METRIC_KEYS = {"eval_loss", "perplexity", "rouge1", "rouge2", "rougeL", "rougeLsum", "mean_summary_words"}
-
-
-def trained_tiny_run(tmp_path_factory, model_dir: Path, data_dir: Path) -> Path:
-    """Train the tiny model once per session (2 steps, large LR so the adapter matters); cached on disk."""
-    root = tmp_path_factory.getbasetemp() / "phi2-trained-tiny-run"
-    if (root / "phi2-xsum-final" / "adapter_config.json").is_file():
-        return root
-    root.mkdir(exist_ok=True)
-    here = os.getcwd()
-    os.chdir(root)
-    try:
-        result = runner.invoke(app, ["train", "--data-dir", str(data_dir), "--model", str(model_dir), "--samples",
-                                     "16", "--val-samples", "8", "--max-steps", "2", "--eval-every", "2",
-                                     "--max-length", "256", "--warmup-steps", "0", "--lr", "0.01"])  # fmt: skip
-    finally:
-        os.chdir(here)
-    assert result.exit_code == 0, result.output
-    return root
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_phi_dir, sample_data_dir) -> Path:
-    return trained_tiny_run(tmp_path_factory, tiny_phi_dir, sample_data_dir)
-
-
-@pytest.fixture
-def final(trained, isolated_env) -> Path:
-    """The trained adapter copied into this test's working directory as phi2-xsum-final/."""
-    return Path(shutil.copytree(trained / "phi2-xsum-final", isolated_env / "phi2-xsum-final"))
 
 
 def read_jsonl(path: Path) -> list[dict]:

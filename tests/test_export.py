@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from phi2cli.cli import app
@@ -15,34 +12,6 @@ from phi2cli.cli import app
 runner = CliRunner()
 MERGED_FILES = {"README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                 "tokenizer_config.json"}  # fmt: skip
-
-
-def trained_tiny_run(tmp_path_factory, model_dir: Path, data_dir: Path) -> Path:
-    """Train the tiny model once per session (same run as tests/test_evaluate.py); cached on disk."""
-    root = tmp_path_factory.getbasetemp() / "phi2-trained-tiny-run"
-    if (root / "phi2-xsum-final" / "adapter_config.json").is_file():
-        return root
-    root.mkdir(exist_ok=True)
-    here = os.getcwd()
-    os.chdir(root)
-    try:
-        result = runner.invoke(app, ["train", "--data-dir", str(data_dir), "--model", str(model_dir), "--samples",
-                                     "16", "--val-samples", "8", "--max-steps", "2", "--eval-every", "2",
-                                     "--max-length", "256", "--warmup-steps", "0", "--lr", "0.01"])  # fmt: skip
-    finally:
-        os.chdir(here)
-    assert result.exit_code == 0, result.output
-    return root
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_phi_dir, sample_data_dir) -> Path:
-    return trained_tiny_run(tmp_path_factory, tiny_phi_dir, sample_data_dir)
-
-
-@pytest.fixture
-def final(trained, isolated_env) -> Path:
-    return Path(shutil.copytree(trained / "phi2-xsum-final", isolated_env / "phi2-xsum-final"))
 
 
 def test_merged_model_reproduces_base_plus_adapter(final, tiny_phi_dir, sample_data_dir):

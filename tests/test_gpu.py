@@ -98,7 +98,6 @@ def test_speed_profile_dequantizes_once_and_uses_varlen_attention(phi2_shape_dir
 
 def test_fast_path_and_reference_path_give_the_same_loss(phi2_shape_dir):
     """One batch of 8 real examples: padded 4-bit HF loss vs packed, dequantized, varlen, selective-head loss."""
-    from datasets import load_from_disk  # noqa: F401  (the engine's dataset format)
 
     from phi2cli import attention
     from phi2cli.collate import PackedCollator, PaddedCollator

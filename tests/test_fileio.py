@@ -1,0 +1,156 @@
+"""Atomic writes: a failure or interruption mid-write leaves the previous version and no temp files."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from phi2cli import fileio
+from phi2cli.errors import Phi2Error
+from phi2cli.fileio import atomic_directory, check_writable_dir, write_json_atomic, write_text_atomic
+
+DISK_FULL = "disk full while writing {}; free space and run the command again"
+
+
+def names(folder: Path) -> list[str]:
+    """Every entry, hidden ones (temp files, moved-aside directories) included."""
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture
+def folder(isolated_env) -> Path:
+    """The test's own empty working directory (conftest's autouse fixture made it)."""
+    return isolated_env
+
+
+def fail_with(error: BaseException):
+    def fail(*args, **kwargs):
+        raise error
+
+    return fail
+
+
+def test_write_text_atomic_replaces_the_file_readable_by_all(folder):
+    target = folder / "metrics.json"
+    write_text_atomic(target, "old")
+    write_text_atomic(target, "new")
+    assert target.read_text() == "new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert names(folder) == ["metrics.json"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()], ids=["exception", "ctrl-c"])
+def test_exception_mid_write_keeps_the_previous_file(folder, monkeypatch, error):
+    target = write_text_atomic(folder / "phi2_run.json", "previous")
+    monkeypatch.setattr(os, "fsync", fail_with(error))  # the new text is in the temp file, not yet renamed
+    with pytest.raises(type(error)):
+        write_text_atomic(target, "half")
+    assert target.read_text() == "previous"
+    assert names(folder) == ["phi2_run.json"]
+
+
+@pytest.mark.parametrize("where", ["fsync", "replace"])
+def test_disk_full_while_writing_json_keeps_the_last_good_file(folder, monkeypatch, where):
+    target = write_json_atomic(folder / "metrics.json", {"rouge1": 30.0})
+    monkeypatch.setattr(os, where, fail_with(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(Phi2Error) as raised:
+        write_json_atomic(target, {"rouge1": 31.0})
+    assert str(raised.value) == DISK_FULL.format(target)
+    assert json.loads(target.read_text()) == {"rouge1": 30.0}
+    assert names(folder) == ["metrics.json"]
+
+
+def test_write_into_a_directory_or_under_a_file_says_what_is_in_the_way(folder):
+    (folder / "report.md").mkdir()
+    with pytest.raises(Phi2Error, match=r"report\.md: it is a directory; give a file name$"):
+        write_text_atomic(folder / "report.md", "x")
+    (folder / "out").write_text("a file")
+    with pytest.raises(Phi2Error, match=r"out is a file, not a directory; choose another output path$"):
+        write_text_atomic(folder / "out" / "report.md", "x")
+    assert names(folder) == ["out", "report.md"] and not any((folder / "report.md").iterdir())
+
+
+def test_check_writable_dir_creates_nothing(folder):
+    assert check_writable_dir(folder / "a" / "b") == folder / "a" / "b"
+    assert names(folder) == []
+    (folder / "f").write_text("")
+    with pytest.raises(Phi2Error, match=r"^cannot create .*f/a: .*f is a file, not a directory"):
+        check_writable_dir(folder / "f" / "a")
+
+
+def make_version(folder: Path, text: str) -> None:
+    with atomic_directory(folder) as tmp:
+        (tmp / "adapter_model.safetensors").write_text(text)
+        (tmp / "adapter_config.json").write_text(text)
+
+
+def test_atomic_directory_replaces_the_previous_version(folder):
+    final = folder / "phi2-xsum-final"
+    make_version(final, "v1")
+    make_version(final, "v2")
+    assert (final / "adapter_model.safetensors").read_text() == "v2"
+    assert names(folder) == ["phi2-xsum-final"] and stat.S_IMODE(final.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()], ids=["exception", "ctrl-c"])
+def test_exception_mid_directory_keeps_the_previous_version(folder, error):
+    final = folder / "phi2-xsum-final"
+    make_version(final, "v1")
+    with pytest.raises(type(error)):
+        with atomic_directory(final) as tmp:
+            (tmp / "adapter_model.safetensors").write_text("half of v2")
+            raise error
+    assert (final / "adapter_model.safetensors").read_text() == "v1"
+    assert names(folder) == ["phi2-xsum-final"]
+
+
+def test_disk_full_while_saving_a_directory_keeps_the_last_good_checkpoint(folder):
+    final = folder / "phi2-xsum-final"
+    make_version(final, "v1")
+    with pytest.raises(Phi2Error) as raised:
+        with atomic_directory(final) as tmp:
+            (tmp / "adapter_config.json").write_text("v2")
+            raise OSError(errno.ENOSPC, "No space left on device")  # as save_pretrained would
+    assert str(raised.value) == DISK_FULL.format(final)
+    assert (final / "adapter_model.safetensors").read_text() == "v1"
+    assert names(folder) == ["phi2-xsum-final"]
+
+
+def test_disk_full_at_the_final_rename_puts_the_previous_version_back(folder, monkeypatch):
+    final = folder / "phi2-xsum-final"
+    make_version(final, "v1")
+    real_replace = os.replace
+
+    def replace(src, dst):  # the previous version is already moved aside when this rename fails
+        if Path(src).name.endswith(".partial"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(Phi2Error, match="^disk full while writing"):
+        make_version(final, "v2")
+    assert (final / "adapter_model.safetensors").read_text() == "v1"
+    assert names(folder) == ["phi2-xsum-final"]
+
+
+def test_interrupted_prepare_keeps_the_previous_dataset(folder, monkeypatch, phi2_tokenizer_dir, sample_data_dir):
+    from phi2cli import data
+    from phi2cli.config import Phi2Config, apply_overrides
+    from phi2cli.modeling import load_tokenizer
+
+    config = apply_overrides(Phi2Config(), {"data.data_dir": str(sample_data_dir), "data.samples": 4,
+                                            "data.val_samples": 2, "model.model": str(phi2_tokenizer_dir)})  # fmt: skip
+    tokenizer = load_tokenizer(str(phi2_tokenizer_dir))
+    target = folder / "prepared"
+    first = data.prepare(config, tokenizer, target)
+    monkeypatch.setattr(data, "write_json_atomic", fail_with(KeyboardInterrupt()))  # Ctrl-C before the manifest
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare(apply_overrides(config, {"data.samples": 8}), tokenizer, target)
+    dataset, manifest = data.load_prepared(target)
+    assert manifest == json.loads(json.dumps(first.manifest)) and len(dataset["train"]) == 4
+    assert names(folder) == ["prepared"]
