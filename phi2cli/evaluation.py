@@ -184,8 +184,9 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
     if base_texts is not None:
         for row, text in zip(predictions, base_texts):
             row["base_prediction"] = text
-    metrics_path = write_json_atomic(output_dir / METRICS_FILE, metrics)
+    # Predictions first: metrics.json, written last, never describes predictions from another run.
     predictions_path = write_jsonl_atomic(output_dir / PREDICTIONS_FILE, predictions)
+    metrics_path = write_json_atomic(output_dir / METRICS_FILE, metrics)
     return EvaluationResult(metrics, predictions, metrics_path, predictions_path, notes)
 
 
