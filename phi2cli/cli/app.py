@@ -154,12 +154,5 @@ def load_config(config_file: Optional[Path], overrides: dict[str, Any]) -> Phi2C
 
 def main() -> None:
     """Console entry point of `phi2`."""
-    import signal
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-    def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: partial outputs removed, exit 130
-
-    signal.signal(signal.SIGTERM, _terminate)
     app()
