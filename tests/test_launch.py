@@ -73,3 +73,32 @@ def test_more_gpus_than_the_machine_has_is_a_one_line_error():
     result = CliRunner().invoke(app, ["train", "--gpus", "2", "--samples", "8"])
     assert result.exit_code == 1
     assert "--gpus 2 asks for more GPUs than this machine has (0)" in result.output
+
+
+@pytest.mark.slow
+def test_two_processes_keep_eight_examples_per_step_and_only_rank_0_writes(tiny_phi_dir, sample_data_dir, tmp_path):
+    """Real data-parallel training on the CPU (torchrun, gloo): the same files as one process."""
+    import json
+    import os
+    import subprocess
+
+    args = ["train", "--data-dir", str(sample_data_dir), "--model", str(tiny_phi_dir), "--samples", "32",
+            "--val-samples", "8", "--max-steps", "4", "--eval-every", "2", "--max-length", "192"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    runs = {}
+    for procs in (1, 2):
+        cwd = tmp_path / f"p{procs}"
+        cwd.mkdir()
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+                   "--master_port", str(29600 + procs), "-m", "phi2cli", *args]  # fmt: skip
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert done.stdout.count("Adapter saved to") == 1  # one display, from the main process
+        run = json.loads((cwd / "phi2-xsum-final" / "phi2_run.json").read_text())
+        plan = run["plan"]
+        assert plan["world_size"] == procs and plan["micro_batch"] * plan["grad_accum"] * procs == 8
+        state = json.loads((cwd / "phi2-xsum-finetuned" / "checkpoint-4" / "trainer_state.json").read_text())
+        assert state["log_history"][-1]["epoch"] == 1.0  # 4 steps x 8 examples = the 32 samples, once
+        runs[procs] = sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*") if p.is_file())
+    normalise = [n.replace("rng_state_0.pth", "rng_state.pth") for n in runs[2] if "rng_state_1" not in n]
+    assert sorted(normalise) == runs[1]
