@@ -149,6 +149,8 @@ def _rouge_section(data: dict[str, Any]) -> Section:
     keys = [k for k in _METRIC_ORDER if any(as_number(data[c].get(k)) is not None for c in columns)]
     keys += [k for c in columns for k, v in data[c].items() if k not in keys and as_number(v) is not None]
     keys = list(dict.fromkeys(keys))
+    settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+    percent = "x 100" in str(settings.get("rouge", ""))  # phi2 evaluate says its scale; all-zero scores keep it
 
     def cell(column: str, key: str) -> str:
         value = as_number(data[column].get(key))
@@ -156,7 +158,8 @@ def _rouge_section(data: dict[str, Any]) -> Section:
             return MISSING
         scores = [abs(v) for c in columns if c != "delta" and (v := as_number(data[c].get(key))) is not None]
         # ROUGE of `phi2 evaluate` is F x 100 (2 decimals); a 0-1 fraction keeps 4; a loss always 4.
-        decimals = _METRIC_DECIMALS.get(key, 2 if key != "eval_loss" and scores and max(scores) >= 1 else 4)
+        on_100 = (scores and max(scores) >= 1) or (percent and key.startswith("rouge"))
+        decimals = _METRIC_DECIMALS.get(key, 2 if key != "eval_loss" and on_100 else 4)
         return f"{value:{'+' if column == 'delta' else ''}.{decimals}f}"
 
     about = [f"{k}: {data[k]}" for k in ("model", "adapter", "split", "samples") if data.get(k) not in (None, "")]
