@@ -28,18 +28,9 @@ ROWS = [{"id": str(i), "document": f"Article {i} says that things happened in to
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, tiny_phi_dir, sample_data_dir) -> Path:
-    """One tiny run shared by every case that needs an adapter: returns its final adapter directory."""
-    from phi2cli.config import Phi2Config, apply_overrides
-    from phi2cli.engine import train
-
-    root = tmp_path_factory.mktemp("trained-run")
-    config = apply_overrides(Phi2Config(), {
-        "model.model": str(tiny_phi_dir), "data.data_dir": str(sample_data_dir), "data.samples": 16,
-        "data.val_samples": 8, "data.max_length": 192, "train.max_steps": 2, "train.eval_every": 2,
-        "train.output_dir": str(root / "run"), "train.final_dir": str(root / "final"),
-    }).validate()  # fmt: skip
-    return train(config).final_dir
+def trained_run(trained) -> Path:
+    """The session's tiny run (conftest's `trained`): its final adapter directory."""
+    return trained / "phi2-xsum-final"
 
 
 @pytest.fixture(scope="session")
@@ -322,8 +313,8 @@ CASES = [
          lambda c: ["summarize", article(c), "--adapter", c.adapter, "--max-new-tokens", "0"], 2,
          "--max-new-tokens must be at least 1 (got 0)"),
     case("summarize-max-new-tokens-fills-max-length",
-         lambda c: ["summarize", article(c), "--adapter", c.adapter, "--max-new-tokens", "180"], 2,
-         "--max-new-tokens 180 leaves no room for the article within the run's max_length 192"),
+         lambda c: ["summarize", article(c), "--adapter", c.adapter, "--max-new-tokens", "245"], 2,
+         "--max-new-tokens 245 leaves no room for the article within the run's max_length 256"),
     # --- export ---
     case("export-missing-adapter", lambda c: ["export", "--adapter", c.path("nope")], 1, "nope does not exist"),
     case("export-adapter-without-config", lambda c: ["export", "--adapter", c.dir("empty")], 1,
