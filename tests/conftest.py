@@ -57,34 +57,15 @@ def sample_data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_phi_dir(tmp_path_factory, phi2_tokenizer_dir) -> Path:
-    """A tiny randomly initialised Phi model with phi-2's real tokenizer, saved as a local directory."""
-    import torch
-    from transformers import PhiConfig, PhiForCausalLM
+def tiny_phi_dir(tmp_path_factory) -> Path:
+    """A tiny randomly initialised Phi model with phi-2's real tokenizer (the try-out's model)."""
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "examples" / "make_tiny_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     out = tmp_path_factory.mktemp("tiny-phi")
-    config = PhiConfig(
-        vocab_size=51200,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        partial_rotary_factor=0.4,
-        max_position_embeddings=2048,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attention_dropout=0.0,
-        bos_token_id=50256,
-        eos_token_id=50256,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = PhiForCausalLM(config)
-    model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                 "special_tokens_map.json", "added_tokens.json"):  # fmt: skip
-        if (phi2_tokenizer_dir / name).exists():
-            shutil.copy(phi2_tokenizer_dir / name, out / name)
+    module.main(out)
     return out
 
 
