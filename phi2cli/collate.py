@@ -45,6 +45,8 @@ class PackedCollator:
     first label of every example is -100, so no example predicts the next one's first token.
     `max_length` (when given) is passed as the kernel's longest-sequence bound, so it stays one
     constant and compiled code need not specialise on each batch's longest example.
+    `label_positions` lists the positions whose next token is labelled (where the selective loss
+    runs lm_head), found here on the host so the GPU never has to be asked.
     """
 
     max_length: int | None = None
@@ -63,9 +65,11 @@ class PackedCollator:
             bounds.append(bounds[-1] + n)
         cu = torch.tensor(bounds, dtype=torch.int32)
         longest = self.max_length or int((cu[1:] - cu[:-1]).max())
+        scored = [i for i, label in enumerate(labels[1:]) if label != IGNORE_INDEX]
         return {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
+            "label_positions": torch.tensor(scored, dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
             "cu_seq_lens_q": cu,
             "cu_seq_lens_k": cu,

@@ -91,7 +91,7 @@ def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, ha
         load_best_model_at_end=has_eval,
         metric_for_best_model="eval_loss" if has_eval else None,
         greater_is_better=False if has_eval else None,
-        bf16=on_gpu and precision.compute_dtype == "bfloat16",
+        bf16=on_gpu and precision.compute_dtype == "bfloat16" and plan.autocast,
         fp16=on_gpu and precision.compute_dtype == "float16",
         use_cpu=not on_gpu,
         gradient_checkpointing=False,  # enabled on the model itself before LoRA is attached
@@ -166,7 +166,12 @@ def build_model(config: Phi2Config, plan: EnginePlan, precision: Any) -> Any:
     from transformers import set_seed
 
     set_seed(config.train.seed)  # LoRA's initial A matrices come from the global RNG
-    model = attach_lora(model, config.lora, plan.gradient_checkpointing, lean=plan.profile == "memory-saver")
+    model = attach_lora(model, config.lora, plan.gradient_checkpointing, lean=plan.profile == "memory-saver",
+                        upcast_norms=plan.autocast)  # fmt: skip
+    if plan.fused_lora:
+        from phi2cli import lora_fast
+
+        lora_fast.install(model)
     if plan.compile:
         compile_layers(model)
     return model
@@ -226,7 +231,8 @@ def train(
     precision = resolve_precision(config.model)
     world_size = state.num_processes
     plan = resolve_plan(config, cuda=precision.device == "cuda", quantized=precision.quantization == "4bit",
-                        free_gib=_free_gib(), world_size=world_size)  # fmt: skip
+                        free_gib=_free_gib(), world_size=world_size,
+                        bf16=precision.compute_dtype == "bfloat16")  # fmt: skip
     notes = [n for n in (precision.note, plan.note) if n]
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
     out = Path(config.train.output_dir)
@@ -259,7 +265,7 @@ def train(
     extra = [stopper, EvaluateAtEnd(), *(callbacks or [])]
     trainer = Phi2Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                           data_collator=collator, processing_class=tokenizer, callbacks=extra,
-                          selective_head=plan.selective_head)  # fmt: skip
+                          selective_head=plan.selective_head, flat_optimizer=plan.flat_optimizer)  # fmt: skip
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)

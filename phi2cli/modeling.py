@@ -194,19 +194,20 @@ def lora_targets(lora_cfg: LoraConfig) -> Any:
     return "all-linear" if targets == ["all-linear"] else targets
 
 
-def prepare_lean(model: Any, gradient_checkpointing: bool) -> Any:
+def prepare_lean(model: Any, gradient_checkpointing: bool, upcast_norms: bool = True) -> Any:
     """k-bit training preparation that keeps embeddings and lm_head in bf16.
 
     peft's prepare_model_for_kbit_training upcasts every non-quantized weight to fp32, which
-    doubles the 2 x 131 M embedding and head weights of phi-2 for no gain under bf16 autocast;
-    only the layer norms get fp32 here, for stable statistics.
+    doubles the 2 x 131 M embedding and head weights of phi-2 for no gain under bf16 autocast.
+    Under autocast the layer norms get fp32 weights; without autocast (upcast_norms=False) they
+    stay bf16, where the kernel still accumulates the statistics in fp32.
     """
     import torch
 
     for param in model.parameters():
         param.requires_grad_(False)
     for module in model.modules():
-        if isinstance(module, torch.nn.LayerNorm):
+        if upcast_norms and isinstance(module, torch.nn.LayerNorm):
             module.float()
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -214,7 +215,8 @@ def prepare_lean(model: Any, gradient_checkpointing: bool) -> Any:
     return model
 
 
-def attach_lora(model: Any, lora_cfg: LoraConfig, gradient_checkpointing: bool, lean: bool = False) -> Any:
+def attach_lora(model: Any, lora_cfg: LoraConfig, gradient_checkpointing: bool, lean: bool = False,
+                upcast_norms: bool = True) -> Any:  # fmt: skip
     """Prepare a (quantized) model for training and wrap it with fresh LoRA adapters.
 
     lean=True keeps embeddings/lm_head in bf16 (the memory-saver profile); the reference recipe
@@ -225,7 +227,7 @@ def attach_lora(model: Any, lora_cfg: LoraConfig, gradient_checkpointing: bool, 
 
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     if quantized and lean:
-        model = prepare_lean(model, gradient_checkpointing)
+        model = prepare_lean(model, gradient_checkpointing, upcast_norms)
     elif quantized:
         model = prepare_model_for_kbit_training(
             model,

@@ -13,6 +13,7 @@ from phi2cli.config import Phi2Config
 from phi2cli.errors import ConfigError
 
 SPEED_BASE_GIB = 8.0  # bf16 phi-2 weights, LoRA optimizer state, allocator slack
+FLAT_OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit")  # what optim.FlatAdamW8bit replaces
 SPEED_GIB_PER_TOKEN = 0.0075  # activations kept for backward without checkpointing (measured on phi-2)
 
 
@@ -28,6 +29,9 @@ class EnginePlan:
     selective_head: bool  # run lm_head only where a label is predicted
     optimizer: str
     compile: bool = False  # torch.compile each decoder layer
+    autocast: bool = True  # bf16/fp16 autocast; False: the model computes in bf16 as stored
+    fused_lora: bool = False  # LoRA update in the compute dtype, added in the B product (lora_fast)
+    flat_optimizer: bool = False  # 8-bit AdamW over one flat buffer (optim.FlatAdamW8bit)
     note: str | None = None
 
     @property
@@ -58,8 +62,13 @@ def split_global_batch(total: int, world_size: int, micro_batch: int) -> tuple[i
 
 
 def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: float | None,
-                 world_size: int = 1) -> EnginePlan:  # fmt: skip
-    """Pick the engine profile: explicit --profile, else from the GPU's free memory."""
+                 world_size: int = 1, bf16: bool = True) -> EnginePlan:  # fmt: skip
+    """Pick the engine profile: explicit --profile, else from the GPU's free memory.
+
+    bf16: the compute dtype is bfloat16 (then the fast profiles run without autocast: weights,
+    activations and layer norms in bf16, LoRA's fp32 master weights cast per use; fp16 keeps
+    autocast and its loss scaling).
+    """
     train = config.train
     total = examples_per_step(config)
     profile = train.profile
@@ -81,11 +90,14 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
         return EnginePlan("reference", micro, accum, world_size, False, train.gradient_checkpointing,
                           False, False, optimizer, note)  # fmt: skip
     micro, accum = split_global_batch(total, world_size, total)
+    lean = {"autocast": not (cuda and bf16), "fused_lora": True,
+            "flat_optimizer": cuda and optimizer in FLAT_OPTIMIZERS}  # fmt: skip
     if profile == "memory-saver":
         # No torch.compile here: bitsandbytes' 4-bit layers break the graphs and it ran slower (measured).
-        return EnginePlan("memory-saver", micro, accum, world_size, True, True, False, True, optimizer, note=note)
+        return EnginePlan("memory-saver", micro, accum, world_size, True, True, False, True, optimizer, note=note,
+                          **lean)  # fmt: skip
     return EnginePlan("speed", micro, accum, world_size, True, False, quantized and cuda, True, optimizer,
-                      compile=cuda and train.compile, note=note)  # fmt: skip
+                      compile=cuda and train.compile, note=note, **lean)  # fmt: skip
 
 
 def speed_memory_gib(examples_per_device: int, max_length: int) -> float:

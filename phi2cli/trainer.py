@@ -22,13 +22,15 @@ def selective_causal_lm_loss(model: Any, inputs: dict[str, Any], num_items: Any 
     Returns (loss, number of labelled tokens in this micro-batch).
     """
     labels = inputs.pop("labels")
-    targets = labels[:, 1:]
-    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
     if labels.shape[0] != 1:  # padded batches: select per row by flattening rows x positions
         raise ValueError("selective_causal_lm_loss expects packed (single-row) batches")
+    targets = labels[0, 1:]
+    cols = inputs.pop("label_positions", None)  # from PackedCollator, computed on the host
+    if cols is None:
+        cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)[0]
     outputs = model(**inputs, logits_to_keep=cols, use_cache=False)
     logits = outputs.logits[0].float()
-    loss_sum = F.cross_entropy(logits, targets[rows, cols], reduction="sum")
+    loss_sum = F.cross_entropy(logits, targets[cols], reduction="sum")
     count = int(cols.numel())
     denominator = num_items if num_items is not None else max(count, 1)
     if isinstance(denominator, torch.Tensor):
@@ -39,11 +41,21 @@ def selective_causal_lm_loss(model: Any, inputs: dict[str, Any], num_items: Any 
 class Phi2Trainer(Trainer):
     """Trainer with the fast engine's loss and a count of real (non-pad) tokens seen."""
 
-    def __init__(self, *args: Any, selective_head: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, selective_head: bool = False, flat_optimizer: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.selective_head = selective_head
+        self.flat_optimizer = flat_optimizer
         self.real_tokens_seen = 0
         self.squared_lengths_seen = 0  # sum of L^2 over examples: the attention share of the FLOPs
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        created = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if created and self.flat_optimizer:
+            from phi2cli.optim import flatten_bnb_adamw
+
+            self.optimizer = optimizer = flatten_bnb_adamw(optimizer)
+        return optimizer
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         self.real_tokens_seen += real_tokens(inputs)

@@ -1,0 +1,69 @@
+"""A leaner forward for PEFT's LoRA linear layers in training.
+
+PEFT's forward casts each adapted layer's input to the adapters' fp32 dtype, applies dropout
+and the scaling in fp32, and adds the update in a kernel of its own: four full-size elementwise
+passes per adapted layer, and as many again in the backward. This forward computes the same
+update,
+
+    base(x) + B(A(dropout(x))) * scaling,
+
+in the compute dtype: the fp32 master weights A and B (r x in, out x r: small) are cast per call,
+the scaling is folded into B, and the sum is formed in the epilogue of the B product (addmm).
+Parameters, their names, their fp32 storage and what gets saved stay PEFT's; only the arithmetic
+layout changes.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products run in here: autocast's when it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def lora_update(x: torch.Tensor, base_out: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
+                scaling: float, dropout: Any) -> torch.Tensor:  # fmt: skip
+    """base_out + scaling * dropout(x) @ A^T @ B^T, in x's compute dtype, with the add fused."""
+    dtype = compute_dtype(x)
+    hidden = dropout(x.to(dtype))
+    low = F.linear(hidden, weight_a.to(dtype))  # [..., r]
+    scaled_b = (weight_b * scaling).to(dtype)  # [out, r]
+    out = base_out.to(dtype).reshape(-1, base_out.shape[-1])
+    out = torch.addmm(out, low.reshape(-1, low.shape[-1]), scaled_b.t())
+    return out.view(base_out.shape).to(base_out.dtype)
+
+
+def _fast_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if self.disable_adapters or self.merged or args or kwargs or len(self.active_adapters) != 1:
+        return type(self).forward(self, x, *args, **kwargs)  # PEFT's own path for anything else
+    name = self.active_adapters[0]
+    if name not in self.lora_A or name in self.lora_variant:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    return lora_update(x, result, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                       self.lora_dropout[name])  # fmt: skip
+
+
+def install(model: Any) -> int:
+    """Give every plain LoRA linear layer of `model` the lean forward; returns how many."""
+    from peft.tuners.lora import LoraLayer
+
+    patched = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or not hasattr(module, "lora_A"):
+            continue
+        if not all(isinstance(a, torch.nn.Linear) for a in module.lora_A.values()):
+            continue  # embeddings / convolutions keep PEFT's forward
+        if not hasattr(module, "lora_variant"):
+            continue  # a PEFT without variants: its forward is not the one this mirrors
+        module.forward = types.MethodType(_fast_forward, module)
+        patched += 1
+    return patched
