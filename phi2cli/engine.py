@@ -168,10 +168,11 @@ def build_model(config: Phi2Config, plan: EnginePlan, precision: Any) -> Any:
     set_seed(config.train.seed)  # LoRA's initial A matrices come from the global RNG
     model = attach_lora(model, config.lora, plan.gradient_checkpointing, lean=plan.profile == "memory-saver",
                         upcast_norms=plan.autocast)  # fmt: skip
-    if plan.fused_lora:
+    if plan.fused_kernels:
         from phi2cli import lora_fast
 
         lora_fast.install(model)
+        lora_fast.fuse_gelu(model)
     if plan.compile:
         compile_layers(model)
     return model

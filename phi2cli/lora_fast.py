@@ -8,7 +8,7 @@ update,
     base(x) + B(A(dropout(x))) * scaling,
 
 in the compute dtype: the fp32 master weights A and B (r x in, out x r: small) are cast per call,
-the scaling is folded into B, and the sum is formed in the epilogue of the B product (addmm).
+and the scaling and the sum are done in the epilogue of the B product (addmm's alpha and input).
 Parameters, their names, their fp32 storage and what gets saved stay PEFT's; only the arithmetic
 layout changes.
 """
@@ -35,9 +35,8 @@ def lora_update(x: torch.Tensor, base_out: torch.Tensor, weight_a: torch.Tensor,
     dtype = compute_dtype(x)
     hidden = dropout(x.to(dtype))
     low = F.linear(hidden, weight_a.to(dtype))  # [..., r]
-    scaled_b = (weight_b * scaling).to(dtype)  # [out, r]
     out = base_out.to(dtype).reshape(-1, base_out.shape[-1])
-    out = torch.addmm(out, low.reshape(-1, low.shape[-1]), scaled_b.t())
+    out = torch.addmm(out, low.reshape(-1, low.shape[-1]), weight_b.to(dtype).t(), alpha=scaling)
     return out.view(base_out.shape).to(base_out.dtype)
 
 
@@ -67,3 +66,21 @@ def install(model: Any) -> int:
         module.forward = types.MethodType(_fast_forward, module)
         patched += 1
     return patched
+
+
+def fuse_gelu(model: Any) -> int:
+    """Swap transformers' NewGELUActivation (phi-2's gelu_new) for torch's tanh GELU; returns how many.
+
+    Both compute 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); transformers spells it as
+    eight elementwise kernels on the 10,240-wide MLP activations (and more in the backward),
+    torch's `gelu(approximate="tanh")` as one.
+    """
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(module, name, GELUTanh())
+                swapped += 1
+    return swapped

@@ -30,7 +30,7 @@ class EnginePlan:
     optimizer: str
     compile: bool = False  # torch.compile each decoder layer
     autocast: bool = True  # bf16/fp16 autocast; False: the model computes in bf16 as stored
-    fused_lora: bool = False  # LoRA update in the compute dtype, added in the B product (lora_fast)
+    fused_kernels: bool = False  # LoRA update fused into the B product, one-kernel tanh GELU (lora_fast)
     flat_optimizer: bool = False  # 8-bit AdamW over one flat buffer (optim.FlatAdamW8bit)
     note: str | None = None
 
@@ -90,7 +90,7 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
         return EnginePlan("reference", micro, accum, world_size, False, train.gradient_checkpointing,
                           False, False, optimizer, note)  # fmt: skip
     micro, accum = split_global_batch(total, world_size, total)
-    lean = {"autocast": not (cuda and bf16), "fused_lora": True,
+    lean = {"autocast": not (cuda and bf16), "fused_kernels": True,
             "flat_optimizer": cuda and optimizer in FLAT_OPTIMIZERS}  # fmt: skip
     if profile == "memory-saver":
         # No torch.compile here: bitsandbytes' 4-bit layers break the graphs and it ran slower (measured).

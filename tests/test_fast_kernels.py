@@ -93,6 +93,23 @@ def test_lean_lora_update_runs_in_bf16_and_keeps_the_base_output_dtype():
     assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
 
 
+def test_tanh_gelu_swap_keeps_phi2_activation_values(tiny_phi_dir):
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from phi2cli.lora_fast import fuse_gelu
+
+    x = torch.linspace(-6, 6, 2001)
+    torch.testing.assert_close(GELUTanh()(x), NewGELUActivation()(x), rtol=1e-6, atol=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_phi_dir), dtype=torch.float32).eval()
+    ids = torch.arange(2, 40).unsqueeze(0)
+    before = model(ids).logits
+    layers = model.config.num_hidden_layers
+    assert fuse_gelu(model) == layers and fuse_gelu(model) == 0
+    assert sum(isinstance(m, GELUTanh) for m in model.modules()) == layers
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
 def bnb_or_skip():
     return pytest.importorskip("bitsandbytes")
 

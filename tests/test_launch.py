@@ -53,16 +53,16 @@ def test_auto_profile_follows_free_memory():
 def test_fast_profiles_drop_autocast_only_for_bf16_and_flatten_only_8bit_adamw(profile):
     config = apply_overrides(Phi2Config(), {"train.profile": profile})
     plan = resolve_plan(config, cuda=True, quantized=True, free_gib=140.0)
-    assert (plan.autocast, plan.fused_lora, plan.flat_optimizer) == (False, True, True)
+    assert (plan.autocast, plan.fused_kernels, plan.flat_optimizer) == (False, True, True)
     fp16 = resolve_plan(config, cuda=True, quantized=True, free_gib=140.0, bf16=False)
-    assert fp16.autocast and fp16.fused_lora  # fp16 keeps autocast and its loss scaling
+    assert fp16.autocast and fp16.fused_kernels  # fp16 keeps autocast and its loss scaling
     torch_adam = resolve_plan(apply_overrides(config, {"train.optimizer": "adamw_torch"}), cuda=True,
                               quantized=True, free_gib=140.0)  # fmt: skip
     assert not torch_adam.flat_optimizer
     assert not resolve_plan(config, cuda=False, quantized=False, free_gib=None).flat_optimizer
     reference = resolve_plan(apply_overrides(config, {"train.profile": "reference"}), cuda=True, quantized=True,
                              free_gib=140.0)  # fmt: skip
-    assert (reference.autocast, reference.fused_lora, reference.flat_optimizer) == (True, False, False)
+    assert (reference.autocast, reference.fused_kernels, reference.flat_optimizer) == (True, False, False)
 
 
 def test_gpus_flag_is_taken_out_and_the_rest_forwarded():
