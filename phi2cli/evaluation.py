@@ -34,7 +34,7 @@ class EvaluateOptions:
     data_file: str | None = None  # a JSONL/JSON/CSV/Parquet file used as the split
     output_dir: str | None = None  # where metrics.json/predictions.jsonl go; the adapter dir if None
     compare_base: bool = False
-    gen_batch_size: int | None = None  # None: 128 on a GPU, the config's value on a CPU
+    gen_batch_size: int | None = None  # None: 256 (greedy Phi) or 128 on a GPU, the config's value on a CPU
     overrides: Mapping[str, Any] = field(default_factory=dict)  # dotted config keys from flags
 
 
@@ -127,7 +127,7 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
         raise DataError(f"no example's summary fits the run's max_length {data.max_length}; nothing to score")
     if len(examples) < len(rows):
         notes.append(f"{len(rows) - len(examples)} example(s) left out of the loss: summary longer than max_length")
-    batch_size = default_batch_size(loaded, options.gen_batch_size)
+    batch_size = default_batch_size(loaded, options.gen_batch_size, config.generation)
     timings: dict[str, float] = {"load_seconds": time.perf_counter() - started}
     truncated: dict[str, int] = {}  # articles cut to fit max_length - max_new_tokens
 
@@ -298,7 +298,7 @@ def summarize(articles: Sequence[Article], adapter_dir: str | Path = DEFAULT_ADA
     config = resolve_config(adapter_dir, overrides or {}, base_only)
     loaded = load_model(config, None if base_only else adapter_dir)
     generated = generate(loaded, [a.text for a in articles], config.generation,
-                         default_batch_size(loaded, gen_batch_size), stream=stream)  # fmt: skip
+                         default_batch_size(loaded, gen_batch_size, config.generation), stream=stream)  # fmt: skip
     room = config.data.max_length - config.generation.max_new_tokens - loaded.fmt.fixed_tokens
     why = f"truncated to {room} tokens to fit max_length {config.data.max_length} minus --max-new-tokens " \
           f"{config.generation.max_new_tokens}"  # fmt: skip

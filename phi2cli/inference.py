@@ -19,6 +19,7 @@ from phi2cli.metrics import first_line
 from phi2cli.prompts import IGNORE_INDEX, EncodedExample, PromptFormat, encode_document
 
 CUDA_GEN_BATCH = 128  # default articles per generate() call on a GPU (halved on out-of-memory)
+FAST_CUDA_GEN_BATCH = 256  # with the fast greedy decoder (it also caps a batch by free memory); see decode.py
 LOSS_TOKENS = {"cuda": 32768, "cpu": 4096}  # tokens per packed eval-loss batch
 Advance = Callable[[int], None]
 
@@ -236,22 +237,37 @@ def build_prompts(loaded: LoadedModel, documents: Sequence[str], max_new_tokens:
     return [loaded.fmt.encode_prompt(encode_document(loaded.tokenizer, doc), room) for doc in documents]
 
 
-def default_batch_size(loaded: LoadedModel, requested: int | None) -> int:
-    """--gen-batch-size if given, else large on a GPU and the config's value on a CPU."""
+def default_batch_size(loaded: LoadedModel, requested: int | None, gen: GenerationConfig | None = None) -> int:
+    """--gen-batch-size if given, else large on a GPU (larger with the fast decoder) and the config's on a CPU."""
     if requested:
         return requested
-    return CUDA_GEN_BATCH if loaded.device == "cuda" else loaded.config.generation.batch_size
+    if loaded.device != "cuda":
+        return loaded.config.generation.batch_size
+    return FAST_CUDA_GEN_BATCH if gen is not None and uses_fast_decoder(loaded, gen) else CUDA_GEN_BATCH
+
+
+def uses_fast_decoder(loaded: LoadedModel, gen: GenerationConfig, streaming: bool = False) -> bool:
+    """Greedy, not streamed, and a Phi model the static-cache decoder supports (phi2cli.decode)."""
+    if gen.do_sample or gen.num_beams != 1 or streaming:
+        return False
+    from phi2cli.decode import supports
+
+    return supports(loaded.model)
 
 
 def generate(loaded: LoadedModel, documents: Sequence[str], gen: GenerationConfig, batch_size: int,
              advance: Advance | None = None, stream: TextIO | None = None) -> list[Generated]:  # fmt: skip
-    """Summarize each article: batched, longest first, left-padded; results in input order.
+    """Summarize each article: batched, longest first; results in input order.
+
+    Greedy decoding of a supported Phi model goes through phi2cli.decode (one prefill, a static
+    KV cache, a CUDA-graphed step); beam search, sampling, streaming and other models through
+    Hugging Face generate() on left-padded batches.
 
     Args:
         loaded: from load_model.
         documents: article texts.
         gen: decoding settings (max_new_tokens, num_beams, do_sample, temperature, top_p).
-        batch_size: articles per generate() call; halved on CUDA out-of-memory.
+        batch_size: articles per batch; halved on CUDA out-of-memory.
         advance: called with the number of articles done after each batch.
         stream: write the text of a single article here as it is generated (greedy/sampling only).
     Returns:
@@ -268,14 +284,18 @@ def generate(loaded: LoadedModel, documents: Sequence[str], gen: GenerationConfi
     streamer = None
     if stream is not None and len(prompts) == 1 and gen.num_beams == 1:
         streamer = FirstLineStreamer(loaded.tokenizer, stream)
+    fast = uses_fast_decoder(loaded, gen, streaming=streamer is not None)
     start, size = 0, max(1, batch_size)
     while start < len(order):
         chunk = order[start:start + size]
+        batch = [prompts[i][0] for i in chunk]
         try:
-            outputs = _generate_batch(loaded, [prompts[i][0] for i in chunk], config, streamer)
+            outputs = _decode_batch(loaded, batch, gen) if fast else _generate_batch(loaded, batch, config, streamer)
         except torch.cuda.OutOfMemoryError:
+            outputs = None  # handled below, once the failed batch's tensors are released with the exception
+        if outputs is None:
             if size == 1:
-                raise DeviceError("the GPU ran out of memory generating one summary; lower --max-new-tokens") from None
+                raise DeviceError("the GPU ran out of memory generating one summary; lower --max-new-tokens")
             torch.cuda.empty_cache()
             size //= 2
             continue
@@ -315,13 +335,22 @@ def _generate_batch(loaded: LoadedModel, prompts: list[list[int]], config: Any,
     with torch.inference_mode():
         out = loaded.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                     generation_config=config, streamer=streamer)  # fmt: skip
-    stops = set(config.eos_token_id)
-    decoded = []
-    for row in out[:, width:].tolist():
-        end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
-        text = loaded.tokenizer.decode(row[:end], skip_special_tokens=True)
-        decoded.append((first_line(text), end))
-    return decoded
+    from phi2cli.decode import cut_at_stop
+
+    return _first_lines(loaded, [cut_at_stop(row, config.eos_token_id) for row in out[:, width:].tolist()])
+
+
+def _decode_batch(loaded: LoadedModel, prompts: list[list[int]], gen: GenerationConfig) -> list[tuple[str, int]]:
+    """Greedy summaries through the static-cache decoder (it splits the batch further to fit memory)."""
+    from phi2cli.decode import greedy_decode
+
+    rows = greedy_decode(loaded.model, prompts, gen.max_new_tokens, stop_token_ids(loaded.tokenizer), len(prompts))
+    return _first_lines(loaded, rows)
+
+
+def _first_lines(loaded: LoadedModel, rows: list[list[int]]) -> list[tuple[str, int]]:
+    """(first line of the decoded text, new tokens) per row of generated ids cut at their stop token."""
+    return [(first_line(loaded.tokenizer.decode(row, skip_special_tokens=True)), len(row)) for row in rows]
 
 
 class FirstLineStreamer:

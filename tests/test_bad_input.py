@@ -464,11 +464,12 @@ def test_out_of_memory_while_generating_halves_the_batch_then_gives_advice(monke
 
     sizes = []
 
-    def generate_batch(loaded, prompts, config, streamer):
+    def out_of_memory_batch(loaded, prompts, *settings):
         sizes.append(len(prompts))
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(inference, "_generate_batch", generate_batch)
+    monkeypatch.setattr(inference, "_generate_batch", out_of_memory_batch)  # beam search, sampling, other models
+    monkeypatch.setattr(inference, "_decode_batch", out_of_memory_batch)  # greedy Phi (phi2cli.decode)
     (tmp_path / "a.txt").write_text("The council met.")
     (tmp_path / "b.txt").write_text("The team won.")
     result = invoke(["summarize", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--adapter", str(trained_run),

@@ -1,0 +1,331 @@
+"""Fast greedy decoding for Phi models: one prefill, a static KV cache, a CUDA-graphed step.
+
+Hugging Face generate() grows its cache and runs a Python-heavy forward for every token. Here the
+prompts of a batch go through the model once (packed and padding-free on CUDA), their keys and
+values land in a preallocated cache, and every next token comes from one fixed-shape step written
+from the model's own modules. On CUDA that step is captured once as a CUDA graph and replayed; on
+a CPU it runs eagerly, which is how the tests check it token for token against generate().
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import NewGELUActivation
+
+PREFILL_TOKENS = {"cuda": 32768, "cpu": 4096}  # prompt tokens per prefill forward (bounds activation memory)
+MEMORY_SHARE = 0.9  # of the free GPU memory, what the cache and the activations may take
+
+
+def supports(model: Any) -> bool:
+    """True for a Phi causal LM made of the plain modules the decoder drives; else use generate()."""
+    config = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    if getattr(config, "model_type", None) != "phi" or inner is None:
+        return False
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default" or config.num_key_value_heads != config.num_attention_heads:
+        return False
+    try:
+        linears = [model.lm_head]
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears += [attn.q_proj, attn.k_proj, attn.v_proj, attn.dense, mlp.fc1, mlp.fc2]
+            _ = layer.input_layernorm, mlp.activation_fn, attn.rotary_ndims, attn.scaling
+        _ = inner.embed_tokens, inner.rotary_emb, inner.final_layernorm
+    except AttributeError:
+        return False
+    if any(type(linear) is not nn.Linear for linear in linears):  # quantized or adapter-wrapped layers
+        return False
+    params = list(model.parameters())
+    return len({p.device for p in params}) == 1 and len({p.dtype for p in params}) == 1 and \
+        params[0].dtype.is_floating_point  # fmt: skip
+
+
+class _Phi:
+    """The pieces of a PhiForCausalLM that prefill and the decoding step share."""
+
+    def __init__(self, model: Any) -> None:
+        inner = model.model
+        self.embed, self.layers, self.rotary = inner.embed_tokens, list(inner.layers), inner.rotary_emb
+        self.final_norm, self.lm_head = inner.final_layernorm, model.lm_head
+        attn = self.layers[0].self_attn
+        self.heads, self.head_dim, self.rotary_dims = model.config.num_attention_heads, attn.head_dim, attn.rotary_ndims
+        self.scaling = attn.scaling
+        self.qk_layernorm = bool(getattr(model.config, "qk_layernorm", False))
+        self.vocab = self.lm_head.out_features
+        self.device, self.dtype = self.lm_head.weight.device, self.lm_head.weight.dtype
+        self.tanh_gelu = isinstance(self.layers[0].mlp.activation_fn, NewGELUActivation)
+
+    def mlp(self, layer: Any, normed: torch.Tensor) -> torch.Tensor:
+        """fc2(act(fc1(x))); phi-2's gelu_new as torch's one-kernel tanh GELU (the same formula, not 8 kernels)."""
+        mlp = layer.mlp
+        up = mlp.fc1(normed)
+        return mlp.fc2(F.gelu(up, approximate="tanh") if self.tanh_gelu else mlp.activation_fn(up))
+
+    def rotary_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [length, rotary_dims] for positions 0..length-1, exactly as the model computes them."""
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        positions = torch.arange(length, device=self.device)[None]
+        cos, sin = self.rotary(probe, positions)
+        return cos[0], sin[0]
+
+    def qkv(self, layer: Any, normed: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Queries, keys (both rotated) and values [..., heads, head_dim] of the normed hidden states."""
+        attn = layer.self_attn
+        shape = (*normed.shape[:-1], self.heads, self.head_dim)
+        query, key, value = (proj(normed).view(shape) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        if self.qk_layernorm:
+            query, key = attn.q_layernorm(query), attn.k_layernorm(key)
+        return self._rotate(query, cos, sin), self._rotate(key, cos, sin), value
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Partial rotary embedding: the first rotary_dims of each head turn, the rest pass (as in Phi)."""
+        turned, kept = x[..., : self.rotary_dims], x[..., self.rotary_dims :]
+        half = self.rotary_dims // 2
+        rotated_half = torch.cat((-turned[..., half:], turned[..., :half]), dim=-1)
+        return torch.cat((turned * cos + rotated_half * sin, kept), dim=-1)
+
+    def finish_layer(self, layer: Any, hidden: torch.Tensor, normed: torch.Tensor,
+                     attended: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Phi's parallel residual: attention output + MLP of the same normed input + the residual."""
+        return layer.self_attn.dense(attended) + self.mlp(layer, normed) + hidden
+
+    def next_ids(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.final_norm(hidden)).argmax(dim=-1)
+
+
+class StaticDecoder:
+    """One batch's preallocated KV cache and its one-token decoding step.
+
+    Row b holds prompt b's keys and values at positions 0..len_b-1; its i-th new token goes to
+    len_b + i. `tokens` and `positions` are the step's only inputs, updated in place by it, so
+    the step has fixed shapes and no host synchronisation and can be replayed as a CUDA graph.
+    """
+
+    def __init__(self, phi: _Phi, rows: int, cache_len: int) -> None:
+        self.phi, self.rows, self.cache_len = phi, rows, cache_len
+        shape = (rows, phi.heads, cache_len, phi.head_dim)
+        # zeros, not empty: a masked slot still enters softmax(.) @ V, and 0 x NaN would be NaN
+        self.keys = [torch.zeros(shape, dtype=phi.dtype, device=phi.device) for _ in phi.layers]
+        self.values = [torch.zeros(shape, dtype=phi.dtype, device=phi.device) for _ in phi.layers]
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=phi.device)  # the token each row feeds next
+        self.positions = torch.zeros(rows, dtype=torch.long, device=phi.device)  # where that token goes
+        self.columns = torch.arange(cache_len, device=phi.device)
+        self.cos, self.sin = phi.rotary_table(cache_len)
+        self.graph: Any = None  # torch.cuda.CUDAGraph once captured
+        self.steps = 0
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Fill the cache with every prompt's keys and values; set up the step for the first new token."""
+        packed = _varlen_ready(self.phi)
+        budget = PREFILL_TOKENS[self.phi.device.type]
+        first_ids = []
+        for start, group in _groups(prompts, budget, packed):
+            run = self._prefill_packed if packed else self._prefill_padded
+            first_ids.append(run(group, start))
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        self.tokens.copy_(torch.cat(first_ids))
+        self.positions.copy_(lengths)
+
+    def _prefill_packed(self, prompts: Sequence[Sequence[int]], first_row: int) -> torch.Tensor:
+        """All prompts in one row, positions restarting per prompt, varlen flash attention within each."""
+        phi, device = self.phi, self.phi.device
+        lengths = [len(p) for p in prompts]
+        tokens = torch.tensor(list(itertools.chain.from_iterable(prompts)), dtype=torch.long, device=device)
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
+        rows = torch.repeat_interleave(torch.arange(first_row, first_row + len(prompts)), torch.tensor(lengths))
+        rows = rows.to(device)
+        bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+        longest = max(lengths)
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [tokens, 1, rotary]
+        hidden = phi.embed(tokens)  # [tokens, hidden]
+        for index, layer in enumerate(phi.layers):
+            normed = layer.input_layernorm(hidden)
+            query, key, value = phi.qkv(layer, normed, cos, sin)  # [tokens, heads, head_dim]
+            self.keys[index][rows, :, positions] = key
+            self.values[index][rows, :, positions] = value
+            attended = _varlen_attention(query, key, value, bounds, longest, phi.scaling)
+            hidden = phi.finish_layer(layer, hidden, normed, attended.reshape(len(tokens), -1))
+        return phi.next_ids(hidden[bounds[1:].long() - 1])
+
+    def _prefill_padded(self, prompts: Sequence[Sequence[int]], first_row: int) -> torch.Tensor:
+        """Right-padded rows, plain causal attention (CPU, or no varlen kernel).
+
+        The padding comes after every real token, so the causal mask already hides it from them.
+        """
+        phi, device = self.phi, self.phi.device
+        count, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros(count, width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        cos, sin = self.cos[:width].unsqueeze(1), self.sin[:width].unsqueeze(1)  # [width, 1, rotary]
+        hidden = phi.embed(ids.to(device))  # [rows, width, hidden]
+        for index, layer in enumerate(phi.layers):
+            normed = layer.input_layernorm(hidden)
+            query, key, value = (t.transpose(1, 2) for t in phi.qkv(layer, normed, cos, sin))  # [rows, heads, w, d]
+            self.keys[index][first_row : first_row + count, :, :width] = key  # padding slots are overwritten later
+            self.values[index][first_row : first_row + count, :, :width] = value
+            attended = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=phi.scaling)
+            hidden = phi.finish_layer(layer, hidden, normed, attended.transpose(1, 2).reshape(count, width, -1))
+        return phi.next_ids(hidden[torch.arange(count, device=device), lengths - 1])
+
+    def step(self) -> None:
+        """Feed `tokens` at `positions`: write their K/V, attend over the cache, set the next tokens."""
+        phi, positions = self.phi, self.positions
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [rows, 1, rotary]
+        unwritten = (self.columns[None, :] > positions[:, None])[:, None, None, :]  # [rows, 1, 1, cache_len]
+        mask = torch.zeros(unwritten.shape, dtype=phi.dtype, device=phi.device).masked_fill_(unwritten, -torch.inf)
+        slot = positions.view(-1, 1, 1, 1).expand(-1, phi.heads, 1, phi.head_dim)
+        hidden = phi.embed(self.tokens)  # [rows, hidden]
+        for index, layer in enumerate(phi.layers):
+            normed = layer.input_layernorm(hidden)
+            query, key, value = phi.qkv(layer, normed, cos, sin)  # [rows, heads, head_dim]
+            keys, values = self.keys[index], self.values[index]
+            keys.scatter_(2, slot, key.unsqueeze(2))
+            values.scatter_(2, slot, value.unsqueeze(2))
+            attended = F.scaled_dot_product_attention(query.unsqueeze(2), keys, values, attn_mask=mask,
+                                                      scale=phi.scaling)  # fmt: skip
+            hidden = phi.finish_layer(layer, hidden, normed, attended.reshape(self.rows, -1))
+        self.tokens.copy_(phi.next_ids(hidden))
+        self.positions.add_(1)
+
+    def advance(self, cuda_graph: bool) -> None:
+        """One step: eager, or (on CUDA) an eager warm-up, then a capture, then graph replays."""
+        use_graph = cuda_graph and self.phi.device.type == "cuda"
+        if self.graph is not None:
+            self.graph.replay()
+        elif use_graph and self.steps == 0:
+            side = torch.cuda.Stream()  # warm-up off the default stream, as graph capture wants
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step()
+            torch.cuda.current_stream().wait_stream(side)
+        elif use_graph and self.steps == 1 and self.capture():
+            self.graph.replay()
+        else:
+            self.step()
+        self.steps += 1
+
+    def capture(self) -> bool:
+        """Record step() as a CUDA graph (nothing runs); False, with a warning, where that fails."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.step()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as error:
+            warnings.warn(f"CUDA graph capture failed, decoding eagerly: {error}", RuntimeWarning, stacklevel=2)
+            return False
+        self.graph = graph
+        return True
+
+
+def greedy_decode(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int],
+                  batch_size: int, cuda_graph: bool = True) -> list[list[int]]:  # fmt: skip
+    """Greedy continuations of token-id prompts with a static KV cache (see the module docstring).
+
+    Args:
+        model: a PhiForCausalLM for which supports(model) is True, in eval mode.
+        prompts: token ids per prompt (at least one each).
+        max_new_tokens: most tokens generated per prompt.
+        stop_ids: a row ends at the first of these (kept in its output).
+        batch_size: most prompts decoded together; on CUDA also capped by free memory.
+        cuda_graph: replay the step as a CUDA graph on CUDA (False: run it eagerly).
+    Returns:
+        the new token ids per prompt, in input order, up to and including the first stop token.
+    Raises:
+        ValueError for an empty prompt; torch.cuda.OutOfMemoryError when even the batch's cache
+        does not fit.
+    """
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1 or not prompts:
+        return [[] for _ in prompts]
+    phi = _Phi(model)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a cache width
+    results: list[list[int]] = [[] for _ in prompts]
+    start = 0
+    with torch.inference_mode():
+        while start < len(order):
+            cache_len = len(prompts[order[start]]) + max_new_tokens
+            rows = max(1, min(batch_size, len(order) - start, _rows_that_fit(phi, cache_len)))
+            chunk = order[start : start + rows]
+            generated = _decode_batch(phi, [prompts[i] for i in chunk], max_new_tokens, cache_len, cuda_graph)
+            for index, row in zip(chunk, generated):
+                results[index] = cut_at_stop(row, stop_ids)
+            start += rows
+    return results
+
+
+def cut_at_stop(row: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+    """The tokens up to and including the first stop token (all of them if none stops)."""
+    stops = set(stop_ids)
+    end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+    return list(row[:end])
+
+
+def _decode_batch(phi: _Phi, prompts: Sequence[Sequence[int]], max_new_tokens: int, cache_len: int,
+                  cuda_graph: bool) -> list[list[int]]:  # fmt: skip
+    decoder = StaticDecoder(phi, len(prompts), cache_len)
+    decoder.prefill(prompts)
+    generated = torch.empty(len(prompts), max_new_tokens, dtype=torch.long, device=phi.device)
+    generated[:, 0] = decoder.tokens
+    for index in range(1, max_new_tokens):  # finished rows keep going: cheaper than branching; cut on the host
+        decoder.advance(cuda_graph)
+        generated[:, index] = decoder.tokens
+    return generated.tolist()  # the batch's one host synchronisation
+
+
+def _rows_that_fit(phi: _Phi, cache_len: int) -> int:
+    """Rows whose KV cache (and the step's logits) fit in free GPU memory beside a prefill's activations."""
+    if phi.device.type != "cuda":
+        return 1 << 30
+    free, _ = torch.cuda.mem_get_info(phi.device)
+    free += torch.cuda.memory_reserved(phi.device) - torch.cuda.memory_allocated(phi.device)  # cached blocks
+    size = torch.finfo(phi.dtype).bits // 8
+    hidden = phi.heads * phi.head_dim
+    per_row = (len(phi.layers) * 2 * hidden * cache_len + 2 * phi.vocab) * size + 4 * phi.vocab
+    intermediate = phi.layers[0].mlp.fc1.out_features
+    prefill = PREFILL_TOKENS["cuda"] * (4 * intermediate + 12 * hidden) * size  # fc1 + GELU temporaries, q/k/v...
+    return int((free * MEMORY_SHARE - prefill) // per_row)
+
+
+def _groups(prompts: Sequence[Sequence[int]], budget: int,
+            packed: bool) -> list[tuple[int, Sequence[Sequence[int]]]]:  # fmt: skip
+    """Consecutive prompts per prefill forward: at most `budget` tokens (padded: rows x longest)."""
+    groups, start = [], 0
+    while start < len(prompts):
+        end, longest, total = start, 0, 0
+        while end < len(prompts):
+            longest, total = max(longest, len(prompts[end])), total + len(prompts[end])
+            if end > start and (total if packed else longest * (end - start + 1)) > budget:
+                break
+            end += 1
+        groups.append((start, prompts[start:end]))
+        start = end
+    return groups
+
+
+def _varlen_ready(phi: _Phi) -> bool:
+    """True where prefill can run packed: CUDA, half precision, and torch's varlen flash kernel."""
+    from phi2cli.attention import varlen_available
+
+    half = phi.dtype in (torch.float16, torch.bfloat16)
+    return phi.device.type == "cuda" and half and varlen_available(phi.head_dim)
+
+
+def _varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: torch.Tensor,
+                      longest: int, scale: float) -> torch.Tensor:  # fmt: skip
+    """Causal attention within each packed prompt ([tokens, heads, head_dim]; bounds: cumulative lengths)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(query, key, value, bounds, bounds, longest, longest, scale=scale, window_size=(-1, 0))

@@ -1,0 +1,222 @@
+"""The static-cache greedy decoder on a CUDA GPU, on a random-weight model of phi-2's exact shape.
+
+Run on the GPU machine: python -m pytest -m gpu tests/test_gpu_decode.py -s
+(PHI2_GPU_MODEL names where the 2.78 B model is saved; it is built there on first use. Set
+PHI2_GPU_REPORT to a file to append the measured numbers to it as JSON lines.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PHI2_SHARED_DIR", ROOT.parent / "shared"))
+REPORT = os.environ.get("PHI2_GPU_REPORT")  # where to append measured numbers (JSON lines)
+MAX_NEW_TOKENS = 30  # what `phi2 evaluate` is timed with
+ARTICLES = 500
+COMPARED = 16  # prompts compared token by token with Hugging Face generate()
+
+
+def record(name: str, **values) -> None:
+    print(f"\n[{name}] " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    if REPORT:
+        with open(REPORT, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"test": name, **values}) + "\n")
+
+
+@pytest.fixture(scope="session")
+def phi2_shape_dir() -> Path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import make_random_phi2
+
+    return make_random_phi2(Path(os.environ.get("PHI2_GPU_MODEL", "/tmp/phi2-random")))
+
+
+def articles() -> list[str]:
+    """Real XSUM validation articles (the shared 500, else the shipped sample repeated to 500)."""
+    path = SHARED / "data" / "xsum" / "validation.jsonl"
+    if not path.is_file():
+        path = ROOT / "examples" / "data" / "xsum-sample" / "validation.jsonl"
+    documents = [json.loads(line)["document"] for line in path.read_text(encoding="utf-8").splitlines()]
+    return [documents[i % len(documents)] for i in range(ARTICLES)]
+
+
+def load(model_dir: Path, dtype: str):
+    """A LoadedModel of plain (unquantized) weights in `dtype` on the GPU, prompted as `phi2 evaluate` does."""
+    from transformers import AutoModelForCausalLM
+
+    from phi2cli.config import Phi2Config, apply_overrides
+    from phi2cli.inference import LoadedModel
+    from phi2cli.modeling import load_tokenizer
+    from phi2cli.prompts import PromptFormat
+
+    config = apply_overrides(Phi2Config(), {"model.model": str(model_dir)}).validate()
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype),
+                                                 attn_implementation="sdpa").cuda().eval()  # fmt: skip
+    model.requires_grad_(False)
+    return LoadedModel(model, tokenizer, PromptFormat.create(config.data.template, tokenizer), config, "cuda", dtype)
+
+
+def prompts_of(loaded, documents: list[str]) -> list[list[int]]:
+    from phi2cli.inference import build_prompts
+
+    return [ids for ids, _ in build_prompts(loaded, documents, MAX_NEW_TOKENS)]
+
+
+def hf_greedy(loaded, prompt: list[int], stop_ids: list[int]) -> list[int]:
+    """generate() on the prompt alone (no padding): the reference continuation."""
+    from phi2cli.decode import cut_at_stop
+
+    with torch.inference_mode():
+        out = loaded.model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=MAX_NEW_TOKENS,
+                                    do_sample=False, num_beams=1, eos_token_id=stop_ids,
+                                    pad_token_id=loaded.tokenizer.pad_token_id)  # fmt: skip
+    return cut_at_stop(out[0, len(prompt) :].tolist(), stop_ids)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def graphed_decode(model, prompts, stop_ids, batch_size, cuda_graph=True, max_new_tokens=MAX_NEW_TOKENS):
+    """greedy_decode, failing if the CUDA graph capture fell back to eager steps."""
+    from phi2cli.decode import greedy_decode
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = greedy_decode(model, prompts, max_new_tokens, stop_ids, batch_size, cuda_graph=cuda_graph)
+    failed = [str(w.message) for w in caught if "CUDA graph capture failed" in str(w.message)]
+    assert not failed, failed
+    return rows
+
+
+@pytest.fixture(scope="module")
+def bf16(phi2_shape_dir):
+    loaded = load(phi2_shape_dir, "bfloat16")
+    yield loaded
+    del loaded.model
+    torch.cuda.empty_cache()
+
+
+def test_the_model_phi2_evaluate_loads_takes_the_fast_decoder(phi2_shape_dir):
+    """4-bit load, NF4 dequantized once into bf16 linears: still plain modules of one dtype."""
+    from phi2cli.config import GenerationConfig, Phi2Config, apply_overrides
+    from phi2cli.inference import FAST_CUDA_GEN_BATCH, default_batch_size, load_model, uses_fast_decoder
+
+    loaded = load_model(apply_overrides(Phi2Config(), {"model.model": str(phi2_shape_dir)}).validate())
+    try:
+        dtypes = sorted({str(p.dtype) for p in loaded.model.parameters()})
+        record("decode_evaluate_model", device=loaded.device, dtype=loaded.dtype, parameter_dtypes=dtypes)
+        assert uses_fast_decoder(loaded, GenerationConfig())
+        assert default_batch_size(loaded, None, GenerationConfig()) == FAST_CUDA_GEN_BATCH
+    finally:
+        del loaded.model
+        torch.cuda.empty_cache()
+
+
+def test_float32_fast_decoder_gives_hf_generate_tokens(phi2_shape_dir):
+    """In float32 (no TF32) the graphed step must reproduce generate() as on the CPU, token for token."""
+    from phi2cli.decode import supports
+    from phi2cli.inference import stop_token_ids
+
+    loaded = load(phi2_shape_dir, "float32")
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        assert supports(loaded.model)
+        prompts = prompts_of(loaded, articles()[:COMPARED])
+        stops = stop_token_ids(loaded.tokenizer)
+        fast = graphed_decode(loaded.model, prompts, stops, batch_size=COMPARED)
+        reference = [hf_greedy(loaded, p, stops) for p in prompts]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        del loaded.model
+        torch.cuda.empty_cache()
+    identical = sum(f == r for f, r in zip(fast, reference))
+    record("decode_fp32_vs_hf", rows=len(prompts), identical_rows=identical,
+           mean_tokens=round(sum(map(len, reference)) / len(reference), 1))  # fmt: skip
+    assert identical >= COMPARED - 1  # at most one near-tie of two logits may resolve differently
+
+
+def test_bf16_graph_replay_matches_eager_steps_and_tracks_hf_generate(bf16):
+    from phi2cli.inference import stop_token_ids
+
+    prompts = prompts_of(bf16, articles()[:COMPARED])
+    stops = stop_token_ids(bf16.tokenizer)
+    graphed = graphed_decode(bf16.model, prompts, stops, batch_size=COMPARED)
+    eager = graphed_decode(bf16.model, prompts, stops, batch_size=COMPARED, cuda_graph=False)
+    reference = [hf_greedy(bf16, p, stops) for p in prompts]
+    same_as_eager = sum(g == e for g, e in zip(graphed, eager))
+    prefixes = [common_prefix(g, r) for g, r in zip(graphed, reference)]
+    first_five = sum(p >= min(5, len(r)) for p, r in zip(prefixes, reference))
+    record("decode_bf16_vs_hf", rows=len(prompts), graph_equals_eager_rows=same_as_eager,
+           first_token_agreement=sum(p >= 1 for p in prefixes) / len(prompts),
+           first_five_agreement=first_five / len(prompts),
+           identical_rows=sum(g == r for g, r in zip(graphed, reference)),
+           mean_common_prefix=round(sum(prefixes) / len(prefixes), 1))  # fmt: skip
+    assert [g[0] for g in graphed] == [e[0] for e in eager]  # the same prefill
+    assert same_as_eager == COMPARED  # replaying the graph runs the very kernels of the eager step
+    assert first_five >= COMPARED // 2  # bf16 kernels differ from generate()'s: late divergence is expected
+
+
+def test_500_articles_fast_decoder_vs_hf_generate(bf16, monkeypatch):
+    """Times `phi2 evaluate`'s generation (500 articles x 30 tokens) both ways and prints the numbers."""
+    from phi2cli import inference
+    from phi2cli.config import GenerationConfig
+
+    documents = articles()
+    gen = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS)
+    fast_batch = inference.default_batch_size(bf16, None, gen)
+    assert inference.uses_fast_decoder(bf16, gen) and fast_batch == inference.FAST_CUDA_GEN_BATCH
+
+    def timed(batch_size: int) -> tuple[float, list]:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        generated = inference.generate(bf16, documents, gen, batch_size)
+        torch.cuda.synchronize()
+        return time.perf_counter() - started, generated
+
+    inference.generate(bf16, documents[:8], gen, 8)  # kernels and allocator warm for both paths
+    torch.cuda.reset_peak_memory_stats()
+    fast_first, _ = timed(fast_batch)
+    fast_seconds, fast = timed(fast_batch)
+    fast_peak = torch.cuda.max_memory_allocated() / 2**30
+    monkeypatch.setattr(inference, "uses_fast_decoder", lambda *args, **kwargs: False)
+    inference.generate(bf16, documents[:8], gen, 8)
+    hf_seconds, slow = timed(inference.CUDA_GEN_BATCH)
+    monkeypatch.undo()
+    started = time.perf_counter()
+    prompts = prompts_of(bf16, documents)
+    tokenize_seconds = time.perf_counter() - started
+    stops = inference.stop_token_ids(bf16.tokenizer)
+    decoder_seconds = {}
+    for name, cuda_graph, max_new_tokens in (("graph", True, MAX_NEW_TOKENS), ("eager", False, MAX_NEW_TOKENS),
+                                             ("prefill_only", True, 1)):  # fmt: skip
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        graphed_decode(bf16.model, prompts, stops, fast_batch, cuda_graph=cuda_graph, max_new_tokens=max_new_tokens)
+        decoder_seconds[name] = round(time.perf_counter() - started, 2)
+    new_tokens = sum(g.new_tokens for g in fast)
+    record("decode_500_articles", fast_s=round(fast_seconds, 2), fast_first_run_s=round(fast_first, 2),
+           tokenize_s=round(tokenize_seconds, 2), decoder_only_s=decoder_seconds["graph"],
+           decoder_without_graph_s=decoder_seconds["eager"], prefill_only_s=decoder_seconds["prefill_only"],
+           hf_generate_s=round(hf_seconds, 2),
+           speedup=round(hf_seconds / fast_seconds, 1), fast_tokens_per_s=round(new_tokens / fast_seconds),
+           prompt_tokens=sum(g.prompt_tokens for g in fast), new_tokens=new_tokens,
+           same_summary_rate=sum(f.text == s.text for f, s in zip(fast, slow)) / len(fast),
+           fast_peak_allocated_gib=round(fast_peak, 1), fast_batch=fast_batch,
+           hf_batch=inference.CUDA_GEN_BATCH)  # fmt: skip
+    assert len(fast) == len(slow) == ARTICLES
+    assert [f.prompt_tokens for f in fast] == [s.prompt_tokens for s in slow]
+    assert all(1 <= g.new_tokens <= MAX_NEW_TOKENS for g in fast)
