@@ -36,7 +36,7 @@ def main() -> None:
     config = apply_overrides(Phi2Config(), {
         "model.model": str(args.model), "data.data_dir": str(args.data_dir), "data.samples": 32,
         "data.val_samples": 0, "train.max_steps": 4, "train.output_dir": str(work / "run"),
-        "train.final_dir": str(work / "final"), "train.eval_every": 1000,
+        "train.final_dir": str(work / "final"), "train.eval_every": 1000, "train.compile": False,
     }).validate()  # fmt: skip
     train(config)
     runs = []

@@ -89,7 +89,7 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
     profile: str = _f("auto", "Engine profile: speed, memory-saver, reference; auto picks from free GPU memory.")
-    compile: bool = _f(False, "torch.compile the decoder layers (CUDA, speed profile): ~25% faster steps, ~70 s to compile.")
+    compile: bool = _f(True, "torch.compile the decoder layers (CUDA, speed profile): ~2x faster steps after a one-time compile of about a minute (cached on disk for later runs).")
     seed: int = _f(42, "Seed for LoRA init, dropout and data order: same seed, same run.")
 
 

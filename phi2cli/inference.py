@@ -114,6 +114,10 @@ def load_model(config: Phi2Config, adapter_dir: str | Path | None = None) -> Loa
         from phi2cli.engine import dequantize_base
 
         dequantize_base(base)  # once, instead of in every matmul of every decoding step
+    if precision.device == "cuda":
+        from phi2cli.lora_fast import fuse_gelu
+
+        fuse_gelu(base)  # phi-2's gelu_new as one kernel (same formula)
     base.eval()
     base.requires_grad_(False)
     loaded = LoadedModel(base, tokenizer, fmt, config, precision.device, precision.compute_dtype, notes=notes)
