@@ -37,7 +37,7 @@ def files_of(run: Path) -> list[str]:
 def run_job(name: str, gpus: int, batch: int, steps: int, model: Path, prepared: Path) -> dict[str, Any]:
     out, final = WORK / name, WORK / f"{name}-final"
     args = ["train", "--prepared", str(prepared), "--model", str(model), "--profile", "speed",
-            "--batch-size", str(batch), "--grad-accum", "1", "--max-steps", str(steps), "--logging-steps", "1",
+            "--batch-size", str(batch), "--grad-accum", "1", "--max-steps", str(steps), "--logging-steps", "5",
             "--eval-every", str(steps), "--lora-dropout", "0", "--warmup-steps", "5",
             "--output-dir", str(out), "--final-dir", str(final), "--overwrite"]  # fmt: skip
     if gpus > 1:
