@@ -50,9 +50,12 @@ def main() -> None:
 
     train(config, callbacks=[Window()])
     averages = profiler.key_averages()
-    cuda_total = sum(e.self_device_time_total for e in averages) / 1e3 / 3
+    from torch.autograd import DeviceType
+
+    kernels = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1e3 / 3
+    host = sum(e.self_cpu_time_total for e in averages) / 1e3 / 3
     lines = [f"profile {args.profile}, steps 4-6 of 8 examples (max 512 tokens), per step:",
-             f"GPU kernel time {cuda_total:.1f} ms per step", "",
+             f"GPU kernel time {kernels:.1f} ms per step; host (CPU) time {host:.1f} ms per step", "",
              averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)]  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
