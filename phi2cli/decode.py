@@ -5,6 +5,9 @@ prompts of a batch go through the model once (packed and padding-free on CUDA), 
 values land in a preallocated cache, and every next token comes from one fixed-shape step written
 from the model's own modules. On CUDA that step is captured once as a CUDA graph and replayed; on
 a CPU it runs eagerly, which is how the tests check it token for token against generate().
+The cache-filling forward can also run longer inputs that begin with the prompts (the eval-loss
+examples, in phi2cli.shared_forward) and cache only their first tokens; the step then feeds the
+prompts' remaining tokens as known ones before it decodes.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def supports(model: Any) -> bool:
         params[0].dtype.is_floating_point  # fmt: skip
 
 
-class _Phi:
+class PhiModules:
     """The pieces of a PhiForCausalLM that prefill and the decoding step share."""
 
     def __init__(self, model: Any) -> None:
@@ -109,7 +112,7 @@ class StaticDecoder:
     the step has fixed shapes and no host synchronisation and can be replayed as a CUDA graph.
     """
 
-    def __init__(self, phi: _Phi, rows: int, cache_len: int) -> None:
+    def __init__(self, phi: PhiModules, rows: int, cache_len: int, longest_input: int = 0) -> None:
         self.phi, self.rows, self.cache_len = phi, rows, cache_len
         shape = (rows, phi.heads, cache_len, phi.head_dim)
         # zeros, not empty: a masked slot still enters softmax(.) @ V, and 0 x NaN would be NaN
@@ -118,64 +121,103 @@ class StaticDecoder:
         self.tokens = torch.zeros(rows, dtype=torch.long, device=phi.device)  # the token each row feeds next
         self.positions = torch.zeros(rows, dtype=torch.long, device=phi.device)  # where that token goes
         self.columns = torch.arange(cache_len, device=phi.device)
-        self.cos, self.sin = phi.rotary_table(cache_len)
+        self.cos, self.sin = phi.rotary_table(max(cache_len, longest_input))  # a forward's input may outrun the cache
+        self.packed = _varlen_ready(phi)  # forwards run packed (varlen kernel) or as right-padded rows
         self.graph: Any = None  # torch.cuda.CUDAGraph once captured
         self.steps = 0
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> None:
         """Fill the cache with every prompt's keys and values; set up the step for the first new token."""
-        packed = _varlen_ready(self.phi)
-        budget = PREFILL_TOKENS[self.phi.device.type]
-        first_ids = []
-        for start, group in _groups(prompts, budget, packed):
-            run = self._prefill_packed if packed else self._prefill_padded
-            first_ids.append(run(group, start))
-        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        phi, first_ids = self.phi, []
+        for start, group in prefill_groups(prompts, PREFILL_TOKENS[phi.device.type], self.packed):
+            lengths = [len(p) for p in group]
+            tokens = torch.tensor(list(itertools.chain.from_iterable(group)), dtype=torch.long, device=phi.device)
+            last = torch.tensor(list(itertools.accumulate(lengths)), device=phi.device) - 1
+            first_ids.append(phi.next_ids(self.forward(tokens, lengths, start, lengths, last)))
         self.tokens.copy_(torch.cat(first_ids))
-        self.positions.copy_(lengths)
+        self.positions.copy_(torch.tensor([len(p) for p in prompts], dtype=torch.long))
 
-    def _prefill_packed(self, prompts: Sequence[Sequence[int]], first_row: int) -> torch.Tensor:
-        """All prompts in one row, positions restarting per prompt, varlen flash attention within each."""
+    def forward(self, tokens: torch.Tensor, lengths: Sequence[int], first_row: int, cached: Sequence[int],
+                picks: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Whole sequences through the model, caching the keys and values of their first tokens.
+
+        Args:
+            tokens: the sequences laid end to end (on the model's device).
+            lengths: tokens per sequence; sequence i goes to cache row first_row + i.
+            cached: positions 0..cached[i]-1 of sequence i are written to its cache row; the row's
+                later slots are left to the steps, which write each before any step reads it.
+            picks: indices into `tokens` whose final hidden states are wanted.
+        Returns:
+            the last layer's hidden states (before the final norm) at `picks`.
+        """
+        run = self._forward_packed if self.packed else self._forward_padded
+        return run(tokens, lengths, first_row, cached, picks.to(self.phi.device))
+
+    def _forward_packed(self, tokens: torch.Tensor, lengths: Sequence[int], first_row: int, cached: Sequence[int],
+                        picks: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """All sequences in one row, positions restarting per sequence, varlen flash attention within each."""
         phi, device = self.phi, self.phi.device
-        lengths = [len(p) for p in prompts]
-        tokens = torch.tensor(list(itertools.chain.from_iterable(prompts)), dtype=torch.long, device=device)
-        positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
-        rows = torch.repeat_interleave(torch.arange(first_row, first_row + len(prompts)), torch.tensor(lengths))
-        rows = rows.to(device)
+        counts = torch.tensor(lengths)
+        positions = torch.cat([torch.arange(n) for n in lengths])
+        rows = torch.repeat_interleave(torch.arange(first_row, first_row + len(lengths)), counts)
+        kept = (positions < torch.repeat_interleave(torch.tensor(cached), counts)).nonzero().squeeze(1)
+        slot_rows, slot_positions = rows[kept].to(device), positions[kept].to(device)
+        kept = None if len(kept) == len(positions) else kept.to(device)  # None: every token is cached
+        positions = positions.to(device)
         bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
-        longest = max(lengths)
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [tokens, 1, rotary]
         hidden = phi.embed(tokens)  # [tokens, hidden]
         for index, layer in enumerate(phi.layers):
             normed = layer.input_layernorm(hidden)
             query, key, value = phi.qkv(layer, normed, cos, sin)  # [tokens, heads, head_dim]
-            self.keys[index][rows, :, positions] = key
-            self.values[index][rows, :, positions] = value
-            attended = _varlen_attention(query, key, value, bounds, longest, phi.scaling)
+            self.keys[index][slot_rows, :, slot_positions] = key if kept is None else key[kept]
+            self.values[index][slot_rows, :, slot_positions] = value if kept is None else value[kept]
+            attended = _varlen_attention(query, key, value, bounds, max(lengths), phi.scaling)
             hidden = phi.finish_layer(layer, hidden, normed, attended.reshape(len(tokens), -1))
-        return phi.next_ids(hidden[bounds[1:].long() - 1])
+        return hidden[picks]
 
-    def _prefill_padded(self, prompts: Sequence[Sequence[int]], first_row: int) -> torch.Tensor:
+    def _forward_padded(self, tokens: torch.Tensor, lengths: Sequence[int], first_row: int, cached: Sequence[int],
+                        picks: torch.Tensor) -> torch.Tensor:  # fmt: skip
         """Right-padded rows, plain causal attention (CPU, or no varlen kernel).
 
         The padding comes after every real token, so the causal mask already hides it from them.
         """
         phi, device = self.phi, self.phi.device
-        count, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.zeros(count, width, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        count, width = len(lengths), max(lengths)
+        rows = torch.repeat_interleave(torch.arange(count), torch.tensor(lengths)).to(device)
+        columns = torch.cat([torch.arange(n) for n in lengths]).to(device)
+        ids = torch.zeros(count, width, dtype=torch.long, device=device)
+        ids[rows, columns] = tokens
+        written = min(width, max(cached))  # past a row's own cached[i], its steps overwrite what lands here
         cos, sin = self.cos[:width].unsqueeze(1), self.sin[:width].unsqueeze(1)  # [width, 1, rotary]
-        hidden = phi.embed(ids.to(device))  # [rows, width, hidden]
+        hidden = phi.embed(ids)  # [rows, width, hidden]
         for index, layer in enumerate(phi.layers):
             normed = layer.input_layernorm(hidden)
             query, key, value = (t.transpose(1, 2) for t in phi.qkv(layer, normed, cos, sin))  # [rows, heads, w, d]
-            self.keys[index][first_row : first_row + count, :, :width] = key  # padding slots are overwritten later
-            self.values[index][first_row : first_row + count, :, :width] = value
+            self.keys[index][first_row : first_row + count, :, :written] = key[:, :, :written]
+            self.values[index][first_row : first_row + count, :, :written] = value[:, :, :written]
             attended = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=phi.scaling)
             hidden = phi.finish_layer(layer, hidden, normed, attended.transpose(1, 2).reshape(count, width, -1))
-        return phi.next_ids(hidden[torch.arange(count, device=device), lengths - 1])
+        return hidden[rows[picks], columns[picks]]
+
+    def force(self, forced: torch.Tensor, cuda_graph: bool) -> None:
+        """Feed known tokens [rows, n] one step each from `positions` on (teacher forcing).
+
+        Afterwards `tokens` holds the greedy token after each row's last forced one.
+        """
+        for column in range(forced.shape[1]):
+            self.tokens.copy_(forced[:, column])
+            self.advance(cuda_graph)
+
+    def decode(self, max_new_tokens: int, cuda_graph: bool) -> list[list[int]]:
+        """`tokens` and the greedy tokens after it: max_new_tokens per row, not yet cut at a stop token."""
+        generated = torch.empty(self.rows, max_new_tokens, dtype=torch.long, device=self.phi.device)
+        if max_new_tokens:
+            generated[:, 0] = self.tokens
+        for index in range(1, max_new_tokens):  # finished rows keep going: cheaper than branching; cut on the host
+            self.advance(cuda_graph)
+            generated[:, index] = self.tokens
+        return generated.tolist()  # the batch's one host synchronisation
 
     def step(self) -> None:
         """Feed `tokens` at `positions`: write their K/V, attend over the cache, set the next tokens."""
@@ -250,14 +292,14 @@ def greedy_decode(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: 
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1 or not prompts:
         return [[] for _ in prompts]
-    phi = _Phi(model)
+    phi = PhiModules(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a cache width
     results: list[list[int]] = [[] for _ in prompts]
     start = 0
     with torch.inference_mode():
         while start < len(order):
             cache_len = len(prompts[order[start]]) + max_new_tokens
-            rows = max(1, min(batch_size, len(order) - start, _rows_that_fit(phi, cache_len)))
+            rows = max(1, min(batch_size, len(order) - start, rows_that_fit(phi, cache_len)))
             chunk = order[start : start + rows]
             generated = _decode_batch(phi, [prompts[i] for i in chunk], max_new_tokens, cache_len, cuda_graph)
             for index, row in zip(chunk, generated):
@@ -273,19 +315,14 @@ def cut_at_stop(row: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
     return list(row[:end])
 
 
-def _decode_batch(phi: _Phi, prompts: Sequence[Sequence[int]], max_new_tokens: int, cache_len: int,
+def _decode_batch(phi: PhiModules, prompts: Sequence[Sequence[int]], max_new_tokens: int, cache_len: int,
                   cuda_graph: bool) -> list[list[int]]:  # fmt: skip
     decoder = StaticDecoder(phi, len(prompts), cache_len)
     decoder.prefill(prompts)
-    generated = torch.empty(len(prompts), max_new_tokens, dtype=torch.long, device=phi.device)
-    generated[:, 0] = decoder.tokens
-    for index in range(1, max_new_tokens):  # finished rows keep going: cheaper than branching; cut on the host
-        decoder.advance(cuda_graph)
-        generated[:, index] = decoder.tokens
-    return generated.tolist()  # the batch's one host synchronisation
+    return decoder.decode(max_new_tokens, cuda_graph)
 
 
-def _rows_that_fit(phi: _Phi, cache_len: int) -> int:
+def rows_that_fit(phi: PhiModules, cache_len: int) -> int:
     """Rows whose KV cache (and the step's logits) fit in free GPU memory beside a prefill's activations."""
     if phi.device.type != "cuda":
         return 1 << 30
@@ -299,7 +336,7 @@ def _rows_that_fit(phi: _Phi, cache_len: int) -> int:
     return int((free * MEMORY_SHARE - prefill) // per_row)
 
 
-def _groups(prompts: Sequence[Sequence[int]], budget: int,
+def prefill_groups(prompts: Sequence[Sequence[int]], budget: int,
             packed: bool) -> list[tuple[int, Sequence[Sequence[int]]]]:  # fmt: skip
     """Consecutive prompts per prefill forward: at most `budget` tokens (padded: rows x longest)."""
     groups, start = [], 0
@@ -315,7 +352,7 @@ def _groups(prompts: Sequence[Sequence[int]], budget: int,
     return groups
 
 
-def _varlen_ready(phi: _Phi) -> bool:
+def _varlen_ready(phi: PhiModules) -> bool:
     """True where prefill can run packed: CUDA, half precision, and torch's varlen flash kernel."""
     from phi2cli.attention import varlen_available
 

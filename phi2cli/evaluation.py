@@ -8,11 +8,16 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from phi2cli.config import Phi2Config, TrainConfig, apply_overrides
+from phi2cli.config import GenerationConfig, Phi2Config, TrainConfig, apply_overrides
 from phi2cli.errors import ConfigError, DataError, RunError
 from phi2cli.metrics import summary_metrics
+
+if TYPE_CHECKING:
+    from phi2cli.inference import LoadedModel
+    from phi2cli.prompts import EncodedExample
+    from phi2cli.shared_forward import Scored
 
 DEFAULT_ADAPTER = TrainConfig().final_dir
 DEFAULT_SAMPLES = 500
@@ -22,6 +27,11 @@ PREDICTIONS_FILE = "predictions.jsonl"
 METRIC_KEYS = ("eval_loss", "perplexity", "rouge1", "rouge2", "rougeL", "rougeLsum", "mean_summary_words")
 SOURCE_KEYS = ("data.dataset", "data.data_dir", "data.validation_file", "data.test_file")
 LOSS_REDUCTION = "token-weighted mean over every labelled token of the set (training's per-token loss)"
+SHARED_TIMINGS = ("loss_seconds: one forward per article that gave both its eval loss and its summary prompt's "
+                  "prefill; generation_seconds: the prompt's last tokens fed one step each, then decoding. Articles "
+                  "beyond shared_forward_articles (no loss example, or a summary longer than max_new_tokens) had "
+                  "their own eval-loss forward and prefill")
+SEPARATE_TIMINGS = "loss_seconds: the eval-loss forward; generation_seconds: the summary prompts' prefill and decoding"
 # A task tracker: (description, total) -> a function advancing that task by n.
 Tracker = Callable[[str, int], Callable[[int], None]]
 
@@ -35,6 +45,7 @@ class EvaluateOptions:
     output_dir: str | None = None  # where metrics.json/predictions.jsonl go; the adapter dir if None
     compare_base: bool = False
     gen_batch_size: int | None = None  # None: 256 (greedy Phi) or 128 on a GPU, the config's value on a CPU
+    shared_forward: bool = True  # greedy Phi: the eval loss and the summaries' prefill from one forward
     overrides: Mapping[str, Any] = field(default_factory=dict)  # dotted config keys from flags
 
 
@@ -101,8 +112,7 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
     """
     from phi2cli.data import sample_rows
     from phi2cli.fileio import ensure_writable_dir, write_json_atomic, write_jsonl_atomic
-    from phi2cli.inference import attach_adapter, default_batch_size, load_model
-    from phi2cli.prompts import encode_example
+    from phi2cli.inference import attach_adapter, default_batch_size, encode_documents, load_model
 
     if options.samples < 1:
         raise ConfigError(f"--samples must be at least 1 (got {options.samples})")
@@ -120,8 +130,8 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
     loaded = load_model(config, None if options.compare_base else adapter)
     notes += loaded.notes
     data = config.data
-    encoded = [encode_example(loaded.fmt, loaded.tokenizer, r["document"], r["summary"], data.max_length,
-                              data.loss_on) for r in rows]  # fmt: skip
+    document_ids = encode_documents(loaded.tokenizer, [r["document"] for r in rows])  # once, for both passes
+    encoded = encode_examples(loaded, rows, document_ids)
     examples = [e for e in encoded if e is not None]
     if not examples:
         raise DataError(f"no example's summary fits the run's max_length {data.max_length}; nothing to score")
@@ -130,24 +140,21 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
     batch_size = default_batch_size(loaded, options.gen_batch_size, config.generation)
     timings: dict[str, float] = {"load_seconds": time.perf_counter() - started}
     truncated: dict[str, int] = {}  # articles cut to fit max_length - max_new_tokens
+    shared: dict[str, int] = {}  # articles whose loss and summary prefill came from one forward
 
     def score(label: str) -> tuple[dict[str, float], list[str]]:
-        from phi2cli.inference import eval_loss, generate
-
         prefix = "" if label == "tuned" else "base_"
-        loss = eval_loss(loaded, examples, advance=track(f"{label}: eval loss", len(examples)))
-        gen_start = time.perf_counter()
-        generated = generate(loaded, [r["document"] for r in rows], config.generation, batch_size,
-                             advance=track(f"{label}: summaries", len(rows)))  # fmt: skip
-        seconds = time.perf_counter() - gen_start
-        new_tokens = sum(g.new_tokens for g in generated)
-        timings.update({f"{prefix}loss_seconds": loss.seconds, f"{prefix}generation_seconds": seconds,
+        scored = score_articles(loaded, document_ids, encoded, config.generation, batch_size,
+                                options.shared_forward, track, label)  # fmt: skip
+        seconds, new_tokens = scored.generation_seconds, sum(g.new_tokens for g in scored.generated)
+        timings.update({f"{prefix}loss_seconds": scored.loss.seconds, f"{prefix}generation_seconds": seconds,
                         f"{prefix}generated_tokens": new_tokens,
                         f"{prefix}generated_tokens_per_second": new_tokens / seconds if seconds else 0.0})  # fmt: skip
-        texts = [g.text for g in generated]
+        shared[label] = scored.shared_articles
+        texts = [g.text for g in scored.generated]
         quality = summary_metrics(texts, [r["summary"] for r in rows])
-        truncated[label] = sum(g.truncated for g in generated)
-        return {"eval_loss": loss.loss, "perplexity": loss.perplexity, **quality}, texts
+        truncated[label] = sum(g.truncated for g in scored.generated)
+        return {"eval_loss": scored.loss.loss, "perplexity": scored.loss.perplexity, **quality}, texts
 
     base = base_texts = None
     if options.compare_base:
@@ -171,12 +178,14 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
             "max_length": data.max_length, "loss_on": data.loss_on, "template": data.template, "seed": data.seed,
             "loss_reduction": LOSS_REDUCTION, "rouge": "F-measure x 100, Porter stemming, mean over articles",
             "device": loaded.device, "dtype": loaded.dtype, "quantization": config.model.quantization,
-            "adapter_merged": loaded.merged,
+            "adapter_merged": loaded.merged, "shared_forward_articles": shared["tuned"],
+            "timings_note": SHARED_TIMINGS if shared["tuned"] else SEPARATE_TIMINGS,
         },
         "timings": {k: round(v, 4) if isinstance(v, float) else v for k, v in timings.items()},
         "tuned": tuned,
     }  # fmt: skip
     if base is not None:
+        metrics["settings"]["base_shared_forward_articles"] = shared["base"]
         metrics["base"] = base
         metrics["delta"] = {k: tuned[k] - base[k] for k in METRIC_KEYS}
     _check_finite(metrics)
@@ -188,6 +197,63 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
     predictions_path = write_jsonl_atomic(output_dir / PREDICTIONS_FILE, predictions)
     metrics_path = write_json_atomic(output_dir / METRICS_FILE, metrics)
     return EvaluationResult(metrics, predictions, metrics_path, predictions_path, notes)
+
+
+def encode_examples(loaded: LoadedModel, rows: Sequence[Mapping[str, str]],
+                    document_ids: Sequence[list[int]]) -> list[EncodedExample | None]:  # fmt: skip
+    """Each row's loss example (prompts.encode_example; None where the summary does not fit), its
+    article taken from `document_ids` instead of being tokenized again."""
+    from phi2cli.prompts import encode_example
+
+    known = _KnownArticles(loaded.tokenizer, [r["document"] for r in rows], document_ids)
+    data = loaded.config.data
+    return [encode_example(loaded.fmt, known, r["document"], r["summary"], data.max_length, data.loss_on)
+            for r in rows]  # fmt: skip
+
+
+class _KnownArticles:
+    """A tokenizer that answers from memory for the articles already tokenized, and asks the real one otherwise."""
+
+    def __init__(self, tokenizer: Any, documents: Sequence[str], document_ids: Sequence[list[int]]) -> None:
+        self._tokenizer = tokenizer
+        self._known = dict(zip(documents, document_ids))
+
+    def __call__(self, text: Any, add_special_tokens: bool = True, **kwargs: Any) -> Any:
+        if isinstance(text, str) and not add_special_tokens and not kwargs and text in self._known:
+            return {"input_ids": list(self._known[text])}
+        return self._tokenizer(text, add_special_tokens=add_special_tokens, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+
+def score_articles(loaded: LoadedModel, document_ids: Sequence[list[int]], encoded: Sequence[EncodedExample | None],
+                   gen: GenerationConfig, batch_size: int, shared_forward: bool = True,
+                   track: Tracker = _no_tracker, label: str = "tuned") -> Scored:  # fmt: skip
+    """Eval loss and summaries of tokenized articles: one shared forward for greedy Phi models
+    (phi2cli.shared_forward) unless `shared_forward` is off, else the eval-loss pass and generation.
+
+    Args:
+        loaded: an inference.LoadedModel.
+        document_ids: each article's token ids; encoded: its loss example or None (encode_examples).
+        gen: generation settings; batch_size: articles per generation batch.
+        track, label: progress tasks are named "<label>: eval loss" and "<label>: summaries".
+    Returns:
+        shared_forward.Scored (shared_articles is 0 when the two passes ran).
+    """
+    from phi2cli.inference import build_prompts, eval_loss, generate_prompts, uses_fast_decoder
+    from phi2cli.shared_forward import Scored, loss_and_summaries
+
+    examples = [e for e in encoded if e is not None]
+    advance_loss = track(f"{label}: eval loss", len(examples))
+    advance_summaries = track(f"{label}: summaries", len(document_ids))
+    if shared_forward and uses_fast_decoder(loaded, gen):
+        return loss_and_summaries(loaded, document_ids, encoded, gen, batch_size, advance_loss, advance_summaries)
+    loss = eval_loss(loaded, examples, advance=advance_loss)
+    started = time.perf_counter()
+    prompts = build_prompts(loaded, document_ids, gen.max_new_tokens)
+    generated = generate_prompts(loaded, prompts, gen, batch_size, advance=advance_summaries)
+    return Scored(loss, generated, time.perf_counter() - started, 0)
 
 
 def _check_finite(metrics: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence, TextIO
 from phi2cli.config import RUN_CONFIG_NAME, GenerationConfig, Phi2Config, load_run_config
 from phi2cli.errors import ConfigError, DataError, DeviceError, ModelError, RunError
 from phi2cli.metrics import first_line
-from phi2cli.prompts import IGNORE_INDEX, EncodedExample, PromptFormat, encode_document
+from phi2cli.prompts import IGNORE_INDEX, EncodedExample, PromptFormat
 
 CUDA_GEN_BATCH = 128  # default articles per generate() call on a GPU (halved on out-of-memory)
 FAST_CUDA_GEN_BATCH = 256  # with the fast greedy decoder (it also caps a batch by free memory); see decode.py
@@ -208,11 +208,16 @@ def eval_loss(loaded: LoadedModel, examples: Sequence[EncodedExample], tokens_pe
         if varlen:
             model.set_attn_implementation(loaded.config.model.attn_implementation)
     _sync(device)
-    if not count:
+    return loss_result(total, count, len(examples), time.perf_counter() - start)
+
+
+def loss_result(loss_sum: float, labelled: int, examples: int, seconds: float) -> LossResult:
+    """The token-weighted mean loss and its perplexity; DataError when no token was labelled."""
+    if not labelled:
         raise DataError("no labelled tokens to score; every example's summary was cut away")
-    loss = total / count
+    loss = loss_sum / labelled
     perplexity = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
-    return LossResult(loss, perplexity, count, len(examples), time.perf_counter() - start)
+    return LossResult(loss, perplexity, labelled, examples, seconds)
 
 
 def labelled_tokens(example: EncodedExample) -> int:
@@ -230,15 +235,23 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
-def build_prompts(loaded: LoadedModel, documents: Sequence[str], max_new_tokens: int) -> list[tuple[list[int], bool]]:
-    """Prompt ids per article, the article cut to fit the run's max_length minus max_new_tokens."""
+def encode_documents(tokenizer: Any, documents: Sequence[str]) -> list[list[int]]:
+    """Token ids of each article, as prompts.encode_document gives them, in one batched call."""
+    if not documents:
+        return []
+    return [list(ids) for ids in tokenizer(list(documents), add_special_tokens=False)["input_ids"]]
+
+
+def build_prompts(loaded: LoadedModel, document_ids: Sequence[Sequence[int]],
+                  max_new_tokens: int) -> list[tuple[list[int], bool]]:  # fmt: skip
+    """Prompt ids per tokenized article, the article cut to fit the run's max_length minus max_new_tokens."""
     room = loaded.config.data.max_length - max_new_tokens
     if room - loaded.fmt.fixed_tokens < 1:
         raise ConfigError(
             f"--max-new-tokens {max_new_tokens} leaves no room for the article within the run's "
             f"max_length {loaded.config.data.max_length} (the prompt alone is {loaded.fmt.fixed_tokens} tokens)"
         )
-    return [loaded.fmt.encode_prompt(encode_document(loaded.tokenizer, doc), room) for doc in documents]
+    return [loaded.fmt.encode_prompt(list(ids), room) for ids in document_ids]
 
 
 def default_batch_size(loaded: LoadedModel, requested: int | None, gen: GenerationConfig | None = None) -> int:
@@ -261,7 +274,15 @@ def uses_fast_decoder(loaded: LoadedModel, gen: GenerationConfig, streaming: boo
 
 def generate(loaded: LoadedModel, documents: Sequence[str], gen: GenerationConfig, batch_size: int,
              advance: Advance | None = None, stream: TextIO | None = None) -> list[Generated]:  # fmt: skip
-    """Summarize each article: batched, longest first; results in input order.
+    """Summarize each article: see generate_prompts (the articles are tokenized and cut to fit first)."""
+    prompts = build_prompts(loaded, encode_documents(loaded.tokenizer, documents), gen.max_new_tokens)
+    return generate_prompts(loaded, prompts, gen, batch_size, advance, stream)
+
+
+def generate_prompts(loaded: LoadedModel, prompts: Sequence[tuple[list[int], bool]], gen: GenerationConfig,
+                     batch_size: int, advance: Advance | None = None,
+                     stream: TextIO | None = None) -> list[Generated]:  # fmt: skip
+    """Summarize each prompt: batched, longest first; results in input order.
 
     Greedy decoding of a supported Phi model goes through phi2cli.decode (one prefill, a static
     KV cache, a CUDA-graphed step); beam search, sampling, streaming and other models through
@@ -269,17 +290,16 @@ def generate(loaded: LoadedModel, documents: Sequence[str], gen: GenerationConfi
 
     Args:
         loaded: from load_model.
-        documents: article texts.
+        prompts: (prompt ids, article truncated) per article, from build_prompts.
         gen: decoding settings (max_new_tokens, num_beams, do_sample, temperature, top_p).
         batch_size: articles per batch; halved on CUDA out-of-memory.
         advance: called with the number of articles done after each batch.
         stream: write the text of a single article here as it is generated (greedy/sampling only).
     Returns:
-        one Generated per document, same order.
+        one Generated per prompt, same order.
     """
     import torch
 
-    prompts = build_prompts(loaded, documents, gen.max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i][0]))  # longest first: OOM shows early
     results: list[Generated | None] = [None] * len(prompts)
     config = _generation_config(loaded, gen)
@@ -341,7 +361,7 @@ def _generate_batch(loaded: LoadedModel, prompts: list[list[int]], config: Any,
                                     generation_config=config, streamer=streamer)  # fmt: skip
     from phi2cli.decode import cut_at_stop
 
-    return _first_lines(loaded, [cut_at_stop(row, config.eos_token_id) for row in out[:, width:].tolist()])
+    return first_lines(loaded, [cut_at_stop(row, config.eos_token_id) for row in out[:, width:].tolist()])
 
 
 def _decode_batch(loaded: LoadedModel, prompts: list[list[int]], gen: GenerationConfig) -> list[tuple[str, int]]:
@@ -349,10 +369,10 @@ def _decode_batch(loaded: LoadedModel, prompts: list[list[int]], gen: Generation
     from phi2cli.decode import greedy_decode
 
     rows = greedy_decode(loaded.model, prompts, gen.max_new_tokens, stop_token_ids(loaded.tokenizer), len(prompts))
-    return _first_lines(loaded, rows)
+    return first_lines(loaded, rows)
 
 
-def _first_lines(loaded: LoadedModel, rows: list[list[int]]) -> list[tuple[str, int]]:
+def first_lines(loaded: LoadedModel, rows: list[list[int]]) -> list[tuple[str, int]]:
     """(first line of the decoded text, new tokens) per row of generated ids cut at their stop token."""
     return [(first_line(loaded.tokenizer.decode(row, skip_special_tokens=True)), len(row)) for row in rows]
 

@@ -169,3 +169,52 @@ def test_generation_stops_at_a_newline_token(final, sample_data_dir):
     for gen in (GenerationConfig(max_new_tokens=6), GenerationConfig(max_new_tokens=6, num_beams=2)):
         stopped = generate(loaded, [document], gen, batch_size=1)[0]
         assert (stopped.new_tokens, stopped.text) == (1, "")
+
+
+def test_one_shared_forward_gives_the_two_passes_metrics_and_predictions(final):
+    """evaluate() with and without the shared forward: the same loss, ROUGE and summaries, tuned and base."""
+    from phi2cli.evaluation import SEPARATE_TIMINGS, SHARED_TIMINGS, EvaluateOptions, evaluate
+
+    results = {flag: evaluate(EvaluateOptions(adapter_dir=str(final), samples=8, output_dir=f"out-{flag}",
+                                              compare_base=True, shared_forward=flag))  # fmt: skip
+               for flag in (True, False)}
+    shared, separate = results[True].metrics, results[False].metrics
+    assert 0 < shared["settings"]["shared_forward_articles"] <= 8 and shared["settings"]["timings_note"] == SHARED_TIMINGS
+    assert shared["settings"]["base_shared_forward_articles"] == shared["settings"]["shared_forward_articles"]
+    assert separate["settings"]["shared_forward_articles"] == 0
+    assert separate["settings"]["timings_note"] == SEPARATE_TIMINGS
+    for block in ("tuned", "base"):
+        assert set(shared[block]) == METRIC_KEYS
+        assert shared[block]["eval_loss"] == pytest.approx(separate[block]["eval_loss"], rel=1e-5)
+        assert shared[block]["perplexity"] == pytest.approx(separate[block]["perplexity"], rel=1e-5)
+        assert {k: v for k, v in shared[block].items() if k.startswith("rouge") or k == "mean_summary_words"} == \
+            {k: v for k, v in separate[block].items() if k.startswith("rouge") or k == "mean_summary_words"}  # fmt: skip
+    assert shared["tuned"]["eval_loss"] != shared["base"]["eval_loss"]
+    assert results[True].predictions == results[False].predictions
+    assert {"loss_seconds", "generation_seconds", "generated_tokens", "base_loss_seconds"} <= set(shared["timings"])
+    assert shared["timings"]["generated_tokens"] == separate["timings"]["generated_tokens"]
+
+
+def test_articles_are_tokenized_once_for_the_loss_examples_and_the_prompts(final, sample_data_dir):
+    from phi2cli.evaluation import encode_examples, resolve_config
+    from phi2cli.inference import encode_documents, load_model
+    from phi2cli.prompts import encode_document, encode_example
+
+    loaded = load_model(resolve_config(final, {}), final)
+    rows = read_jsonl(sample_data_dir / "validation.jsonl")[:6]
+    rows[2]["summary"] = rows[3]["document"]  # no example for this one
+    documents = [r["document"] for r in rows]
+    document_ids = encode_documents(loaded.tokenizer, documents)
+    assert document_ids == [encode_document(loaded.tokenizer, d) for d in documents]
+    asked = []
+    tokenizer = loaded.tokenizer
+    loaded.tokenizer = lambda text, **kwargs: asked.append(text) or tokenizer(text, **kwargs)
+    try:
+        examples = encode_examples(loaded, rows, document_ids)
+    finally:
+        loaded.tokenizer = tokenizer
+    data = loaded.config.data
+    assert examples == [encode_example(loaded.fmt, tokenizer, r["document"], r["summary"], data.max_length,
+                                       data.loss_on) for r in rows]  # fmt: skip
+    assert examples[2] is None and sum(e is not None for e in examples) == 5
+    assert not set(asked) & set(documents) and len(asked) == 6  # only the summaries went to the tokenizer

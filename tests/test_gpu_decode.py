@@ -25,6 +25,8 @@ REPORT = os.environ.get("PHI2_GPU_REPORT")  # where to append measured numbers (
 MAX_NEW_TOKENS = 30  # what `phi2 evaluate` is timed with
 ARTICLES = 500
 COMPARED = 16  # prompts compared token by token with Hugging Face generate()
+SHARED_COMPARED = 64  # articles scored both with the shared forward and with the two passes
+EVAL_MAX_LENGTH = 512  # the run's max_length `phi2 evaluate` was timed with (its max_new_tokens: the default 60)
 
 
 def record(name: str, **values) -> None:
@@ -42,13 +44,17 @@ def phi2_shape_dir() -> Path:
     return make_random_phi2(Path(os.environ.get("PHI2_GPU_MODEL", "/tmp/phi2-random")))
 
 
-def articles() -> list[str]:
-    """Real XSUM validation articles (the shared 500, else the shipped sample repeated to 500)."""
+def xsum_rows() -> list[dict]:
+    """Real XSUM validation rows (the shared 500, else the shipped sample repeated to 500)."""
     path = SHARED / "data" / "xsum" / "validation.jsonl"
     if not path.is_file():
         path = ROOT / "examples" / "data" / "xsum-sample" / "validation.jsonl"
-    documents = [json.loads(line)["document"] for line in path.read_text(encoding="utf-8").splitlines()]
-    return [documents[i % len(documents)] for i in range(ARTICLES)]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [rows[i % len(rows)] for i in range(ARTICLES)]
+
+
+def articles() -> list[str]:
+    return [row["document"] for row in xsum_rows()]
 
 
 def load(model_dir: Path, dtype: str):
@@ -69,9 +75,9 @@ def load(model_dir: Path, dtype: str):
 
 
 def prompts_of(loaded, documents: list[str]) -> list[list[int]]:
-    from phi2cli.inference import build_prompts
+    from phi2cli.inference import build_prompts, encode_documents
 
-    return [ids for ids, _ in build_prompts(loaded, documents, MAX_NEW_TOKENS)]
+    return [ids for ids, _ in build_prompts(loaded, encode_documents(loaded.tokenizer, documents), MAX_NEW_TOKENS)]
 
 
 def hf_greedy(loaded, prompt: list[int], stop_ids: list[int]) -> list[int]:
@@ -222,3 +228,74 @@ def test_500_articles_fast_decoder_vs_hf_generate(bf16, monkeypatch):
     assert len(fast) == len(slow) == ARTICLES
     assert [f.prompt_tokens for f in fast] == [s.prompt_tokens for s in slow]
     assert all(1 <= g.new_tokens <= MAX_NEW_TOKENS for g in fast)
+
+
+def test_shared_forward_matches_the_two_passes_and_times_evaluate_scoring(bf16):
+    """One forward for the eval loss and the prefill vs the two passes: 64 articles compared, 500 timed.
+
+    Timed is what `phi2 evaluate` does after loading: its scoring of 500 articles (max_length 512,
+    greedy, 60 new tokens), given the articles' tokens and loss examples (built once, for either way).
+    """
+    from dataclasses import replace
+
+    from phi2cli import inference
+    from phi2cli.config import GenerationConfig, apply_overrides
+    from phi2cli.evaluation import encode_examples, score_articles
+    from phi2cli.shared_forward import decode_with_loss, unshared_tail
+
+    loaded = replace(bf16, config=apply_overrides(bf16.config, {"data.max_length": EVAL_MAX_LENGTH}).validate())
+    gen = GenerationConfig()
+    rows = xsum_rows()
+    started = time.perf_counter()
+    document_ids = inference.encode_documents(loaded.tokenizer, [r["document"] for r in rows])
+    encoded = encode_examples(loaded, rows, document_ids)
+    tokenize_seconds = time.perf_counter() - started
+    prompts = [ids for ids, _ in inference.build_prompts(loaded, document_ids, gen.max_new_tokens)]
+    most_forced = len(loaded.fmt.suffix_ids)
+    shareable = [i for i, e in enumerate(encoded)
+                 if e is not None and unshared_tail(prompts[i], e.input_ids) <= most_forced]  # fmt: skip
+    compared = shareable[:SHARED_COMPARED]
+    stops = inference.stop_token_ids(loaded.tokenizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shared = decode_with_loss(loaded.model, [prompts[i] for i in compared], [encoded[i] for i in compared],
+                                  gen.max_new_tokens, stops, len(compared))  # fmt: skip
+    assert not [str(w.message) for w in caught if "CUDA graph capture failed" in str(w.message)]
+    separate = graphed_decode(loaded.model, [prompts[i] for i in compared], stops, len(compared),
+                              max_new_tokens=gen.max_new_tokens)  # fmt: skip
+    loss = inference.eval_loss(loaded, [encoded[i] for i in compared])
+    shared_loss = shared.loss_sum / shared.labelled
+    first_token = sum(s[:1] == t[:1] for s, t in zip(shared.generated, separate)) / len(compared)
+    prefixes = [common_prefix(s, t) for s, t in zip(shared.generated, separate)]
+
+    batch_size = inference.default_batch_size(loaded, None, gen)
+
+    def timed(shared_forward: bool):
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        scored = score_articles(loaded, document_ids, encoded, gen, batch_size, shared_forward)
+        torch.cuda.synchronize()
+        return time.perf_counter() - begin, scored
+
+    for flag in (True, False):  # kernels, graphs and the allocator warm for both ways
+        score_articles(loaded, document_ids[:16], encoded[:16], gen, 16, flag)
+    two_seconds, two = timed(False)
+    one_seconds, one = timed(True)
+    record("shared_forward_vs_two_passes", articles_compared=len(compared), shared_loss=round(shared_loss, 5),
+           two_pass_loss=round(loss.loss, 5), loss_rel_diff=abs(shared_loss - loss.loss) / loss.loss,
+           first_token_agreement=first_token, identical_rows=sum(s == t for s, t in zip(shared.generated, separate)),
+           mean_common_prefix=round(sum(prefixes) / len(prefixes), 1), articles=ARTICLES, shareable=len(shareable),
+           tokenize_s=round(tokenize_seconds, 2), two_pass_s=round(two_seconds, 2),
+           two_pass_loss_s=round(two.loss.seconds, 2), two_pass_generation_s=round(two.generation_seconds, 2),
+           shared_s=round(one_seconds, 2), shared_loss_s=round(one.loss.seconds, 2),
+           shared_generation_s=round(one.generation_seconds, 2), saved_s=round(two_seconds - one_seconds, 2),
+           shared_articles=one.shared_articles, eval_loss_500_two_pass=round(two.loss.loss, 5),
+           eval_loss_500_shared=round(one.loss.loss, 5),
+           same_summary_rate=sum(a.text == b.text for a, b in zip(one.generated, two.generated)) / ARTICLES,
+           batch_size=batch_size)  # fmt: skip
+    assert shared.labelled == loss.tokens
+    assert abs(shared_loss - loss.loss) <= 1e-2 * loss.loss
+    assert first_token >= 0.9
+    assert one.shared_articles == len(shareable) and two.shared_articles == 0
+    assert abs(one.loss.loss - two.loss.loss) <= 1e-2 * two.loss.loss and one.loss.tokens == two.loss.tokens
+    assert [g.prompt_tokens for g in one.generated] == [g.prompt_tokens for g in two.generated]
