@@ -185,3 +185,86 @@ def test_small_tensors_keep_the_original_optimizer():
     assert flatten_bnb_adamw(optimizer) is optimizer
     torch_adam = torch.optim.AdamW(params, lr=1e-3)
     assert flatten_bnb_adamw(torch_adam) is torch_adam
+
+
+def phi_with_lora(model_dir, dropout=0.0, seed=0, attn="sdpa"):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation=attn)
+    base.requires_grad_(False)
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
+                                           target_modules=["q_proj", "k_proj", "v_proj", "dense"]))  # fmt: skip
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_fused_qkv_attention_matches_peft_logits_and_gradients(tiny_phi_dir, attn, monkeypatch):
+    from phi2cli import lora_fast
+
+    reference, fused = phi_with_lora(tiny_phi_dir, attn=attn), phi_with_lora(tiny_phi_dir, attn=attn)
+    layers = fused.config.num_hidden_layers
+    assert lora_fast.install_fused_qkv(fused) == layers
+    calls = []
+    original = lora_fast.FusedQKV.__call__
+    monkeypatch.setattr(lora_fast.FusedQKV, "__call__", lambda self, x: calls.append(1) or original(self, x))
+    ids = torch.randint(5, 1000, (2, 24))
+    labels = ids.clone()
+    out_ref, grads_ref = forward_and_grads_lm(reference, ids, labels)
+    out_fused, grads_fused = forward_and_grads_lm(fused, ids, labels)
+    torch.testing.assert_close(out_fused, out_ref, rtol=1e-4, atol=1e-4)
+    assert len(calls) == layers  # every layer took the fused path
+    assert grads_fused.keys() == grads_ref.keys() and len(grads_ref) == 4 * 2 * layers
+    for name in grads_ref:
+        torch.testing.assert_close(grads_fused[name], grads_ref[name], rtol=1e-3, atol=1e-5)
+    # the projections' weights are now views of one stacked tensor: no second copy
+    attention = next(m for m in fused.modules() if type(m).__name__ == "PhiAttention")
+    stacked = attention._phi2_fused_qkv.weight
+    assert attention.k_proj.base_layer.weight.data_ptr() == stacked[1].data_ptr()
+
+
+def forward_and_grads_lm(model, ids, labels):
+    out = model(input_ids=ids, labels=labels, use_cache=False)  # training runs without a KV cache
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    return out.logits.detach(), grads
+
+
+def test_fused_qkv_hands_merged_disabled_and_cached_calls_to_phi(tiny_phi_dir):
+    from phi2cli import lora_fast
+
+    model = phi_with_lora(tiny_phi_dir).eval()
+    ids = torch.randint(5, 1000, (1, 16))
+    expected = model(input_ids=ids, use_cache=False).logits
+    lora_fast.install_fused_qkv(model)
+    torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model(input_ids=ids, use_cache=True).logits, expected, rtol=1e-4, atol=1e-4)
+    with model.disable_adapter():
+        plain = model(input_ids=ids, use_cache=False).logits
+    assert not torch.allclose(plain, expected, atol=1e-3)
+    model.merge_adapter()
+    torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, expected, rtol=1e-4, atol=1e-4)
+    model.unmerge_adapter()
+    generated = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)  # uses a KV cache
+    assert generated.shape == (1, 20)
+
+
+def test_fused_qkv_draws_independent_dropout_masks(tiny_phi_dir):
+    from phi2cli import lora_fast
+
+    model = phi_with_lora(tiny_phi_dir, dropout=0.5)
+    lora_fast.install_fused_qkv(model)
+    fused = next(m for m in model.modules() if type(m).__name__ == "PhiAttention")._phi2_fused_qkv
+    for layer in fused.layers:  # isolate the LoRA update: zero base, identity-like A and B
+        layer.base_layer.weight.data.zero_()
+    x = torch.ones(64, fused.weight.shape[-1])
+    with torch.no_grad():
+        for layer in fused.layers:
+            layer.lora_A["default"].weight.copy_(torch.eye(*layer.lora_A["default"].weight.shape))
+            layer.lora_B["default"].weight.copy_(torch.eye(*layer.lora_B["default"].weight.shape))
+        model.train()
+        q, k, v = fused(x) - (fused.bias if fused.bias is not None else 0)
+    kept = [(t[:, :4] != 0) for t in (q, k, v)]  # where each projection's mask kept the input
+    assert 0.3 < kept[0].float().mean() < 0.7
+    assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[1], kept[2])
