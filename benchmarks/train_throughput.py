@@ -12,6 +12,7 @@ step. Prints a table and writes benchmarks/results/train_throughput.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import sys
 import tempfile
@@ -170,10 +171,12 @@ def run_engine(profile: str, model_dir: Path, prepared: Path, steps: int, workdi
     from phi2cli.config import Phi2Config, apply_overrides
     from phi2cli.engine import train
 
-    # "<profile>-eager" runs the same profile without torch.compile, to show what compiling buys.
+    # "<profile>-eager" runs the same profile without torch.compile, to show what compiling buys;
+    # "speed-fusedqkv" the compiled speed profile with batched q/k/v (the eager default), to compare.
     eager = profile.endswith("-eager")
+    name = profile.removesuffix("-eager").removesuffix("-fusedqkv")
     config = apply_overrides(Phi2Config(), {
-        "model.model": str(model_dir), "train.profile": profile.removesuffix("-eager"), "train.compile": not eager,
+        "model.model": str(model_dir), "train.profile": name, "train.compile": not eager,
         "train.max_steps": steps, "train.logging_steps": LOG_EVERY,
         "train.output_dir": str(workdir / profile), "train.final_dir": str(workdir / f"{profile}-final"),
         "data.val_samples": 0, "data.max_length": MAX_LENGTH, "train.eval_every": 10_000,
@@ -195,10 +198,16 @@ def run_engine(profile: str, model_dir: Path, prepared: Path, steps: int, workdi
     from phi2cli import trainer as trainer_mod
 
     trainer_mod.Phi2Trainer.__init__ = capture
+    from phi2cli import engine
+
+    original_plan = engine.resolve_plan
+    if profile.endswith("-fusedqkv"):
+        engine.resolve_plan = lambda *a, **kw: dataclasses.replace(original_plan(*a, **kw), fused_qkv=True)
     try:
         result = train(config, prepared_dir=prepared, callbacks=[Bind(), timer])
     finally:
         trainer_mod.Phi2Trainer.__init__ = original_init
+        engine.resolve_plan = original_plan
     return timer, result
 
 

@@ -172,7 +172,8 @@ def build_model(config: Phi2Config, plan: EnginePlan, precision: Any) -> Any:
         from phi2cli import lora_fast
 
         lora_fast.install(model)
-        lora_fast.install_fused_qkv(model)  # where q/k/v have plain (dequantized) base weights
+        if plan.fused_qkv:
+            lora_fast.install_fused_qkv(model)  # where q/k/v have plain (dequantized) base weights
         lora_fast.fuse_gelu(model)
     if plan.compile:
         compile_layers(model)

@@ -33,6 +33,7 @@ class EnginePlan:
     autocast: bool = True  # bf16/fp16 autocast; False: the model computes in bf16 as stored
     fused_kernels: bool = False  # LoRA update fused into the B product, one-kernel tanh GELU (lora_fast)
     flat_optimizer: bool = False  # 8-bit AdamW over one flat buffer (optim.FlatAdamW8bit)
+    fused_qkv: bool = False  # q/k/v and their LoRA updates as batched products (lora_fast.FusedQKV)
     note: str | None = None
 
     @property
@@ -97,8 +98,10 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
         # No torch.compile here: bitsandbytes' 4-bit layers break the graphs and it ran slower (measured).
         return EnginePlan("memory-saver", micro, accum, world_size, True, True, False, True, optimizer, note=note,
                           **lean)  # fmt: skip
+    compiled = cuda and train.compile
+    # Batched q/k/v saves kernel launches when layers run eagerly; compiled, separate products measured faster.
     return EnginePlan("speed", micro, accum, world_size, True, False, quantized and cuda, True, optimizer,
-                      compile=cuda and train.compile, note=note, **lean)  # fmt: skip
+                      compile=compiled, note=note, fused_qkv=not compiled, **lean)  # fmt: skip
 
 
 def speed_memory_gib(examples_per_device: int, max_length: int) -> float:
