@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -293,19 +293,27 @@ def greedy_decode(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: 
     if max_new_tokens < 1 or not prompts:
         return [[] for _ in prompts]
     phi = PhiModules(model)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a cache width
     results: list[list[int]] = [[] for _ in prompts]
-    start = 0
     with torch.inference_mode():
-        while start < len(order):
-            cache_len = len(prompts[order[start]]) + max_new_tokens
-            rows = max(1, min(batch_size, len(order) - start, rows_that_fit(phi, cache_len)))
-            chunk = order[start : start + rows]
+        for chunk, cache_len in cache_batches(phi, prompts, max_new_tokens, batch_size):
             generated = _decode_batch(phi, [prompts[i] for i in chunk], max_new_tokens, cache_len, cuda_graph)
             for index, row in zip(chunk, generated):
                 results[index] = cut_at_stop(row, stop_ids)
-            start += rows
     return results
+
+
+def cache_batches(phi: PhiModules, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                  batch_size: int) -> Iterator[tuple[list[int], int]]:  # fmt: skip
+    """Prompt indices per batch, longest first (similar lengths share a cache width), with the
+    batch's cache length; at most batch_size rows, and on CUDA what free memory holds (checked
+    when the batch is asked for, after the previous one is done)."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    start = 0
+    while start < len(order):
+        cache_len = len(prompts[order[start]]) + max_new_tokens
+        rows = max(1, min(batch_size, len(order) - start, rows_that_fit(phi, cache_len)))
+        yield order[start : start + rows], cache_len
+        start += rows
 
 
 def cut_at_stop(row: Sequence[int], stop_ids: Sequence[int]) -> list[int]:

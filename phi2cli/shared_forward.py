@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from phi2cli.config import GenerationConfig
-from phi2cli.decode import PREFILL_TOKENS, PhiModules, StaticDecoder, cut_at_stop, prefill_groups, rows_that_fit
+from phi2cli.decode import PREFILL_TOKENS, PhiModules, StaticDecoder, cache_batches, cut_at_stop, prefill_groups
 from phi2cli.inference import Generated, LoadedModel, LossResult
 from phi2cli.prompts import EncodedExample
 
@@ -71,15 +71,10 @@ def decode_with_loss(model: Any, prompts: Sequence[Sequence[int]], examples: Seq
     """
     phi = PhiModules(model)
     tails = [unshared_tail(p, e.input_ids) for p, e in zip(prompts, examples)]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a cache width
     generated: list[list[int]] = [[] for _ in prompts]
     loss_sum, labelled, forward_seconds = 0.0, 0, 0.0
-    start = 0
     with torch.inference_mode():
-        while start < len(order):
-            cache_len = len(prompts[order[start]]) + max_new_tokens
-            rows = max(1, min(batch_size, len(order) - start, rows_that_fit(phi, cache_len)))
-            chunk = order[start : start + rows]
+        for chunk, cache_len in cache_batches(phi, prompts, max_new_tokens, batch_size):
             forced = max(tails[i] for i in chunk)  # one count for the batch: the step feeds every row at once
             if any(len(prompts[i]) < forced for i in chunk):
                 raise ValueError(f"a prompt is shorter than the {forced} tokens its batch feeds step by step")
@@ -94,7 +89,7 @@ def decode_with_loss(model: Any, prompts: Sequence[Sequence[int]], examples: Seq
             decoder.force(torch.tensor(tails_ids, dtype=torch.long, device=phi.device), cuda_graph)
             for index, row in zip(chunk, decoder.decode(max_new_tokens, cuda_graph)):
                 generated[index] = cut_at_stop(row, stop_ids)
-            start += rows
+            del decoder  # its cache goes before the next batch is sized to free memory
     return SharedDecode(generated, loss_sum, labelled, forward_seconds)
 
 

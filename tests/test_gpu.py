@@ -8,32 +8,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 from pathlib import Path
 
 import pytest
+from gpu_support import phi2_shape_model, record
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 ROOT = Path(__file__).resolve().parents[1]
-REPORT = os.environ.get("PHI2_GPU_REPORT")  # where to append measured numbers (JSON lines)
-
-
-def record(name: str, **values) -> None:
-    print(f"\n[{name}] " + ", ".join(f"{k}={v}" for k, v in values.items()))
-    if REPORT:
-        with open(REPORT, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"test": name, **values}) + "\n")
 
 
 @pytest.fixture(scope="session")
 def phi2_shape_dir() -> Path:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import make_random_phi2
-
-    return make_random_phi2(Path(os.environ.get("PHI2_GPU_MODEL", "/tmp/phi2-random")))
+    return phi2_shape_model()
 
 
 class Keep:

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import pytest
+from gpu_support import phi2_shape_model, record
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PHI2_SHARED_DIR", ROOT.parent / "shared"))
-REPORT = os.environ.get("PHI2_GPU_REPORT")  # where to append measured numbers (JSON lines)
 MAX_NEW_TOKENS = 30  # what `phi2 evaluate` is timed with
 ARTICLES = 500
 COMPARED = 16  # prompts compared token by token with Hugging Face generate()
@@ -29,19 +28,9 @@ SHARED_COMPARED = 64  # articles scored both with the shared forward and with th
 EVAL_MAX_LENGTH = 512  # the run's max_length `phi2 evaluate` was timed with (its max_new_tokens: the default 60)
 
 
-def record(name: str, **values) -> None:
-    print(f"\n[{name}] " + ", ".join(f"{k}={v}" for k, v in values.items()))
-    if REPORT:
-        with open(REPORT, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"test": name, **values}) + "\n")
-
-
 @pytest.fixture(scope="session")
 def phi2_shape_dir() -> Path:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import make_random_phi2
-
-    return make_random_phi2(Path(os.environ.get("PHI2_GPU_MODEL", "/tmp/phi2-random")))
+    return phi2_shape_model()
 
 
 def xsum_rows() -> list[dict]:
@@ -118,7 +107,12 @@ def bf16(phi2_shape_dir):
 def test_the_model_phi2_evaluate_loads_takes_the_fast_decoder(phi2_shape_dir):
     """4-bit load, NF4 dequantized once into bf16 linears: still plain modules of one dtype."""
     from phi2cli.config import GenerationConfig, Phi2Config, apply_overrides
-    from phi2cli.inference import FAST_CUDA_GEN_BATCH, default_batch_size, load_model, uses_fast_decoder
+    from phi2cli.inference import (
+        FAST_CUDA_GEN_BATCH,
+        default_batch_size,
+        load_model,
+        uses_fast_decoder,
+    )
 
     loaded = load_model(apply_overrides(Phi2Config(), {"model.model": str(phi2_shape_dir)}).validate())
     try:
