@@ -151,6 +151,19 @@ def test_existing_run_is_never_overwritten_silently(tiny_phi_dir, sample_data_di
     assert marker.exists()
 
 
+def test_no_compile_flag_is_recorded_with_the_engine_plan(tiny_phi_dir, sample_data_dir, tmp_path):
+    args = ["train", "--model", str(tiny_phi_dir), "--data-dir", str(sample_data_dir), "--samples", "8",
+            "--val-samples", "0", "--max-steps", "1", "--max-length", "128", "--no-compile",
+            "--output-dir", str(tmp_path / "run"), "--final-dir", str(tmp_path / "final")]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "final" / "phi2_run.json").read_text())
+    assert run["config"]["train"]["compile"] is False and Phi2Config().train.compile is True
+    plan = run["plan"]
+    assert plan["profile"] == "speed" and not plan["compile"]
+    assert plan["fused_kernels"] and plan["fused_qkv"]  # uncompiled layers get the batched q/k/v
+
+
 def test_resume_without_a_checkpoint_is_refused(tiny_phi_dir, sample_data_dir):
     with pytest.raises(RunError, match="nothing to resume"):
         train(tiny_config(tiny_phi_dir, sample_data_dir), resume=True)
