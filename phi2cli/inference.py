@@ -307,6 +307,8 @@ def generate_prompts(loaded: LoadedModel, prompts: Sequence[tuple[list[int], boo
         torch.manual_seed(loaded.config.data.seed)
     streamer = None
     if stream is not None and len(prompts) == 1 and gen.num_beams == 1:
+        from phi2cli.streaming import FirstLineStreamer
+
         streamer = FirstLineStreamer(loaded.tokenizer, stream)
     fast = uses_fast_decoder(loaded, gen, streaming=streamer is not None)
     start, size = 0, max(1, batch_size)
@@ -375,41 +377,3 @@ def _decode_batch(loaded: LoadedModel, prompts: list[list[int]], gen: Generation
 def first_lines(loaded: LoadedModel, rows: list[list[int]]) -> list[tuple[str, int]]:
     """(first line of the decoded text, new tokens) per row of generated ids cut at their stop token."""
     return [(first_line(loaded.tokenizer.decode(row, skip_special_tokens=True)), len(row)) for row in rows]
-
-
-class FirstLineStreamer:
-    """Writes generated text as it comes, up to the end of the first line (what the summary keeps)."""
-
-    def __init__(self, tokenizer: Any, out: TextIO) -> None:
-        from transformers import TextStreamer
-
-        class _Streamer(TextStreamer):
-            def on_finalized_text(inner, text: str, stream_end: bool = False) -> None:  # noqa: N805
-                self.write(text, stream_end)
-
-        self._inner = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.out = out
-        self.started = False  # leading spaces of the summary are not shown
-        self.done = False  # the first line has ended
-        self.finished = False  # the closing newline is written
-
-    def put(self, value: Any) -> None:
-        self._inner.put(value)
-
-    def end(self) -> None:
-        self._inner.end()
-
-    def write(self, text: str, stream_end: bool) -> None:
-        if not self.done:
-            if not self.started:
-                text = text.lstrip()
-            if "\n" in text:
-                text, self.done = text.split("\n", 1)[0], True
-            if text:
-                self.started = True
-                self.out.write(text)
-                self.out.flush()
-        if (stream_end or self.done) and not self.finished:
-            self.out.write("\n")
-            self.out.flush()
-            self.finished = True
