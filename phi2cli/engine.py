@@ -15,6 +15,7 @@ from phi2cli.plan import EnginePlan, resolve_plan
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 Display = Callable[[str, dict[str, Any]], None]
+COMPILE_NOTE = "compiling the decoder layers (about a minute the first time, cached for later runs)"
 
 
 @dataclass
@@ -276,7 +277,8 @@ def train(
     meter = ThroughputMeter(lambda: trainer.real_tokens_seen)
     trainer.add_callback(meter)
     if display is not None and is_main:
-        trainer.add_callback(ProgressCallback(display, lambda: trainer.real_tokens_seen))
+        waiting = COMPILE_NOTE if plan.compile else ""
+        trainer.add_callback(ProgressCallback(display, lambda: trainer.real_tokens_seen, waiting))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     stopper.install()

@@ -125,9 +125,11 @@ class EvaluateAtEnd(TrainerCallback):
 class ProgressCallback(TrainerCallback):
     """Feeds a display function with step, epoch, loss, learning rate, tokens/s and ETA."""
 
-    def __init__(self, display: Callable[[str, dict[str, Any]], None], tokens: Callable[[], int]) -> None:
+    def __init__(self, display: Callable[[str, dict[str, Any]], None], tokens: Callable[[], int],
+                 waiting: str = "") -> None:  # fmt: skip
         self.display = display
         self.tokens = tokens
+        self.waiting = waiting  # shown until the first step ends (e.g. while layers compile)
         self.start = 0.0
         self.start_step = 0
         self.start_tokens = 0
@@ -135,7 +137,7 @@ class ProgressCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.start, self.start_step, self.start_tokens = time.perf_counter(), state.global_step, self.tokens()
-        self.display("begin", {"max_steps": state.max_steps, "step": state.global_step})
+        self.display("begin", {"max_steps": state.max_steps, "step": state.global_step, "waiting": self.waiting})
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         elapsed = max(time.perf_counter() - self.start, 1e-9)

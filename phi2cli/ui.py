@@ -69,7 +69,8 @@ class TrainingDisplay:
 
     def update(self, event: str, info: dict[str, Any]) -> None:
         if event == "begin":
-            self.task = self.progress.add_task("train", total=info["max_steps"], completed=info["step"], info="")
+            self.task = self.progress.add_task("train", total=info["max_steps"], completed=info["step"],
+                                               info=info.get("waiting", ""))  # fmt: skip
         elif event == "step" and self.task is not None:
             text = (f"epoch {_fmt(info.get('epoch'), '.2f')}  loss {_fmt(info.get('loss'), '.4f')}  "
                     f"lr {_fmt(info.get('learning_rate'), '.2e')}  {info['tokens_per_s']:,.0f} tok/s")  # fmt: skip

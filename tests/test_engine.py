@@ -191,3 +191,28 @@ def test_reference_profile_pads_dynamically_and_matches_the_fast_loss(tiny_phi_d
         losses[profile] = train_losses(tmp_path / profile)
     for step in (1, 2, 3):
         assert losses["speed"][step] == pytest.approx(losses["reference"][step], rel=1e-4), step
+
+
+def test_progress_shows_what_it_waits_for_until_the_first_step():
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from phi2cli.engine import COMPILE_NOTE
+    from phi2cli.trainer import ProgressCallback
+    from phi2cli.ui import TrainingDisplay
+
+    def render(events):
+        out = io.StringIO()
+        display = TrainingDisplay(Console(file=out, width=250, force_terminal=False))
+        with display:
+            callback = ProgressCallback(display.update, lambda: 4000, waiting=COMPILE_NOTE)
+            callback.on_train_begin(None, SimpleNamespace(global_step=0, max_steps=10), None)
+            for step in events:
+                callback.on_step_end(None, SimpleNamespace(global_step=step, max_steps=10, epoch=0.1), None)
+        return out.getvalue()
+
+    assert "compiling the decoder layers" in render([])
+    after = render([1])
+    assert "compiling" not in after and "tok/s" in after and "1/10" in after
