@@ -6,7 +6,9 @@ per optimizer step. Here the trainable parameters of a group live, for the optim
 flat fp32 buffer, each tensor starting on a 256-element boundary (the 8-bit state's block size),
 so every quantization block holds elements of one tensor only, exactly as it would per tensor:
 the update is the same, element for element. Per step: one copy of the gradients in, one update
-kernel, one copy of the new values out, and no synchronisation.
+kernel, one copy of the new values out, and no synchronisation. The parameters' values are copied
+in each step too, so the parameters stay the truth (a checkpoint loaded into them is what is
+updated next).
 """
 
 from __future__ import annotations
@@ -65,13 +67,13 @@ class FlatAdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for inner_group, (group, flat, values, grads) in zip(self.inner.param_groups, self._slots):
-            for key, value in group.items():  # the LR scheduler writes the outer groups
-                if key != "params":
-                    inner_group[key] = value
+        self._sync_hyperparameters()
+        for group, flat, values, grads in self._slots:
             tensors = group["params"]
             incoming = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
             torch._foreach_copy_(grads, incoming)
+            # the values too: the parameters may have been set since the last step (a checkpoint loaded)
+            torch._foreach_copy_(values, tensors)
         self._update()
         for group, flat, values, grads in self._slots:
             torch._foreach_copy_(group["params"], values)
@@ -93,7 +95,15 @@ class FlatAdamW8bit(torch.optim.Optimizer):
                     inner.init_state(group, flat, gindex, pindex)
                 inner.update_step(group, flat, gindex, pindex)
 
+    def _sync_hyperparameters(self) -> None:
+        """The LR scheduler writes the outer groups; the inner optimizer (and its state_dict) reads them."""
+        for inner_group, (group, *_) in zip(self.inner.param_groups, self._slots):
+            for key, value in group.items():
+                if key != "params":
+                    inner_group[key] = value
+
     def state_dict(self) -> dict[str, Any]:
+        self._sync_hyperparameters()  # save the learning rate the next step would use, not the last one
         return self.inner.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

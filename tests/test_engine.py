@@ -216,3 +216,53 @@ def test_progress_shows_what_it_waits_for_until_the_first_step():
     assert "compiling the decoder layers" in render([])
     after = render([1])
     assert "compiling" not in after and "tok/s" in after and "1/10" in after
+
+
+def test_flat_8bit_optimizer_trains_and_resumes_exactly_like_bitsandbytes_per_tensor(
+        tiny_phi_dir, sample_data_dir, tmp_path, monkeypatch):  # fmt: skip
+    """The flat optimizer inside the real Trainer (bitsandbytes' 8-bit AdamW runs on CPU too):
+    the same losses as bitsandbytes updating tensor by tensor, and a resumed run continues exactly
+    (the checkpoint holds the learning rate of the next step, and the loaded weights are updated)."""
+    pytest.importorskip("bitsandbytes")
+    import dataclasses
+
+    from phi2cli import engine
+    from phi2cli.optim import FlatAdamW8bit
+
+    seen = []
+
+    class Optimizer(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            seen.append(type(getattr(optimizer, "optimizer", optimizer)))
+
+    def run(name, flat, **kw):
+        original = engine.resolve_plan
+        monkeypatch.setattr(engine, "resolve_plan", lambda *a, **k: dataclasses.replace(
+            original(*a, **k), optimizer="adamw_8bit", flat_optimizer=flat))  # fmt: skip
+        config = tiny_config(tiny_phi_dir, sample_data_dir, **{
+            "train.max_steps": 6, "train.eval_every": 3, "train.learning_rate": 1e-2, "lora.r": 64,
+            "lora.dropout": 0.0, "train.output_dir": str(tmp_path / name),
+            "train.final_dir": str(tmp_path / f"{name}-final")})  # fmt: skip  (r 64: 4,096-element LoRA matrices, 8-bit state)
+        train(config, callbacks=[Optimizer(), *kw.pop("callbacks", [])], **kw)
+        monkeypatch.setattr(engine, "resolve_plan", original)
+        return config
+
+    run("per-tensor", flat=False)
+    run("flat", flat=True)
+    split = run("split", flat=True, callbacks=[Grab(stop_at=3)])
+    assert FlatAdamW8bit not in seen[:1] and seen[1:] == [FlatAdamW8bit, FlatAdamW8bit]
+    monkeypatch.setattr(engine, "resolve_plan", lambda *a, **k: dataclasses.replace(
+        engine_plan(*a, **k), optimizer="adamw_8bit", flat_optimizer=True))  # fmt: skip
+    train(split, resume=True)
+    per_tensor, flat, resumed = (train_losses(tmp_path / n) for n in ("per-tensor", "flat", "split"))
+    assert sorted(flat) == sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in flat:
+        assert flat[step] == pytest.approx(per_tensor[step], abs=1e-5), step
+        assert resumed[step] == pytest.approx(flat[step], abs=1e-5), step
+    assert flat[6] < flat[1]  # it learns
+
+
+def engine_plan(*args, **kwargs):
+    from phi2cli.plan import resolve_plan
+
+    return resolve_plan(*args, **kwargs)
