@@ -266,3 +266,19 @@ def engine_plan(*args, **kwargs):
     from phi2cli.plan import resolve_plan
 
     return resolve_plan(*args, **kwargs)
+
+
+def test_memory_saver_learns_exactly_what_speed_learns(tiny_phi_dir, sample_data_dir, tmp_path):
+    """Same data and seed: gradient checkpointing (memory-saver) recomputes the same forward,
+    dropout masks included, so both profiles log the same losses on a CPU (fp32)."""
+    losses = {}
+    for profile in ("speed", "memory-saver"):
+        config = tiny_config(tiny_phi_dir, sample_data_dir, **{
+            "train.profile": profile, "train.max_steps": 4, "train.learning_rate": 1e-2,
+            "train.output_dir": str(tmp_path / profile), "train.final_dir": str(tmp_path / f"{profile}-final")})  # fmt: skip
+        result = train(config)
+        assert result.plan.profile == profile and result.plan.gradient_checkpointing == (profile == "memory-saver")
+        losses[profile] = train_losses(tmp_path / profile)
+    assert sorted(losses["speed"]) == [1, 2, 3, 4]
+    for step, loss in losses["speed"].items():
+        assert losses["memory-saver"][step] == pytest.approx(loss, abs=1e-5), step
