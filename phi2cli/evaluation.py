@@ -205,26 +205,9 @@ def encode_examples(loaded: LoadedModel, rows: Sequence[Mapping[str, str]],
     article taken from `document_ids` instead of being tokenized again."""
     from phi2cli.prompts import encode_example
 
-    known = _KnownArticles(loaded.tokenizer, [r["document"] for r in rows], document_ids)
     data = loaded.config.data
-    return [encode_example(loaded.fmt, known, r["document"], r["summary"], data.max_length, data.loss_on)
-            for r in rows]  # fmt: skip
-
-
-class _KnownArticles:
-    """A tokenizer that answers from memory for the articles already tokenized, and asks the real one otherwise."""
-
-    def __init__(self, tokenizer: Any, documents: Sequence[str], document_ids: Sequence[list[int]]) -> None:
-        self._tokenizer = tokenizer
-        self._known = dict(zip(documents, document_ids))
-
-    def __call__(self, text: Any, add_special_tokens: bool = True, **kwargs: Any) -> Any:
-        if isinstance(text, str) and not add_special_tokens and not kwargs and text in self._known:
-            return {"input_ids": list(self._known[text])}
-        return self._tokenizer(text, add_special_tokens=add_special_tokens, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._tokenizer, name)
+    return [encode_example(loaded.fmt, loaded.tokenizer, r["document"], r["summary"], data.max_length, data.loss_on,
+                           document_ids=ids) for r, ids in zip(rows, document_ids)]  # fmt: skip
 
 
 def score_articles(loaded: LoadedModel, document_ids: Sequence[list[int]], encoded: Sequence[EncodedExample | None],

@@ -98,16 +98,20 @@ def encode_example(
     summary: str,
     max_length: int,
     loss_on: str = "summary",
+    document_ids: list[int] | None = None,
 ) -> EncodedExample | None:
     """Tokenize prompt + summary + EOS; truncate only the article.
 
     Returns None when the summary alone (with the prompt's fixed part) cannot fit.
     Labels are -100 on the prompt unless loss_on == 'all'; the EOS label is always kept.
+    document_ids: the article's ids when it is already tokenized (encode_document's).
     """
     summary_ids = _encode(tokenizer, fmt.summary_prefix + summary.strip()) + [fmt.eos_id]
     if len(summary_ids) + fmt.fixed_tokens + 1 > max_length:
         return None
-    prompt_ids, truncated = fmt.encode_prompt(encode_document(tokenizer, document), max_length - len(summary_ids))
+    if document_ids is None:
+        document_ids = encode_document(tokenizer, document)
+    prompt_ids, truncated = fmt.encode_prompt(list(document_ids), max_length - len(summary_ids))
     input_ids = prompt_ids + summary_ids
     if loss_on == "all":
         labels = list(input_ids)
