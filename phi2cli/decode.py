@@ -19,7 +19,6 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import NewGELUActivation
 
 PREFILL_TOKENS = {"cuda": 32768, "cpu": 4096}  # prompt tokens per prefill forward (bounds activation memory)
 MEMORY_SHARE = 0.9  # of the free GPU memory, what the cache and the activations may take
@@ -63,13 +62,11 @@ class PhiModules:
         self.qk_layernorm = bool(getattr(model.config, "qk_layernorm", False))
         self.vocab = self.lm_head.out_features
         self.device, self.dtype = self.lm_head.weight.device, self.lm_head.weight.dtype
-        self.tanh_gelu = isinstance(self.layers[0].mlp.activation_fn, NewGELUActivation)
 
     def mlp(self, layer: Any, normed: torch.Tensor) -> torch.Tensor:
-        """fc2(act(fc1(x))); phi-2's gelu_new as torch's one-kernel tanh GELU (the same formula, not 8 kernels)."""
+        """fc2(act(fc1(x))) with the model's own activation (one kernel once load_model fused it)."""
         mlp = layer.mlp
-        up = mlp.fc1(normed)
-        return mlp.fc2(F.gelu(up, approximate="tanh") if self.tanh_gelu else mlp.activation_fn(up))
+        return mlp.fc2(mlp.activation_fn(mlp.fc1(normed)))
 
     def rotary_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [length, rotary_dims] for positions 0..length-1, exactly as the model computes them."""
