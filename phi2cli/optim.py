@@ -7,7 +7,7 @@ flat fp32 buffer, each tensor starting on a 256-element boundary (the 8-bit stat
 so every quantization block holds elements of one tensor only, exactly as it would per tensor:
 the update is the same, element for element. Per step: one copy of the gradients in, one update
 kernel, one copy of the new values out, and no synchronisation. The parameters' values are copied
-in each step too, so the parameters stay the truth (a checkpoint loaded into them is what is
+in at each step too, so the parameters stay the truth (a checkpoint loaded into them is what is
 updated next).
 """
 
@@ -38,7 +38,7 @@ class FlatAdamW8bit(torch.optim.Optimizer):
         import bitsandbytes as bnb
 
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-        self._slots: list[tuple[dict[str, Any], torch.nn.Parameter, list[torch.Tensor], list[torch.Tensor]]] = []
+        self._slots: list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]] = []  # group, values, grads
         inner_groups = []
         for group in self.param_groups:
             tensors = group["params"]
@@ -53,11 +53,9 @@ class FlatAdamW8bit(torch.optim.Optimizer):
             flat.grad = torch.zeros_like(flat)
             values = [flat.data[a:a + p.numel()].view_as(p) for a, p in zip(offsets, tensors)]
             grads = [flat.grad[a:a + p.numel()].view_as(p) for a, p in zip(offsets, tensors)]
-            with torch.no_grad():
-                torch._foreach_copy_(values, tensors)
             inner_group = {k: v for k, v in group.items() if k != "params"}
             inner_groups.append({**inner_group, "params": [flat]})
-            self._slots.append((group, flat, values, grads))
+            self._slots.append((group, values, grads))
         self.inner = bnb.optim.AdamW(inner_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                      optim_bits=8, min_8bit_size=min_8bit_size, is_paged=False)  # fmt: skip
 
@@ -68,14 +66,14 @@ class FlatAdamW8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._sync_hyperparameters()
-        for group, flat, values, grads in self._slots:
+        for group, values, grads in self._slots:
             tensors = group["params"]
             incoming = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
             torch._foreach_copy_(grads, incoming)
             # the values too: the parameters may have been set since the last step (a checkpoint loaded)
             torch._foreach_copy_(values, tensors)
         self._update()
-        for group, flat, values, grads in self._slots:
+        for group, values, grads in self._slots:
             torch._foreach_copy_(group["params"], values)
         return loss
 
@@ -95,12 +93,12 @@ class FlatAdamW8bit(torch.optim.Optimizer):
                     inner.init_state(group, flat, gindex, pindex)
                 inner.update_step(group, flat, gindex, pindex)
 
-    def _sync_hyperparameters(self) -> None:
-        """The LR scheduler writes the outer groups; the inner optimizer (and its state_dict) reads them."""
+    def _sync_hyperparameters(self, into_inner: bool = True) -> None:
+        """The LR scheduler writes the outer groups; the inner optimizer (and its state_dict) reads them.
+        into_inner=False copies the other way, after a checkpoint was loaded into the inner one."""
         for inner_group, (group, *_) in zip(self.inner.param_groups, self._slots):
-            for key, value in group.items():
-                if key != "params":
-                    inner_group[key] = value
+            source, target = (group, inner_group) if into_inner else (inner_group, group)
+            target.update({key: value for key, value in source.items() if key != "params"})
 
     def state_dict(self) -> dict[str, Any]:
         self._sync_hyperparameters()  # save the learning rate the next step would use, not the last one
@@ -108,10 +106,7 @@ class FlatAdamW8bit(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.inner.load_state_dict(state_dict)
-        for inner_group, (group, *_) in zip(self.inner.param_groups, self._slots):
-            for key, value in inner_group.items():
-                if key != "params":
-                    group[key] = value
+        self._sync_hyperparameters(into_inner=False)
 
 
 def flatten_bnb_adamw(optimizer: Any) -> Any:
