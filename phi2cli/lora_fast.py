@@ -40,12 +40,19 @@ def lora_update(x: torch.Tensor, base_out: torch.Tensor, weight_a: torch.Tensor,
     return out.view(base_out.shape).to(base_out.dtype)
 
 
+def plain_adapter(layer: Any) -> str | None:
+    """The adapter a LoRA layer runs when that is exactly one plain (no DoRA or other variant),
+    unmerged, enabled LoRA adapter; None for anything else, which PEFT's own forward handles."""
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    return name if name in layer.lora_A and name not in layer.lora_variant else None
+
+
 def _fast_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    if self.disable_adapters or self.merged or args or kwargs or len(self.active_adapters) != 1:
+    name = None if args or kwargs else plain_adapter(self)
+    if name is None:
         return type(self).forward(self, x, *args, **kwargs)  # PEFT's own path for anything else
-    name = self.active_adapters[0]
-    if name not in self.lora_A or name in self.lora_variant:
-        return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     return lora_update(x, result, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
                        self.lora_dropout[name])  # fmt: skip
@@ -121,18 +128,17 @@ class FusedQKV:
         layers = [getattr(attention, name, None) for name in ("q_proj", "k_proj", "v_proj")]
         if not all(isinstance(layer, LoraLayer) and hasattr(layer, "lora_variant") for layer in layers):
             return False
-        if not all(type(layer.base_layer) is torch.nn.Linear and len(layer.active_adapters) == 1 for layer in layers):
+        if not all(type(layer.base_layer) is torch.nn.Linear for layer in layers):
             return False
-        name = layers[0].active_adapters[0]
-        if any(name not in layer.lora_A or name in layer.lora_variant for layer in layers):
+        name = plain_adapter(layers[0])
+        if name is None or any(plain_adapter(layer) != name for layer in layers):
             return False
         shapes = {(layer.base_layer.weight.shape, layer.base_layer.bias is not None, layer.r[name],
                    layer.scaling[name], getattr(layer.lora_dropout[name], "p", 0.0)) for layer in layers}  # fmt: skip
         return len(shapes) == 1
 
     def active(self) -> bool:
-        return all(not layer.disable_adapters and not layer.merged and layer.active_adapters == [self.name]
-                   for layer in self.layers)  # fmt: skip
+        return all(plain_adapter(layer) == self.name for layer in self.layers)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """[3, tokens, out] for x [tokens, in]."""
