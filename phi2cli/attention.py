@@ -38,16 +38,21 @@ def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)  # fmt: skip
-    from torch.nn.attention.varlen import varlen_attn
-
     # [1, heads, tokens, dim] -> [tokens, heads, dim]
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     cu = cu.to(device=q.device, dtype=torch.int32)
     longest = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
-    out = varlen_attn(q.to(dtype), k.to(dtype), v.to(dtype), cu, cu, longest, longest, scale=scaling,
-                      window_size=(-1, 0))  # fmt: skip
+    out = causal_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu, longest, scaling)
     return out.to(query.dtype).unsqueeze(0), None  # [1, tokens, heads, dim]
+
+
+def causal_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, longest: int,
+                  scale: float | None) -> torch.Tensor:  # fmt: skip
+    """Causal attention within each packed sequence ([tokens, heads, dim]; cu: cumulative lengths, int32)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(query, key, value, cu, cu, longest, longest, scale=scale, window_size=(-1, 0))
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phi2cli.attention import causal_varlen
+
 PREFILL_TOKENS = {"cuda": 32768, "cpu": 4096}  # prompt tokens per prefill forward (bounds activation memory)
 MEMORY_SHARE = 0.9  # of the free GPU memory, what the cache and the activations may take
 
@@ -169,7 +171,7 @@ class StaticDecoder:
             query, key, value = phi.qkv(layer, normed, cos, sin)  # [tokens, heads, head_dim]
             self.keys[index][slot_rows, :, slot_positions] = key if kept is None else key[kept]
             self.values[index][slot_rows, :, slot_positions] = value if kept is None else value[kept]
-            attended = _varlen_attention(query, key, value, bounds, max(lengths), phi.scaling)
+            attended = causal_varlen(query, key, value, bounds, max(lengths), phi.scaling)
             hidden = phi.finish_layer(layer, hidden, normed, attended.reshape(len(tokens), -1))
         return hidden[picks]
 
@@ -363,11 +365,3 @@ def _varlen_ready(phi: PhiModules) -> bool:
 
     half = phi.dtype in (torch.float16, torch.bfloat16)
     return phi.device.type == "cuda" and half and varlen_available(phi.head_dim)
-
-
-def _varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: torch.Tensor,
-                      longest: int, scale: float) -> torch.Tensor:  # fmt: skip
-    """Causal attention within each packed prompt ([tokens, heads, head_dim]; bounds: cumulative lengths)."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    return varlen_attn(query, key, value, bounds, bounds, longest, longest, scale=scale, window_size=(-1, 0))

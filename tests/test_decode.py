@@ -79,7 +79,7 @@ def segment_attention(query, key, value, bounds, longest, scale):
 def test_packed_prefill_gives_the_same_tokens(model, reference, monkeypatch):
     """The CUDA prefill (one packed row, positions restarting per prompt), with a CPU stand-in for the kernel."""
     monkeypatch.setattr(decode, "_varlen_ready", lambda phi: True)
-    monkeypatch.setattr(decode, "_varlen_attention", segment_attention)
+    monkeypatch.setattr(decode, "causal_varlen", segment_attention)
     monkeypatch.setitem(decode.PREFILL_TOKENS, "cpu", 50)  # several packed forwards per batch
     assert greedy_decode(model, random_prompts(), 16, [], batch_size=5) == reference
 

@@ -103,7 +103,7 @@ def test_one_forward_gives_eval_loss_and_greedy_decode_tokens(loaded, articles, 
                                                               batch_size, forward, monkeypatch):  # fmt: skip
     if forward == "packed":  # the CUDA layout (one packed row), with a CPU stand-in for the varlen kernel
         monkeypatch.setattr(decode, "_varlen_ready", lambda phi: True)
-        monkeypatch.setattr(decode, "_varlen_attention", segment_attention)
+        monkeypatch.setattr(decode, "causal_varlen", segment_attention)
     monkeypatch.setitem(decode.PREFILL_TOKENS, "cpu", 300)  # 1-3 examples per forward: several per batch
     tokens, loss = two_passes
     assert len(shareable) == 7 and len({tuple(t) for t in tokens}) == 7  # seven different continuations
