@@ -103,6 +103,7 @@ def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, ha
         data_seed=config.data.seed,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False if plan.world_size > 1 else None,
+        logging_nan_inf_filter=not plan.cuda_graphs,  # its per-step NaN check waits for the GPU every step
         save_only_model=False,
     )
     if plan.world_size == 1:
@@ -110,6 +111,20 @@ def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, ha
         # multi-GPU machine, which cannot split packed rows. Several GPUs go through --gpus (DDP).
         args._n_gpu = min(args._n_gpu, 1)
     return args
+
+
+def make_collator(config: Phi2Config, plan: EnginePlan, tokenizer: Any) -> Any:
+    """Packed rows for the fast profiles (padded to a few fixed shapes for CUDA graphs), else padded rows."""
+    from phi2cli.collate import PackedCollator, PaddedCollator
+
+    if not plan.packed:
+        return PaddedCollator(tokenizer.pad_token_id)
+    if plan.cuda_graphs:
+        from phi2cli.graphs import LABEL_MULTIPLE, PAD_MULTIPLE
+
+        max_length = config.data.max_length
+        return PackedCollator(max_length, pad_multiple=min(PAD_MULTIPLE, max_length), label_multiple=LABEL_MULTIPLE)
+    return PackedCollator(config.data.max_length)
 
 
 def _free_gib() -> float | None:
@@ -218,7 +233,6 @@ def train(
     import torch
 
     from phi2cli import data as data_mod
-    from phi2cli.collate import PackedCollator, PaddedCollator
     from phi2cli.modeling import load_tokenizer, memory_report, resolve_precision
     from phi2cli.trainer import EvaluateAtEnd, Phi2Trainer, ProgressCallback, StopOnSignal, ThroughputMeter
 
@@ -264,17 +278,19 @@ def train(
         model = build_model(config, plan, precision)
     except torch.cuda.OutOfMemoryError:
         raise DeviceError(out_of_memory_advice()) from None
-    collator = PackedCollator(config.data.max_length) if plan.packed else PaddedCollator(tokenizer.pad_token_id)
+    collator = make_collator(config, plan, tokenizer)
     args = _training_arguments(config, plan, precision, has_eval=eval_set is not None)
     stopper = StopOnSignal()
     extra = [stopper, EvaluateAtEnd(), *(callbacks or [])]
     trainer = Phi2Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                           data_collator=collator, processing_class=tokenizer, callbacks=extra,
-                          selective_head=plan.selective_head, flat_optimizer=plan.flat_optimizer)  # fmt: skip
+                          selective_head=plan.selective_head, flat_optimizer=plan.flat_optimizer,
+                          cuda_graphs=plan.cuda_graphs)  # fmt: skip
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
-    meter = ThroughputMeter(lambda: trainer.real_tokens_seen)
+    meter = ThroughputMeter(lambda: trainer.real_tokens_seen,
+                            recordings=(lambda: len(trainer.graphed.recordings) if trainer.graphed else 0))
     trainer.add_callback(meter)
     if display is not None and is_main:
         waiting = COMPILE_NOTE if plan.compile else ""
@@ -298,12 +314,17 @@ def train(
         )
     final = Path(config.train.final_dir)
     memory = memory_report()
-    run_facts.update(throughput=meter.result, memory=memory, train_metrics=dict(result.metrics))
+    throughput = dict(meter.result)
+    if trainer.graphed is not None:
+        throughput["cuda_graphs"] = trainer.graphed.summary()
+    if trainer.graph_note:
+        notes.append(trainer.graph_note)
+    run_facts.update(throughput=throughput, memory=memory, train_metrics=dict(result.metrics))
     if is_main:
         save_final(trainer, tokenizer, config, final, run_facts)
     state.wait_for_everyone()
     return TrainResult(out, final, trainer_state.best_model_checkpoint, trainer_state.best_metric,
-                       trainer_state.global_step, plan, dict(result.metrics), memory, meter.result,
+                       trainer_state.global_step, plan, dict(result.metrics), memory, throughput,
                        notes)  # fmt: skip
 
 

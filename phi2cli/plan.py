@@ -34,6 +34,7 @@ class EnginePlan:
     fused_kernels: bool = False  # LoRA update fused into the B product, one-kernel tanh GELU (lora_fast)
     flat_optimizer: bool = False  # 8-bit AdamW over one flat buffer (optim.FlatAdamW8bit)
     fused_qkv: bool = False  # q/k/v and their LoRA updates as batched products (lora_fast.FusedQKV)
+    cuda_graphs: bool = False  # each micro-batch's forward + backward replayed from a CUDA graph (graphs.py)
     note: str | None = None
 
     @property
@@ -100,8 +101,10 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
                           **lean)  # fmt: skip
     compiled = cuda and train.compile
     # Batched q/k/v saves kernel launches when layers run eagerly; compiled, separate products measured faster.
+    # CUDA graphs need bf16 without a loss scaler (fp16 keeps autocast and its GradScaler, eagerly).
+    graphs = cuda and bf16 and train.cuda_graphs
     return EnginePlan("speed", micro, accum, world_size, True, False, quantized and cuda, True, optimizer,
-                      compile=compiled, note=note, fused_qkv=not compiled, **lean)  # fmt: skip
+                      compile=compiled, note=note, fused_qkv=not compiled, cuda_graphs=graphs, **lean)  # fmt: skip
 
 
 def speed_memory_gib(examples_per_device: int, max_length: int) -> float:

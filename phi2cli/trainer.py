@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
-from phi2cli.collate import real_tokens, sequence_lengths
+from phi2cli.collate import model_inputs, real_tokens, sequence_lengths
 from phi2cli.prompts import IGNORE_INDEX
 
 
@@ -21,6 +21,7 @@ def selective_causal_lm_loss(model: Any, inputs: dict[str, Any], num_items: Any 
     never built for the article. Same value as the model's own loss (sum / label count).
     Returns (loss, number of labelled tokens in this micro-batch).
     """
+    inputs = model_inputs(inputs)
     labels = inputs.pop("labels")
     if labels.shape[0] != 1:  # padded batches: select per row by flattening rows x positions
         raise ValueError("selective_causal_lm_loss expects packed (single-row) batches")
@@ -41,10 +42,14 @@ def selective_causal_lm_loss(model: Any, inputs: dict[str, Any], num_items: Any 
 class Phi2Trainer(Trainer):
     """Trainer with the fast engine's loss and a count of real (non-pad) tokens seen."""
 
-    def __init__(self, *args: Any, selective_head: bool = False, flat_optimizer: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, selective_head: bool = False, flat_optimizer: bool = False,
+                 cuda_graphs: bool = False, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
         self.selective_head = selective_head
         self.flat_optimizer = flat_optimizer
+        self.cuda_graphs = cuda_graphs and selective_head  # the recorded step is the selective-head loss
+        self.graphed: Any = None  # graphs.GraphedTrainStep, made at the first step
+        self.graph_note: str | None = None
         self.real_tokens_seen = 0
         self.squared_lengths_seen = 0  # sum of L^2 over examples: the attention share of the FLOPs
 
@@ -60,7 +65,43 @@ class Phi2Trainer(Trainer):
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         self.real_tokens_seen += real_tokens(inputs)
         self.squared_lengths_seen += sum(n * n for n in sequence_lengths(inputs))
+        inputs = model_inputs(inputs)
+        if self.cuda_graphs:
+            loss = self._graphed_step(model, inputs, num_items_in_batch)
+            if loss is not None:
+                return loss
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _loss_scale(self, num_items_in_batch: Any) -> float:
+        """What compute_loss and training_step multiply the loss by, so both paths give the same gradient."""
+        if num_items_in_batch is None:
+            return 1.0 / self.current_gradient_accumulation_steps
+        if self.args.average_tokens_across_devices:
+            return float(self.accelerator.num_processes)  # the all-reduce averages over processes
+        return 1.0
+
+    def _graphed_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor | None:
+        """The micro-batch replayed from a CUDA graph; None when graphs are off from here on (eager)."""
+        from phi2cli.graphs import GraphCaptureError, GraphedTrainStep
+
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        if self.graphed is None:
+            self.graphed = GraphedTrainStep(self.accelerator.unwrap_model(model))
+        try:
+            loss = self.graphed(inputs, num_items_in_batch, self._loss_scale(num_items_in_batch))
+        except GraphCaptureError as error:
+            if self.accelerator.num_processes > 1:  # the other processes reduce gradients the graphed way
+                from phi2cli.errors import RunError
+
+                raise RunError(f"could not record the training step as a CUDA graph ({error}); "
+                               f"run again with --no-cuda-graphs") from None  # fmt: skip
+            self.cuda_graphs = False
+            self.graph_note = f"CUDA graphs off (recording failed: {str(error)[:200]}); training continued eagerly"
+            return None
+        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+            self.graphed.all_reduce()
+        return loss
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:  # fmt: skip
@@ -73,6 +114,7 @@ class Phi2Trainer(Trainer):
 
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: Any = None) -> Any:  # fmt: skip
+        inputs = model_inputs(inputs)
         if not self.selective_head:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
@@ -160,12 +202,20 @@ class ProgressCallback(TrainerCallback):
 
 
 class ThroughputMeter(TrainerCallback):
-    """Real tokens per second over all processes, after `skip` warm-up steps (compile, allocator)."""
+    """Real tokens per second over all processes, after `skip` warm-up steps (compile, allocator).
 
-    def __init__(self, tokens: Callable[[], int], skip: int = 2) -> None:
+    `recordings` (CUDA graphs recorded so far in this process) adds a steady-state figure: the
+    rate between the last log after which no process recorded a new graph and the end. Logs are
+    points where every process has waited for its GPU (the logged loss is read back), so those
+    times are exact.
+    """
+
+    def __init__(self, tokens: Callable[[], int], skip: int = 2, recordings: Callable[[], int] | None = None) -> None:
         self.tokens = tokens
         self.skip = skip
+        self.recordings = recordings
         self.start: tuple[float, int, int] | None = None
+        self.marks: list[tuple[float, int, int, int]] = []  # time, tokens, step, recordings at each log
         self.result: dict[str, float] = {}
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -175,16 +225,35 @@ class ThroughputMeter(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._first = state.global_step
 
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+        if self.recordings is not None and logs and "loss" in logs:
+            self.marks.append((time.perf_counter(), self.tokens(), state.global_step, self.recordings()))
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.start is None or state.global_step <= self.start[2]:
             return
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - self.start[0]
-        tokens = torch.tensor([float(self.tokens() - self.start[1])])
+        now = time.perf_counter()
+        seconds = now - self.start[0]
+        counts = [float(self.tokens() - self.start[1])]
+        counts += [float(self.tokens() - tokens) for _, tokens, _, _ in self.marks]
+        counts += [float(recorded) for *_, recorded in self.marks]
+        counts.append(float(self.recordings() if self.recordings is not None else 0))
+        totals = torch.tensor(counts, dtype=torch.float64)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            tokens = tokens.to(args.device)
-            torch.distributed.all_reduce(tokens)
+            totals = totals.to(args.device)
+            torch.distributed.all_reduce(totals)
+            totals = totals.cpu()
         steps = state.global_step - self.start[2]
-        self.result = {"tokens_per_s": round(float(tokens.item()) / seconds, 1), "timed_steps": steps,
+        self.result = {"tokens_per_s": round(float(totals[0]) / seconds, 1), "timed_steps": steps,
                        "seconds_per_step": round(seconds / steps, 4), "warmup_steps": self.skip}  # fmt: skip
+        marks = len(self.marks)
+        recorded = totals[1 + marks:].tolist()
+        for index in range(marks):
+            mark_time, _, mark_step, _ = self.marks[index]
+            if recorded[index] == recorded[-1] and state.global_step - mark_step >= 5:  # no new graph since then
+                self.result.update(steady_tokens_per_s=round(float(totals[1 + index]) / (now - mark_time), 1),
+                                   steady_from_step=mark_step,
+                                   steady_seconds_per_step=round((now - mark_time) / (state.global_step - mark_step), 4))  # fmt: skip
+                break

@@ -57,6 +57,7 @@ def train_command(
         "train.gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")] = None,
     profile: Annotated[Optional[str], opt("train.profile", "--profile")] = None,
     compile_layers: Annotated[Optional[bool], opt("train.compile", "--compile/--no-compile")] = None,
+    cuda_graphs: Annotated[Optional[bool], opt("train.cuda_graphs", "--cuda-graphs/--no-cuda-graphs")] = None,
     train_seed: Annotated[Optional[int], opt("train.seed", "--train-seed")] = None,
     output_dir: Annotated[Optional[str], opt("train.output_dir", "--output-dir", "-o")] = None,
     final_dir: Annotated[Optional[str], opt("train.final_dir", "--final-dir")] = None,
@@ -93,7 +94,8 @@ def train_command(
         "train.batch_size": batch_size, "train.grad_accum": grad_accum, "train.epochs": epochs,
         "train.max_steps": max_steps, "train.eval_every": eval_every, "train.logging_steps": logging_steps,
         "train.eval_batch_size": eval_batch_size, "train.optimizer": optimizer,
-        "train.gradient_checkpointing": gradient_checkpointing, "train.profile": profile, "train.compile": compile_layers, "train.seed": train_seed,
+        "train.gradient_checkpointing": gradient_checkpointing, "train.profile": profile, "train.compile": compile_layers,
+        "train.cuda_graphs": cuda_graphs, "train.seed": train_seed,
         "train.output_dir": output_dir, "train.final_dir": final_dir,
     })  # fmt: skip
     cfg = resolve_train_config(config, overrides, resume)

@@ -1,0 +1,156 @@
+"""The training micro-batch as a CUDA graph: forward and backward recorded once, then replayed.
+
+With the fast engine, a phi-2 step keeps the CPU busier launching a few thousand small kernels
+than it keeps the GPU running them. A CUDA graph records those launches once and replays them
+with a single call. A recording has fixed shapes, so the packed collator pads every batch to a
+multiple of `PAD_MULTIPLE` tokens (one trailing pad sequence, labels -100) and its label
+positions to a multiple of `LABEL_MULTIPLE`. Each shape gets one recording, made the first time it
+appears: a warm-up pass on a side stream, then the capture. All recordings share one memory
+pool, so they hold the memory of the largest one, not the sum.
+
+Gradients accumulate into one flat fp32 buffer. The trainable parameters' `.grad` are views of
+that buffer, and the recording refers to them by address. On several GPUs the buffer is averaged
+with one all-reduce after the backward. That is DDP's reduction as a single bucket: DDP's own
+hooks cannot run inside a recording. Dropout draws fresh masks on every replay, because PyTorch
+registers its random generator with the graph.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+PAD_MULTIPLE = 128  # tokens: a batch is padded by 64 on average, ~3% of a 2,000-token micro-batch
+LABEL_MULTIPLE = 128  # label positions: lm_head on 128 extra rows costs well under a millisecond
+STATIC_KEYS = ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "label_positions")
+
+
+class GraphCaptureError(RuntimeError):
+    """Recording the step failed (an operation that cannot run inside a CUDA graph)."""
+
+
+@dataclass
+class Recording:
+    graph: Any  # torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]  # the static tensors the graph reads; each replay copies a batch in
+    loss: torch.Tensor  # written by each replay
+
+
+class GraphedTrainStep:
+    """Forward + backward of one packed micro-batch, replayed from a CUDA graph per batch shape.
+
+    `model` is the unwrapped model (not DDP), in training mode, on one CUDA device. The loss is
+    the selective-head causal-LM loss: sum over labelled tokens / `denominator` x `scale`, the
+    same value and gradient as the eager step.
+    """
+
+    def __init__(self, model: Any, warmup: int = 2) -> None:
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        device = self.params[0].device
+        offsets = [0]
+        for p in self.params:
+            offsets.append(offsets[-1] + p.numel())
+        self.grads = torch.zeros(offsets[-1], dtype=torch.float32, device=device)
+        self.views = [self.grads[a:b].view_as(p) for a, b, p in zip(offsets, offsets[1:], self.params)]
+        if any(p.dtype != torch.float32 for p in self.params):
+            raise ValueError("CUDA-graphed steps need fp32 trainable parameters (LoRA's master weights)")
+        self.denominator = torch.ones((), dtype=torch.float32, device=device)
+        self.scale = torch.ones((), dtype=torch.float32, device=device)
+        self._scale_value = 1.0
+        self.pool = torch.cuda.graph_pool_handle()
+        self.recordings: dict[tuple[int, ...], Recording] = {}
+        self.record_seconds = 0.0
+        self.warmup = warmup
+
+    @staticmethod
+    def key(batch: dict[str, Any]) -> tuple[int, ...]:
+        """The shape of a batch: tokens, label positions, sequences (+1), attention bound."""
+        return (batch["input_ids"].shape[1], batch["label_positions"].shape[0], batch["cu_seq_lens_q"].shape[0],
+                int(batch["max_length_q"]))  # fmt: skip
+
+    def attach_grads(self) -> None:
+        """Point every .grad at the flat buffer; zero it when the trainer has just cleared the grads."""
+        first = self.params[0].grad
+        if first is not None and first.data_ptr() == self.views[0].data_ptr():
+            return
+        for p, view in zip(self.params, self.views):
+            if p.grad is None:
+                view.zero_()
+            else:  # gradients accumulated elsewhere (an eager micro-batch) move into the buffer
+                view.copy_(p.grad)
+            p.grad = view
+
+    def __call__(self, batch: dict[str, Any], num_items: Any = None, scale: float = 1.0) -> torch.Tensor:
+        """Run one micro-batch; gradients are added to .grad. Returns the (scaled) loss."""
+        self.attach_grads()
+        if num_items is None:
+            num_items = (batch["labels"] != -100).sum()
+        if isinstance(num_items, torch.Tensor):
+            self.denominator.copy_(num_items.reshape(()), non_blocking=True)
+        else:
+            self.denominator.fill_(float(num_items))
+        if scale != self._scale_value:
+            self.scale.fill_(scale)
+            self._scale_value = scale
+        key = self.key(batch)
+        recording = self.recordings.get(key)
+        if recording is None:
+            torch.cuda.synchronize()  # time the recording, not the queued work before it
+            started = time.perf_counter()
+            recording = self.recordings[key] = self._record(batch)
+            self.record_seconds += time.perf_counter() - started
+        for name, static in recording.inputs.items():
+            static.copy_(batch[name], non_blocking=True)
+        recording.graph.replay()
+        return recording.loss
+
+    def all_reduce(self) -> None:
+        """Average the gradients over the data-parallel processes (one collective)."""
+        torch.distributed.all_reduce(self.grads)  # a sum: gloo has no average
+        self.grads.div_(torch.distributed.get_world_size())
+
+    def _forward_backward(self, inputs: dict[str, torch.Tensor], longest: int) -> torch.Tensor:
+        cols = inputs["label_positions"]
+        cu = inputs["cu_seq_lens_q"]
+        outputs = self.model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], cu_seq_lens_q=cu,
+                             cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest, logits_to_keep=cols,
+                             use_cache=False)  # fmt: skip
+        targets = inputs["labels"][0, 1:][cols]
+        loss_sum = F.cross_entropy(outputs.logits[0].float(), targets, reduction="sum")
+        loss = loss_sum / self.denominator * self.scale
+        loss.backward()
+        return loss.detach()
+
+    def _record(self, batch: dict[str, Any]) -> Recording:
+        longest = int(batch["max_length_q"])
+        inputs = {name: batch[name].clone() for name in STATIC_KEYS}
+        saved = self.grads.clone()  # the warm-up passes add gradients; they are put back after
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                # the first recording also compiles (and initialises cuBLAS); later ones need one pass
+                for _ in range(self.warmup if not self.recordings else 1):
+                    self._forward_backward(inputs, longest)
+            torch.cuda.current_stream().wait_stream(side)
+            self.grads.copy_(saved)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                loss = self._forward_backward(inputs, longest)
+        except torch.cuda.OutOfMemoryError:
+            self.grads.copy_(saved)
+            raise
+        except Exception as error:  # an operation that cannot be captured; the caller decides
+            self.grads.copy_(saved)
+            raise GraphCaptureError(f"{type(error).__name__}: {error}") from error
+        return Recording(graph, inputs, loss)
+
+    def summary(self) -> dict[str, float]:
+        return {"recordings": len(self.recordings), "record_seconds": round(self.record_seconds, 2)}

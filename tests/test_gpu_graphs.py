@@ -1,0 +1,154 @@
+"""CUDA-graphed training steps on the GPU, phi-2's exact shape (random weights), real XSUM rows.
+
+Run on the GPU machine: python -m pytest -m gpu -s tests/test_gpu_graphs.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from gpu_support import phi2_shape_model, record
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "examples/data/xsum-sample"
+
+
+@pytest.fixture(scope="module")
+def speed_model():
+    """The speed profile's model (dequantized bf16 base, lean LoRA, varlen attention), eager layers,
+    LoRA B non-zero so that every LoRA weight gets a gradient."""
+    from phi2cli.config import Phi2Config, apply_overrides
+    from phi2cli.engine import build_model
+    from phi2cli.modeling import resolve_precision
+    from phi2cli.plan import resolve_plan
+
+    config = apply_overrides(Phi2Config(), {"model.model": str(phi2_shape_model()), "lora.dropout": 0.0,
+                                            "train.profile": "speed", "train.compile": False}).validate()  # fmt: skip
+    precision = resolve_precision(config.model)
+    plan = resolve_plan(config, cuda=True, quantized=True, free_gib=None)
+    assert plan.cuda_graphs
+    model = build_model(config, plan, precision)
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    return model.train()
+
+
+def _batches(sizes: list[int], max_length: int = 512) -> list[dict]:
+    from phi2cli.collate import PackedCollator
+    from phi2cli.config import DEFAULT_TEMPLATE, DataConfig
+    from phi2cli.modeling import load_tokenizer
+    from phi2cli.prompts import PromptFormat, encode_example
+    from phi2cli.sources import load_split
+
+    tokenizer = load_tokenizer(str(phi2_shape_model()))
+    rows = load_split(DataConfig(data_dir=str(SAMPLE)), "train").rows
+    fmt = PromptFormat.create(DEFAULT_TEMPLATE, tokenizer)
+    features = [vars(encode_example(fmt, tokenizer, r["document"], r["summary"], max_length)) for r in rows]
+    collate = PackedCollator(max_length, pad_multiple=128, label_multiple=128)
+    out, start = [], 0
+    for size in sizes:
+        batch = collate(features[start : start + size])
+        out.append({k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
+        start += size
+    return out
+
+
+def _eager(model, batch) -> tuple[float, torch.Tensor]:
+    from phi2cli.trainer import selective_causal_lm_loss
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    count = (batch["labels"] != -100).sum()
+    loss, _ = selective_causal_lm_loss(model, dict(batch), num_items=count)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten().float() for p in params])
+    for p in params:
+        p.grad = None
+    return loss.item(), grads
+
+
+def test_graphed_step_gives_the_eager_loss_and_gradients(speed_model):
+    from phi2cli.graphs import GraphedTrainStep
+
+    first, second, other = _batches([8, 8, 5])
+    assert GraphedTrainStep.key(first) != GraphedTrainStep.key(other)
+    step = GraphedTrainStep(speed_model)
+    results = []
+    for batch in (first, second, first, other):
+        for p in step.params:
+            p.grad = None  # what the trainer's zero_grad does between steps
+        graphed = step(batch).item()
+        graphed_grads = step.grads.clone()
+        eager, eager_grads = _eager(speed_model, batch)
+        cosine = torch.nn.functional.cosine_similarity(graphed_grads, eager_grads, dim=0).item()
+        ratio = (graphed_grads.norm() / eager_grads.norm()).item()
+        results.append((graphed, eager, cosine, ratio))
+    record("graphed_vs_eager_step", results=[tuple(round(v, 6) for v in r) for r in results],
+           **step.summary())  # fmt: skip
+    for graphed, eager, cosine, ratio in results:
+        assert math.isfinite(graphed) and graphed == pytest.approx(eager, rel=2e-3)
+        assert cosine > 0.999 and abs(ratio - 1) < 0.01
+    # three shapes (two batches of 8 may share one); the repeated batch replays, it is not recorded again
+    assert len(step.recordings) == len({GraphedTrainStep.key(b) for b in (first, second, other)})
+    assert results[0][0] == pytest.approx(results[2][0], rel=1e-4)
+
+
+def test_graphed_step_accumulates_and_draws_new_dropout_masks(speed_model):
+    from phi2cli.graphs import GraphedTrainStep
+
+    (batch,) = _batches([8])
+    step = GraphedTrainStep(speed_model)
+    for p in step.params:
+        p.grad = None
+    step(batch)
+    once = step.grads.clone()
+    step(batch)  # a second micro-batch of the same step: added to .grad
+    assert torch.allclose(step.grads, 2 * once, rtol=1e-3, atol=1e-7)
+    assert all(p.grad.data_ptr() == v.data_ptr() for p, v in zip(step.params, step.views))
+
+    for module in speed_model.modules():  # LoRA dropout on: every replay draws new masks
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.1
+    try:
+        step = GraphedTrainStep(speed_model)
+        losses = [step(batch).item() for _ in range(3)]
+    finally:
+        for module in speed_model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    record("graphed_dropout_losses", losses=losses)
+    assert all(math.isfinite(v) for v in losses) and len(set(losses)) == 3
+
+
+def test_training_with_cuda_graphs_follows_the_eager_run(tmp_path):
+    """The whole Trainer, compiled layers, 8 steps, dropout off: same losses with and without graphs."""
+    from phi2cli.config import Phi2Config, apply_overrides
+    from phi2cli.engine import train
+
+    histories, results = {}, {}
+    for graphs in (True, False):
+        name = "graphs" if graphs else "eager"
+        config = apply_overrides(Phi2Config(), {
+            "model.model": str(phi2_shape_model()), "data.data_dir": str(SAMPLE), "data.samples": 64,
+            "data.val_samples": 8, "data.max_length": 512, "lora.dropout": 0.0, "train.max_steps": 8,
+            "train.eval_every": 8, "train.logging_steps": 1, "train.profile": "speed", "train.cuda_graphs": graphs,
+            "train.output_dir": str(tmp_path / name), "train.final_dir": str(tmp_path / f"{name}-final"),
+        }).validate()  # fmt: skip
+        results[name] = train(config)
+        state = json.loads((results[name].output_dir / "checkpoint-8" / "trainer_state.json").read_text())
+        histories[name] = [e["loss"] for e in state["log_history"] if "loss" in e]
+    graphed, eager = histories["graphs"], histories["eager"]
+    record("trainer_graphs_vs_eager", graphs=graphed, eager=eager, graph_stats=results["graphs"].throughput)
+    assert results["graphs"].plan.cuda_graphs and not results["eager"].plan.cuda_graphs
+    assert results["graphs"].throughput["cuda_graphs"]["recordings"] >= 1
+    assert len(graphed) == len(eager) == 8
+    assert max(abs(a - b) for a, b in zip(graphed, eager)) < 0.02

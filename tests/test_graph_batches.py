@@ -1,0 +1,107 @@
+"""Batches shaped for CUDA graphs: padding to fixed shapes leaves the loss, labels and token counts as they were.
+
+(The graphs themselves need a GPU: tests/test_gpu_graphs.py.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from phi2cli.collate import HOST_KEYS, PackedCollator, model_inputs, real_tokens, sequence_lengths
+from phi2cli.config import Phi2Config, apply_overrides
+from phi2cli.engine import make_collator
+from phi2cli.plan import resolve_plan
+from phi2cli.prompts import IGNORE_INDEX
+
+
+def features(lengths: list[int], summary: int = 5) -> list[dict]:
+    out = []
+    for n, length in enumerate(lengths):
+        ids = [(7 * n + i) % 300 + 1 for i in range(length)]
+        labels = [IGNORE_INDEX] * (length - summary) + ids[length - summary :]
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def test_padded_batch_ends_in_one_pad_sequence_of_ignored_labels():
+    batch = PackedCollator(64, pad_multiple=32, label_multiple=16)(features([20, 30, 9]))
+    assert batch["input_ids"].shape == (1, 64)  # 59 real tokens + at least one pad token, rounded up to 32
+    assert batch["cu_seq_lens_q"].tolist() == [0, 20, 50, 59, 64]
+    assert batch["position_ids"][0, 59:].tolist() == [0, 1, 2, 3, 4]
+    assert (batch["labels"][0, 59:] == IGNORE_INDEX).all()
+    assert batch["example_lengths"] == (20, 30, 9) and real_tokens(batch) == 59
+    assert sequence_lengths(batch) == [20, 30, 9]
+    cols = batch["label_positions"]
+    assert cols.shape == (16,)  # 3 x 5 labels, the first label of each example is dropped... padded to 16
+    real = [c for c in cols.tolist() if c != 62]
+    assert len(real) == 3 * 5 and all(batch["labels"][0, c + 1] != IGNORE_INDEX for c in real)
+    assert batch["labels"][0, 63] == IGNORE_INDEX  # the pad position's target is ignored
+
+
+def test_a_batch_that_fills_its_multiple_exactly_still_gets_a_pad_token():
+    batch = PackedCollator(64, pad_multiple=32)(features([32, 32]))
+    assert batch["input_ids"].shape == (1, 96) and batch["cu_seq_lens_q"].tolist() == [0, 32, 64, 96]
+    unpadded = PackedCollator(64)(features([32, 32]))
+    assert unpadded["input_ids"].shape == (1, 64) and unpadded["cu_seq_lens_q"].tolist() == [0, 32, 64]
+
+
+def test_pad_sequence_is_never_longer_than_the_attention_bound():
+    with pytest.raises(ValueError, match="pad_multiple cannot exceed max_length"):
+        PackedCollator(64, pad_multiple=128)
+
+
+def test_host_entries_never_reach_the_model():
+    batch = PackedCollator(64)(features([10, 12]))
+    assert set(HOST_KEYS) <= set(batch) and not set(HOST_KEYS) & set(model_inputs(batch))
+
+
+def test_padding_for_graphs_leaves_the_loss_and_its_gradient_unchanged(tiny_phi_dir):
+    """Same examples, packed as they are and padded to fixed shapes: same loss, same LoRA gradients."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from phi2cli.trainer import selective_causal_lm_loss
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_phi_dir), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "dense"]))  # fmt: skip
+    rows = features([40, 57, 23, 61], summary=9)
+    results = []
+    for collate in (PackedCollator(64), PackedCollator(64, pad_multiple=64, label_multiple=32)):
+        batch = collate(rows)
+        count = sum(1 for row in rows for label in row["labels"][1:] if label != IGNORE_INDEX)
+        loss, _ = selective_causal_lm_loss(model, dict(batch), num_items=count)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        model.zero_grad(set_to_none=True)
+        results.append((loss.item(), grads, batch["input_ids"].shape[1]))
+    (plain, plain_grads, plain_width), (padded, padded_grads, padded_width) = results
+    assert (plain_width, padded_width) == (181, 192)
+    assert padded == pytest.approx(plain, rel=1e-5)
+    assert torch.allclose(padded_grads, plain_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_cuda_graphs_are_planned_for_the_bf16_speed_profile_on_cuda_only():
+    config = Phi2Config()
+    assert config.train.cuda_graphs
+    plan = resolve_plan(config, cuda=True, quantized=True, free_gib=140.0)
+    assert plan.profile == "speed" and plan.cuda_graphs
+    assert not resolve_plan(config, cuda=True, quantized=True, free_gib=140.0, bf16=False).cuda_graphs  # fp16 scaler
+    assert not resolve_plan(config, cuda=False, quantized=False, free_gib=None).cuda_graphs
+    off = apply_overrides(config, {"train.cuda_graphs": False})
+    assert not resolve_plan(off, cuda=True, quantized=True, free_gib=140.0).cuda_graphs
+    for profile in ("memory-saver", "reference"):
+        other = apply_overrides(config, {"train.profile": profile})
+        assert not resolve_plan(other, cuda=True, quantized=True, free_gib=140.0).cuda_graphs
+
+
+def test_graphed_runs_get_a_padding_collator_and_others_do_not():
+    config = apply_overrides(Phi2Config(), {"data.max_length": 96})
+    graphed = resolve_plan(config, cuda=True, quantized=True, free_gib=140.0)
+    collate = make_collator(config, graphed, tokenizer=None)
+    assert (collate.max_length, collate.pad_multiple) == (96, 96)  # the pad sequence fits the attention bound
+    eager = resolve_plan(apply_overrides(config, {"train.cuda_graphs": False}), cuda=True, quantized=True,
+                         free_gib=140.0)  # fmt: skip
+    assert make_collator(config, eager, tokenizer=None).pad_multiple is None
