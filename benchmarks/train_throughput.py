@@ -52,6 +52,8 @@ class StepTimer(TrainerCallback):
         self._mark = 0.0
         self._tok0 = 0
         self._sq0 = 0
+        self._recorded0 = 0.0
+        self.recording_in_window_s = 0.0  # CUDA-graph recordings (one-time, host-synchronous) inside the window
 
     def on_train_begin(self, args, state, control, **kwargs):
         _sync()
@@ -68,9 +70,15 @@ class StepTimer(TrainerCallback):
             _sync()
             self._mark = time.perf_counter()
             self.warmup_s = self._mark - self.started
+            self._recorded0 = self._recorded()
         elif len(self.tokens) == state.max_steps:
             _sync()
             self.timed_s = time.perf_counter() - self._mark
+            self.recording_in_window_s = self._recorded() - self._recorded0
+
+    def _recorded(self) -> float:
+        graphed = getattr(self.trainer_ref[0], "graphed", None) if self.trainer_ref else None
+        return graphed.record_seconds if graphed is not None else 0.0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -109,7 +117,9 @@ def save_prepared(examples: list[dict[str, Any]], target: Path, tokenizer_name: 
 def summarize(name: str, timer: StepTimer, peak: dict[str, float], params: int, layers: int,
               hidden: int) -> dict[str, Any]:  # fmt: skip
     tokens = sum(timer.tokens[WARMUP_STEPS:])
-    seconds = timer.timed_s
+    seconds = timer.timed_s - timer.recording_in_window_s  # steady state: one-time graph recordings left out
+    graphed = getattr(timer.trainer_ref[0], "graphed", None) if timer.trainer_ref else None
+    graphs = graphed.summary() if graphed is not None else None
     flops = model_flops(params, tokens, sum(timer.squares[WARMUP_STEPS:]), layers, hidden)
     steps = len(timer.tokens) - WARMUP_STEPS
     return {
@@ -123,6 +133,8 @@ def summarize(name: str, timer: StepTimer, peak: dict[str, float], params: int, 
         "peak_reserved_gib": peak.get("peak_reserved_gib"),
         "mfu": round(flops / seconds / (BF16_PEAK_TFLOPS * 1e12), 4),
         "job_625_steps_s": round(625 * seconds / steps, 1),
+        "cuda_graphs": graphs,  # recordings made in the whole run and the seconds they took
+        "tokens_per_s_with_recording": round(tokens / timer.timed_s, 1),
         "losses": timer.losses,
     }
 
@@ -173,10 +185,12 @@ def run_engine(profile: str, model_dir: Path, prepared: Path, steps: int, workdi
 
     # "<profile>-eager" runs the same profile without torch.compile, to show what compiling buys;
     # "speed-fusedqkv" the compiled speed profile with batched q/k/v (the eager default), to compare.
+    # "speed-nographs" the speed profile without CUDA graphs.
     eager = profile.endswith("-eager")
-    name = profile.removesuffix("-eager").removesuffix("-fusedqkv")
+    name = profile.removesuffix("-eager").removesuffix("-fusedqkv").removesuffix("-nographs")
     config = apply_overrides(Phi2Config(), {
         "model.model": str(model_dir), "train.profile": name, "train.compile": not eager,
+        "train.cuda_graphs": not profile.endswith("-nographs"),
         "train.max_steps": steps, "train.logging_steps": LOG_EVERY,
         "train.output_dir": str(workdir / profile), "train.final_dir": str(workdir / f"{profile}-final"),
         "data.val_samples": 0, "data.max_length": MAX_LENGTH, "train.eval_every": 10_000,

@@ -67,6 +67,7 @@ class GraphedTrainStep:
         self.pool = torch.cuda.graph_pool_handle()
         self.recordings: dict[tuple[int, ...], Recording] = {}
         self.record_seconds = 0.0
+        self.record_each: list[float] = []
         self.warmup = warmup
 
     @staticmethod
@@ -105,7 +106,8 @@ class GraphedTrainStep:
             torch.cuda.synchronize()  # time the recording, not the queued work before it
             started = time.perf_counter()
             recording = self.recordings[key] = self._record(batch)
-            self.record_seconds += time.perf_counter() - started
+            self.record_each.append(time.perf_counter() - started)
+            self.record_seconds += self.record_each[-1]
         for name, static in recording.inputs.items():
             static.copy_(batch[name], non_blocking=True)
         recording.graph.replay()
@@ -153,4 +155,8 @@ class GraphedTrainStep:
         return Recording(graph, inputs, loss)
 
     def summary(self) -> dict[str, float]:
-        return {"recordings": len(self.recordings), "record_seconds": round(self.record_seconds, 2)}
+        """How many shapes were recorded and what it cost (the first also compiles and warms up twice)."""
+        later = self.record_each[1:]
+        return {"recordings": len(self.recordings), "record_seconds": round(self.record_seconds, 2),
+                "first_record_seconds": round(self.record_each[0], 2) if self.record_each else 0.0,
+                "later_record_seconds_mean": round(sum(later) / len(later), 3) if later else 0.0}  # fmt: skip

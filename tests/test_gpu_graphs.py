@@ -119,7 +119,8 @@ def test_graphed_step_accumulates_and_draws_new_dropout_masks(speed_model):
     step(batch)
     once = step.grads.clone()
     step(batch)  # a second micro-batch of the same step: added to .grad
-    assert torch.allclose(step.grads, 2 * once, rtol=1e-3, atol=1e-7)
+    # the same values up to the attention backward's atomic (order-dependent) sums
+    assert ((step.grads - 2 * once).norm() / (2 * once).norm()).item() < 1e-2
     assert all(p.grad.data_ptr() == v.data_ptr() for p, v in zip(step.params, step.views))
 
     for module in speed_model.modules():  # LoRA dropout on: every replay draws new masks
