@@ -104,6 +104,8 @@ def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, ha
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False if plan.world_size > 1 else None,
         logging_nan_inf_filter=not plan.cuda_graphs,  # its per-step NaN check waits for the GPU every step
+        # pinned batches copied without waiting: the CPU prepares the next step while the GPU runs this one
+        accelerator_config={"non_blocking": on_gpu and plan.packed},
         save_only_model=False,
     )
     if plan.world_size == 1:
