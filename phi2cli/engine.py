@@ -354,5 +354,5 @@ def resume_hint(config: Phi2Config) -> str:
 
 
 def out_of_memory_advice() -> str:
-    return ("the GPU ran out of memory; use '--profile memory-saver', a shorter '--max-length', "
-            "or '--quantization 4bit'")  # fmt: skip
+    return ("the GPU ran out of memory; use '--profile memory-saver', '--no-cuda-graphs', a shorter "
+            "'--max-length', or '--quantization 4bit'")  # fmt: skip

@@ -16,6 +16,8 @@ SPEED_BASE_GIB = 6.5  # bf16 phi-2 weights (5.6), LoRA weights and 8-bit optimiz
 FLAT_OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit")  # what optim.FlatAdamW8bit replaces
 SPEED_GIB_PER_TOKEN = 0.0052  # activations kept for backward without checkpointing (phi-2, H200: 22 GiB
 # reserved at 3,112 tokens per step, eager, the larger of eager and compiled)
+GRAPH_GIB_PER_TOKEN = 0.0085  # with CUDA graphs: the recordings' private memory pool is not shared with
+# eager work and holds the largest batch shapes recorded (H200: 39.3 GiB reserved, batches up to ~3,840 tokens)
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,16 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
     # Batched q/k/v saves kernel launches when layers run eagerly; compiled, separate products measured faster.
     # CUDA graphs need bf16 without a loss scaler (fp16 keeps autocast and its GradScaler, eagerly).
     graphs = cuda and bf16 and train.cuda_graphs
+    graph_need = speed_memory_gib(total // world_size, config.data.max_length, graphs=True)
+    if graphs and free_gib is not None and free_gib < graph_need:
+        graphs = False
+        note = note or (f"{free_gib:.1f} GiB free on the GPU (CUDA graphs need ~{graph_need:.0f}): "
+                        f"training without CUDA graphs")  # fmt: skip
     return EnginePlan("speed", micro, accum, world_size, True, False, quantized and cuda, True, optimizer,
                       compile=compiled, note=note, fused_qkv=not compiled, cuda_graphs=graphs, **lean)  # fmt: skip
 
 
-def speed_memory_gib(examples_per_device: int, max_length: int) -> float:
+def speed_memory_gib(examples_per_device: int, max_length: int, graphs: bool = False) -> float:
     """Worst-case GPU memory of the speed profile: every example at max length, no checkpointing."""
-    return SPEED_BASE_GIB + SPEED_GIB_PER_TOKEN * examples_per_device * max_length
+    per_token = GRAPH_GIB_PER_TOKEN if graphs else SPEED_GIB_PER_TOKEN
+    return SPEED_BASE_GIB + per_token * examples_per_device * max_length

@@ -441,7 +441,7 @@ def test_out_of_memory_while_training_gives_advice(monkeypatch, tiny_phi_dir, sa
     result = invoke(train_args(tiny_phi_dir, sample_data_dir))
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert error_message(result.output) == ("Error: the GPU ran out of memory; use '--profile memory-saver', "
-                                            "a shorter '--max-length', or '--quantization 4bit'")  # fmt: skip
+                                            "'--no-cuda-graphs', a shorter '--max-length', or '--quantization 4bit'")  # fmt: skip
 
 
 def test_out_of_memory_while_loading_for_training_gives_advice(monkeypatch, tiny_phi_dir, sample_data_dir):

@@ -105,3 +105,17 @@ def test_graphed_runs_get_a_padding_collator_and_others_do_not():
     eager = resolve_plan(apply_overrides(config, {"train.cuda_graphs": False}), cuda=True, quantized=True,
                          free_gib=140.0)  # fmt: skip
     assert make_collator(config, eager, tokenizer=None).pad_multiple is None
+
+
+def test_cuda_graphs_step_aside_when_their_memory_pool_would_not_fit():
+    from phi2cli.plan import speed_memory_gib
+
+    config = Phi2Config()  # 8 examples x 1024 tokens
+    eager_need, graph_need = speed_memory_gib(8, 1024), speed_memory_gib(8, 1024, graphs=True)
+    assert eager_need < graph_need
+    between = resolve_plan(config, cuda=True, quantized=True, free_gib=(eager_need + graph_need) / 2)
+    assert between.profile == "speed" and not between.cuda_graphs and "CUDA graphs need" in between.note
+    roomy = resolve_plan(config, cuda=True, quantized=True, free_gib=graph_need + 1)
+    assert roomy.cuda_graphs and roomy.note is None
+    two = resolve_plan(config, cuda=True, quantized=True, free_gib=(eager_need + graph_need) / 2, world_size=2)
+    assert two.cuda_graphs  # 4 examples per GPU need half the pool
