@@ -1,12 +1,14 @@
 """The same training job on 1 and on 2 GPUs (`phi2 train --gpus 2`, DDP via accelerate).
 
-    python benchmarks/multi_gpu.py --data-dir DIR [--model DIR] [--steps 40]
+    python benchmarks/multi_gpu.py --data-dir DIR [--model DIR] [--steps 120] [--batches 8,32]
 
-Random-weight model of phi-2's exact shape, real XSUM rows (max 512 tokens), speed profile.
-Measures real tokens/s after warm-up for a global batch of 8 (the default) and of 32, compares
-the loss curves (LoRA dropout off, so both runs see identical math up to reduction order), the
-set of files each run writes, and that `phi2 report` renders the 2-GPU run.
-Writes benchmarks/results/multi_gpu.json.
+Random-weight model of phi-2's exact shape, real XSUM rows (max 512 tokens), speed profile
+(compiled layers, CUDA graphs). Measures real tokens/s for a global batch of 8 (the default;
+--batches adds others): `tokens_per_s` is the steady rate after the last new CUDA-graph
+recording on any GPU, `tokens_per_s_wall` the rate after 2 warm-up steps including recordings.
+Compares the loss curves (every dropout off: LoRA's and phi-2's residual dropout, so both runs do
+the same math up to reduction order and bf16 rounding), the set of files each run writes, and
+that `phi2 report` renders the 2-GPU run. Writes benchmarks/results/multi_gpu.json.
 """
 
 from __future__ import annotations
@@ -34,6 +36,20 @@ def files_of(run: Path) -> list[str]:
     return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "prepared" not in p.parts)
 
 
+def without_dropout(model: Path) -> Path:
+    """The same weights with phi-2's residual dropout (0.1) off, so two runs can be compared step by step."""
+    target = model.parent / f"{model.name}-nodropout"
+    target.mkdir(exist_ok=True)
+    for item in model.iterdir():
+        link = target / item.name
+        if item.name != "config.json" and not link.exists():
+            link.symlink_to(item.resolve())
+    config = json.loads((model / "config.json").read_text())
+    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target
+
+
 def run_job(name: str, gpus: int, batch: int, steps: int, model: Path, prepared: Path) -> dict[str, Any]:
     out, final = WORK / name, WORK / f"{name}-final"
     args = ["train", "--prepared", str(prepared), "--model", str(model), "--profile", "speed",
@@ -49,7 +65,11 @@ def run_job(name: str, gpus: int, batch: int, steps: int, model: Path, prepared:
     state = json.loads((out / f"checkpoint-{steps}" / "trainer_state.json").read_text())
     losses = {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
     evals = {e["step"]: e["eval_loss"] for e in state["log_history"] if "eval_loss" in e}
-    return {"gpus": gpus, "examples_per_step": batch, "steps": steps, **run["throughput"], "memory": run["memory"],
+    throughput = dict(run["throughput"])
+    throughput["tokens_per_s_wall"] = throughput["tokens_per_s"]
+    if "steady_tokens_per_s" in throughput:
+        throughput["tokens_per_s"] = throughput["steady_tokens_per_s"]
+    return {"gpus": gpus, "examples_per_step": batch, "steps": steps, **throughput, "memory": run["memory"],
             "plan": run["plan"], "losses": losses, "eval_losses": evals, "files": files_of(out) + files_of(final),
             "train_runtime_s": run["train_metrics"].get("train_runtime")}  # fmt: skip
 
@@ -58,26 +78,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("/tmp/phi2-random"))
     parser.add_argument("--data-dir", type=Path, default=ROOT / "examples" / "data" / "xsum-sample")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--batches", default="8", help="global batches to run on 1 and 2 GPUs (8 first)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "multi_gpu.json")
     args = parser.parse_args()
 
-    make_random_phi2(args.model)
+    model = without_dropout(make_random_phi2(args.model))
     prepared = WORK / "prepared"
-    done = phi2("prepare", "--data-dir", str(args.data_dir), "--model", str(args.model), "--samples", "1495",
+    done = phi2("prepare", "--data-dir", str(args.data_dir), "--model", str(model), "--samples", "1495",
                 "--val-samples", "64", "--max-length", "512", "--output", str(prepared))  # fmt: skip
     if done.returncode != 0:
         raise SystemExit(done.stdout + done.stderr)
     results: dict[str, Any] = {}
-    for batch, steps in ((8, args.steps), (32, max(10, args.steps // 2))):
+    batches = [int(b) for b in args.batches.split(",")]
+    for batch in batches:
+        steps = args.steps if batch == 8 else max(10, args.steps * 8 // batch)
         for gpus in (1, 2):
-            key = f"gpus_{gpus}" if batch == 8 else f"batch32_gpus_{gpus}"
-            results[key] = run_job(key, gpus, batch, steps, args.model, prepared)
+            key = f"gpus_{gpus}" if batch == 8 else f"batch{batch}_gpus_{gpus}"
+            results[key] = run_job(key, gpus, batch, steps, model, prepared)
             print(key, {k: v for k, v in results[key].items() if k not in ("losses", "files", "eval_losses")},
                   flush=True)  # fmt: skip
     one, two = results["gpus_1"], results["gpus_2"]
     if "tokens_per_s" in one and "tokens_per_s" in two:
         results["scaling"] = round(two["tokens_per_s"] / one["tokens_per_s"], 3)
+        results["scaling_wall"] = round(two["tokens_per_s_wall"] / one["tokens_per_s_wall"], 3)
         common = sorted(set(one["losses"]) & set(two["losses"]))
         diffs = [abs(one["losses"][s] - two["losses"][s]) for s in common]
         results["loss_max_abs_diff"] = round(max(diffs), 5)
@@ -89,9 +113,10 @@ def main() -> None:
         report = phi2("report", str(WORK / "gpus_2"), "--format", "markdown")
         results["report_rc"] = report.returncode
         results["report_excerpt"] = report.stdout[:600]
-    b1, b2 = results.get("batch32_gpus_1", {}), results.get("batch32_gpus_2", {})
-    if "tokens_per_s" in b1 and "tokens_per_s" in b2:
-        results["batch32_scaling"] = round(b2["tokens_per_s"] / b1["tokens_per_s"], 3)
+    for batch in batches[1:]:
+        b1, b2 = results.get(f"batch{batch}_gpus_1", {}), results.get(f"batch{batch}_gpus_2", {})
+        if "tokens_per_s" in b1 and "tokens_per_s" in b2:
+            results[f"batch{batch}_scaling"] = round(b2["tokens_per_s"] / b1["tokens_per_s"], 3)
     results["environment"] = environment()
     results["command"] = "python " + " ".join(sys.argv)
     write_json(args.out, results)

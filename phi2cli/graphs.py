@@ -5,8 +5,10 @@ than it keeps the GPU running them. A CUDA graph records those launches once and
 with a single call. A recording has fixed shapes, so the packed collator pads every batch to a
 multiple of `PAD_MULTIPLE` tokens (one trailing pad sequence, labels -100) and its label
 positions to a multiple of `LABEL_MULTIPLE`. Each shape gets one recording, made the first time it
-appears: a warm-up pass on a side stream, then the capture. All recordings share one memory
-pool, so they hold the memory of the largest one, not the sum.
+appears: a warm-up pass on a side stream, then the capture. A batch whose shape was not
+recorded but is at most `REUSE_TOKENS` tokens shorter than a recorded one is padded further on
+the GPU and replays that recording instead, so a run records a handful of shapes, not every one.
+All recordings share one memory pool, so they hold the memory of the largest one, not the sum.
 
 Gradients accumulate into one flat fp32 buffer. The trainable parameters' `.grad` are views of
 that buffer, and the recording refers to them by address. On several GPUs the buffer is averaged
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 PAD_MULTIPLE = 128  # tokens: a batch is padded by 64 on average, ~3% of a 2,000-token micro-batch
 LABEL_MULTIPLE = 128  # label positions: lm_head on 128 extra rows costs well under a millisecond
+REUSE_TOKENS = 128  # replay a recorded shape up to this many tokens longer than the batch (more padding)
 STATIC_KEYS = ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "label_positions")
 
 
@@ -68,6 +71,7 @@ class GraphedTrainStep:
         self.recordings: dict[tuple[int, ...], Recording] = {}
         self.record_seconds = 0.0
         self.record_each: list[float] = []
+        self.reused = 0  # batches that replayed a longer recorded shape
         self.warmup = warmup
 
     @staticmethod
@@ -88,8 +92,12 @@ class GraphedTrainStep:
                 view.copy_(p.grad)
             p.grad = view
 
-    def __call__(self, batch: dict[str, Any], num_items: Any = None, scale: float = 1.0) -> torch.Tensor:
-        """Run one micro-batch; gradients are added to .grad. Returns the (scaled) loss."""
+    def __call__(self, batch: dict[str, Any], num_items: Any = None, scale: float = 1.0,
+                 real_tokens: int | None = None) -> torch.Tensor:  # fmt: skip
+        """Run one micro-batch; gradients are added to .grad. Returns the (scaled) loss.
+
+        real_tokens (the batch's tokens before padding) lets a batch replay a longer recorded shape.
+        """
         self.attach_grads()
         if num_items is None:
             num_items = (batch["labels"] != -100).sum()
@@ -102,16 +110,47 @@ class GraphedTrainStep:
             self._scale_value = scale
         key = self.key(batch)
         recording = self.recordings.get(key)
-        if recording is None:
+        if recording is None and (larger := self._larger(key, real_tokens)) is not None:
+            recording = self.recordings[larger]
+            self._pad_into(recording.inputs, batch)
+            self.reused += 1
+        elif recording is None:
             torch.cuda.synchronize()  # time the recording, not the queued work before it
             started = time.perf_counter()
             recording = self.recordings[key] = self._record(batch)
             self.record_each.append(time.perf_counter() - started)
             self.record_seconds += self.record_each[-1]
-        for name, static in recording.inputs.items():
-            static.copy_(batch[name], non_blocking=True)
+        else:
+            for name, static in recording.inputs.items():
+                static.copy_(batch[name], non_blocking=True)
         recording.graph.replay()
         return recording.loss
+
+    def _larger(self, key: tuple[int, ...], real_tokens: int | None) -> tuple[int, ...] | None:
+        """The smallest recorded shape this batch fits with more padding: same sequence count and
+        attention bound, at most REUSE_TOKENS more tokens, the pad sequence within the bound."""
+        if real_tokens is None:
+            return None
+        tokens, labels, sequences, longest = key
+        fits = [k for k in self.recordings
+                if k[2:] == (sequences, longest) and tokens < k[0] <= tokens + REUSE_TOKENS
+                and k[0] - real_tokens <= longest and k[1] >= labels]  # fmt: skip
+        return min(fits) if fits else None
+
+    @staticmethod
+    def _pad_into(static: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
+        """Copy a batch into a longer recording's tensors: its pad sequence grows to the end and the
+        extra label positions point where the next label is -100 (as the collator's do)."""
+        tokens, labels = batch["input_ids"].shape[1], batch["label_positions"].shape[0]
+        width = static["input_ids"].shape[1]
+        for name in ("input_ids", "position_ids", "labels"):
+            static[name][:, :tokens].copy_(batch[name], non_blocking=True)
+        static["labels"][:, tokens:].fill_(-100)
+        static["position_ids"][:, tokens:].zero_()
+        static["cu_seq_lens_q"].copy_(batch["cu_seq_lens_q"], non_blocking=True)
+        static["cu_seq_lens_q"][-1:].fill_(width)
+        static["label_positions"][:labels].copy_(batch["label_positions"], non_blocking=True)
+        static["label_positions"][labels:].fill_(width - 2)
 
     def all_reduce(self) -> None:
         """Average the gradients over the data-parallel processes (one collective)."""
@@ -157,6 +196,7 @@ class GraphedTrainStep:
     def summary(self) -> dict[str, float]:
         """How many shapes were recorded and what it cost (the first also compiles and warms up twice)."""
         later = self.record_each[1:]
-        return {"recordings": len(self.recordings), "record_seconds": round(self.record_seconds, 2),
+        return {"recordings": len(self.recordings), "replays_of_a_longer_shape": self.reused,
+                "record_seconds": round(self.record_seconds, 2),
                 "first_record_seconds": round(self.record_each[0], 2) if self.record_each else 0.0,
                 "later_record_seconds_mean": round(sum(later) / len(later), 3) if later else 0.0}  # fmt: skip

@@ -63,11 +63,12 @@ class Phi2Trainer(Trainer):
         return optimizer
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
-        self.real_tokens_seen += real_tokens(inputs)
+        tokens = real_tokens(inputs)
+        self.real_tokens_seen += tokens
         self.squared_lengths_seen += sum(n * n for n in sequence_lengths(inputs))
         inputs = model_inputs(inputs)
         if self.cuda_graphs:
-            loss = self._graphed_step(model, inputs, num_items_in_batch)
+            loss = self._graphed_step(model, inputs, num_items_in_batch, tokens)
             if loss is not None:
                 return loss
         return super().training_step(model, inputs, num_items_in_batch)
@@ -80,7 +81,8 @@ class Phi2Trainer(Trainer):
             return float(self.accelerator.num_processes)  # the all-reduce averages over processes
         return 1.0
 
-    def _graphed_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor | None:
+    def _graphed_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any,
+                      tokens: int) -> torch.Tensor | None:  # fmt: skip
         """The micro-batch replayed from a CUDA graph; None when graphs are off from here on (eager)."""
         from phi2cli.graphs import GraphCaptureError, GraphedTrainStep
 
@@ -89,7 +91,7 @@ class Phi2Trainer(Trainer):
         if self.graphed is None:
             self.graphed = GraphedTrainStep(self.accelerator.unwrap_model(model))
         try:
-            loss = self.graphed(inputs, num_items_in_batch, self._loss_scale(num_items_in_batch))
+            loss = self.graphed(inputs, num_items_in_batch, self._loss_scale(num_items_in_batch), tokens)
         except GraphCaptureError as error:
             if self.accelerator.num_processes > 1:  # the other processes reduce gradients the graphed way
                 from phi2cli.errors import RunError

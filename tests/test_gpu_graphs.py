@@ -48,7 +48,9 @@ def no_dropout(model) -> None:
             module.p = 0.0
 
 
-def _batches(sizes: list[int], max_length: int = 512) -> list[dict]:
+def _batches(sizes: list[int], max_length: int = 512, shorter: bool = False) -> list[dict]:
+    """Collated batches of real rows; `shorter` adds a copy of the first, its first article
+    trimmed so that the batch is one pad multiple (128 tokens) shorter."""
     from phi2cli.collate import PackedCollator
     from phi2cli.config import DEFAULT_TEMPLATE, DataConfig
     from phi2cli.modeling import load_tokenizer
@@ -60,11 +62,20 @@ def _batches(sizes: list[int], max_length: int = 512) -> list[dict]:
     fmt = PromptFormat.create(DEFAULT_TEMPLATE, tokenizer)
     features = [vars(encode_example(fmt, tokenizer, r["document"], r["summary"], max_length)) for r in rows]
     collate = PackedCollator(max_length, pad_multiple=128, label_multiple=128)
-    out, start = [], 0
+    groups, start = [], 0
     for size in sizes:
-        batch = collate(features[start : start + size])
-        out.append({k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
+        groups.append(features[start : start + size])
         start += size
+    if shorter:
+        first = groups[0]
+        real = sum(len(f["input_ids"]) for f in first)
+        width = -(-(real + 1) // 128) * 128
+        trim = 128 - (width - real - 1) + 10  # lands in the previous multiple of 128
+        groups.append([{"input_ids": first[0]["input_ids"][trim:], "labels": first[0]["labels"][trim:]}, *first[1:]])
+    out = []
+    for group in groups:
+        batch = collate(group)
+        out.append({k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
     return out
 
 
@@ -86,14 +97,15 @@ def _eager(model, batch) -> tuple[float, torch.Tensor]:
 def test_graphed_step_gives_the_eager_loss_and_gradients(speed_model):
     from phi2cli.graphs import GraphedTrainStep
 
-    first, second, other = _batches([8, 8, 5])
+    first, second, other, shorter = _batches([8, 8, 5], shorter=True)
     assert GraphedTrainStep.key(first) != GraphedTrainStep.key(other)
+    assert shorter["input_ids"].shape[1] == first["input_ids"].shape[1] - 128
     step = GraphedTrainStep(speed_model)
     results = []
-    for batch in (first, second, first, other):
+    for batch in (first, second, first, other, shorter):
         for p in step.params:
             p.grad = None  # what the trainer's zero_grad does between steps
-        graphed = step(batch).item()
+        graphed = step(batch, real_tokens=sum(batch["example_lengths"])).item()
         graphed_grads = step.grads.clone()
         eager, eager_grads = _eager(speed_model, batch)
         cosine = torch.nn.functional.cosine_similarity(graphed_grads, eager_grads, dim=0).item()
@@ -104,8 +116,10 @@ def test_graphed_step_gives_the_eager_loss_and_gradients(speed_model):
     for graphed, eager, cosine, ratio in results:
         assert math.isfinite(graphed) and graphed == pytest.approx(eager, rel=2e-3)
         assert cosine > 0.999 and abs(ratio - 1) < 0.01
-    # three shapes (two batches of 8 may share one); the repeated batch replays, it is not recorded again
+    # three shapes (two batches of 8 may share one); the repeated batch replays, it is not recorded
+    # again, and the shorter batch replays the first one's recording with 128 more pad tokens
     assert len(step.recordings) == len({GraphedTrainStep.key(b) for b in (first, second, other)})
+    assert GraphedTrainStep.key(shorter) not in step.recordings and step.reused >= 1
     assert results[0][0] == pytest.approx(results[2][0], rel=1e-4)
 
 
