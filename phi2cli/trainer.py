@@ -39,6 +39,60 @@ def selective_causal_lm_loss(model: Any, inputs: dict[str, Any], num_items: Any 
     return loss_sum / denominator, count
 
 
+class BalancedShards(torch.utils.data.Sampler):
+    """A shuffled order in which every optimizer step's examples are dealt out so that each
+    process gets about the same number of tokens.
+
+    Under DDP each process takes its own micro-batches from one shared order: with
+    `per_device` examples per micro-batch, `grad_accum` micro-batches and `processes` processes, an
+    optimizer step consumes `per_device x grad_accum x processes` consecutive examples, and
+    micro-batch m of the step goes to process m % processes. The step waits for the process with
+    the most tokens. Here each step's examples are the same as the base order gives (so the same
+    examples are learned at the same step on any number of GPUs). They are dealt longest first to
+    the process with the fewest tokens so far, with the same number of examples each, and each
+    process keeps them in their original order. With one process the order is the base order.
+    """
+
+    def __init__(self, base: Any, lengths: list[int], per_device: int, grad_accum: int, processes: int) -> None:
+        self.base, self.lengths = base, lengths
+        self.per_device, self.grad_accum, self.processes = per_device, grad_accum, processes
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __iter__(self) -> Any:
+        group = self.per_device * self.grad_accum * self.processes
+        pending: list[int] = []
+        for index in self.base:
+            pending.append(index)
+            if len(pending) == group:
+                yield from self.deal(pending)
+                pending = []
+        yield from pending  # a last, incomplete step keeps the base order
+
+    def deal(self, indices: list[int]) -> list[int]:
+        """One step's examples laid out so that process r's micro-batches hold its balanced share."""
+        if self.processes == 1:
+            return list(indices)
+        share = self.per_device * self.grad_accum
+        shards: list[list[int]] = [[] for _ in range(self.processes)]
+        load = [0] * self.processes
+        for position in sorted(range(len(indices)), key=lambda i: -self.lengths[indices[i]]):
+            rank = min((r for r in range(self.processes) if len(shards[r]) < share), key=lambda r: load[r])
+            shards[rank].append(position)
+            load[rank] += self.lengths[indices[position]]
+        ordered = [[indices[i] for i in sorted(shard)] for shard in shards]
+        out: list[int] = []
+        for micro in range(self.grad_accum):
+            for rank in range(self.processes):
+                out.extend(ordered[rank][micro * self.per_device : (micro + 1) * self.per_device])
+        return out
+
+
 class Phi2Trainer(Trainer):
     """Trainer with the fast engine's loss and a count of real (non-pad) tokens seen."""
 
@@ -52,6 +106,22 @@ class Phi2Trainer(Trainer):
         self.graph_note: str | None = None
         self.real_tokens_seen = 0
         self.squared_lengths_seen = 0  # sum of L^2 over examples: the attention share of the FLOPs
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        """Several processes with packed batches: the shuffled order accelerate would use, each step's
+        examples balanced in tokens over the processes (BalancedShards)."""
+        sampler = super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        columns = getattr(dataset, "column_names", ())
+        if (self.args.world_size < 2 or type(sampler) is not torch.utils.data.RandomSampler
+                or not {"prompt_tokens", "summary_tokens"} <= set(columns)):  # fmt: skip
+            return sampler
+        from accelerate.data_loader import SeedableRandomSampler
+
+        base = SeedableRandomSampler(data_source=dataset, data_seed=self.args.data_seed)  # what accelerate makes
+        lengths = [p + s for p, s in zip(dataset["prompt_tokens"], dataset["summary_tokens"])]
+        return BalancedShards(base, lengths, self.args.per_device_train_batch_size,
+                              self.args.gradient_accumulation_steps, self.args.world_size)  # fmt: skip
 
     def create_optimizer(self, model: Any = None) -> Any:
         created = self.optimizer is None

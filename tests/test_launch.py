@@ -96,22 +96,33 @@ def test_more_gpus_than_the_machine_has_is_a_one_line_error():
 
 @pytest.mark.slow
 def test_two_processes_keep_eight_examples_per_step_and_only_rank_0_writes(tiny_phi_dir, sample_data_dir, tmp_path):
-    """Real data-parallel training on the CPU (torchrun, gloo): the same files as one process."""
+    """Real data-parallel training on the CPU (torchrun, gloo): the same files and, without dropout,
+    the same losses as one process; an interrupted 2-process run resumes to the same losses."""
     import json
     import os
     import subprocess
 
     args = ["train", "--data-dir", str(sample_data_dir), "--model", str(tiny_phi_dir), "--samples", "32",
-            "--val-samples", "8", "--max-steps", "4", "--eval-every", "2", "--max-length", "192"]  # fmt: skip
+            "--val-samples", "8", "--max-steps", "4", "--eval-every", "2", "--max-length", "192",
+            "--lora-dropout", "0", "--logging-steps", "1"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    runs = {}
+
+    def launch(procs: int, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+                   "--master_port", str(29600 + procs), "-m", "phi2cli", *args, *extra]  # fmt: skip
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done
+
+    def losses(cwd: Path) -> dict[int, float]:
+        state = json.loads((cwd / "phi2-xsum-finetuned" / "checkpoint-4" / "trainer_state.json").read_text())
+        return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+    runs, curves = {}, {}
     for procs in (1, 2):
         cwd = tmp_path / f"p{procs}"
         cwd.mkdir()
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-                   "--master_port", str(29600 + procs), "-m", "phi2cli", *args]  # fmt: skip
-        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        done = launch(procs, cwd)
         assert done.stdout.count("Adapter saved to") == 1  # one display, from the main process
         run = json.loads((cwd / "phi2-xsum-final" / "phi2_run.json").read_text())
         plan = run["plan"]
@@ -119,5 +130,82 @@ def test_two_processes_keep_eight_examples_per_step_and_only_rank_0_writes(tiny_
         state = json.loads((cwd / "phi2-xsum-finetuned" / "checkpoint-4" / "trainer_state.json").read_text())
         assert state["log_history"][-1]["epoch"] == 1.0  # 4 steps x 8 examples = the 32 samples, once
         runs[procs] = sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*") if p.is_file())
+        curves[procs] = losses(cwd)
     normalise = [n.replace("rng_state_0.pth", "rng_state.pth") for n in runs[2] if "rng_state_1" not in n]
     assert sorted(normalise) == runs[1]
+    assert sorted(curves[1]) == sorted(curves[2]) == [1, 2, 3, 4]
+    for step in curves[1]:  # same examples at each step, split over 2 processes: same loss
+        assert curves[2][step] == pytest.approx(curves[1][step], rel=1e-4), step
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    launch(2, resumed, "--max-steps", "2", "--eval-every", "2")
+    launch(2, resumed, "--resume")
+    for step in (3, 4):
+        assert losses(resumed)[step] == pytest.approx(curves[2][step], rel=1e-4), step
+
+
+def test_each_step_is_dealt_to_the_processes_with_balanced_tokens():
+    import random
+
+    from phi2cli.trainer import BalancedShards
+
+    rng = random.Random(0)
+    lengths = [rng.choice([120, 300, 512, 512, 450, 200]) for _ in range(64)]
+    base = list(range(64))
+    rng.shuffle(base)
+    sharded = list(BalancedShards(base, lengths, per_device=4, grad_accum=1, processes=2))
+    assert sorted(sharded) == sorted(base)
+    worst_naive = worst_balanced = 0
+    for step in range(8):
+        given, dealt = base[8 * step : 8 * step + 8], sharded[8 * step : 8 * step + 8]
+        assert sorted(given) == sorted(dealt)  # the same examples at the same step as on one GPU
+        loads = [sum(lengths[i] for i in dealt[:4]), sum(lengths[i] for i in dealt[4:])]
+        naive = [sum(lengths[i] for i in given[:4]), sum(lengths[i] for i in given[4:])]
+        worst_balanced = max(worst_balanced, abs(loads[0] - loads[1]))
+        worst_naive = max(worst_naive, abs(naive[0] - naive[1]))
+        assert abs(loads[0] - loads[1]) <= max(lengths)  # greedy: within one example of even
+    assert worst_balanced < worst_naive
+
+
+def test_balanced_order_interleaves_micro_batches_as_accelerate_deals_them():
+    from phi2cli.trainer import BalancedShards
+
+    lengths = [10, 80, 20, 70, 30, 60, 40, 50]
+    order = list(BalancedShards(list(range(8)), lengths, per_device=2, grad_accum=2, processes=2))
+    # micro-batch m goes to process m % 2: process 0 gets micro-batches 0 and 2, process 1 gets 1 and 3
+    rank0 = order[0:2] + order[4:6]
+    rank1 = order[2:4] + order[6:8]
+    assert sum(lengths[i] for i in rank0) == sum(lengths[i] for i in rank1) == 180
+    assert rank0 == sorted(rank0) and rank1 == sorted(rank1)  # each keeps the original order
+    assert list(BalancedShards(list(range(8)), lengths, 8, 1, 1)) == list(range(8))  # one process: unchanged
+    assert list(BalancedShards(list(range(10)), lengths + [1, 2], 2, 2, 2))[8:] == [8, 9]  # incomplete step
+
+
+def test_several_processes_get_accelerates_shuffle_balanced(tiny_phi_dir, sample_data_dir, tmp_path, monkeypatch):
+    """The Trainer's sampler under 2 processes: accelerate's seeded order, each step balanced."""
+    from accelerate.data_loader import SeedableRandomSampler
+    from transformers import TrainingArguments
+
+    from phi2cli.data import load_prepared, prepare
+    from phi2cli.modeling import load_tokenizer
+    from phi2cli.trainer import BalancedShards, Phi2Trainer
+
+    config = apply_overrides(Phi2Config(), {"model.model": str(tiny_phi_dir), "data.data_dir": str(sample_data_dir),
+                                            "data.samples": 32, "data.val_samples": 0, "data.max_length": 256})  # fmt: skip
+    tokenizer = load_tokenizer(str(tiny_phi_dir))
+    prepare(config, tokenizer, tmp_path / "prepared")
+    train_set = load_prepared(tmp_path / "prepared")[0]["train"]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, data_seed=7,
+                             use_cpu=True, report_to=[])  # fmt: skip
+    trainer = Phi2Trainer.__new__(Phi2Trainer)  # only the sampler is needed, not a model
+    trainer.args, trainer.train_dataset = args, train_set
+    monkeypatch.setattr(type(args), "world_size", property(lambda self: 2))
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, BalancedShards) and sampler.processes == 2
+    seeded = list(SeedableRandomSampler(data_source=train_set, data_seed=7))
+    dealt = list(sampler)
+    for step in range(4):
+        assert sorted(dealt[8 * step : 8 * step + 8]) == sorted(seeded[8 * step : 8 * step + 8])
+    monkeypatch.setattr(type(args), "world_size", property(lambda self: 1))
+    assert not isinstance(trainer._get_train_sampler(), BalancedShards)
