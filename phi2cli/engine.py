@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -245,7 +246,8 @@ def train(
     config = with_absolute_paths(config)
 
     # One process, or one of N under a distributed launcher (accelerate launch, torchrun).
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # PHI2_DDP_BACKEND picks the process-group backend (e.g. gloo where NCCL cannot run); default: accelerate's
+    state = PartialState(cpu=not torch.cuda.is_available(), backend=os.environ.get("PHI2_DDP_BACKEND") or None)
     is_main = state.is_main_process
     with state.main_process_first():  # the main process checks, cleans and prepares; the others then read
         check_output_dirs(config, resume, overwrite and is_main)

@@ -181,3 +181,42 @@ def test_training_with_cuda_graphs_follows_the_eager_run(tmp_path):
     assert results["graphs"].throughput["cuda_graphs"]["recordings"] >= 1
     assert len(graphed) == len(eager) == 8
     assert max(abs(a - b) for a, b in zip(graphed, eager)) < 0.02
+
+
+def test_two_processes_with_cuda_graphs_learn_what_one_does(tmp_path):
+    """Data-parallel training with CUDA graphs: the graphed backward, the all-reduce of the flat
+    gradient buffer, the loss scale and the balanced shards. Two processes share this one GPU
+    (gloo, since NCCL needs a GPU per process); the tiny model, no dropout: same losses as one."""
+    import os
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from make_tiny_model import main as make_tiny
+
+    model = tmp_path / "tiny"
+    make_tiny(model)
+    args = [sys.executable, "-m", "phi2cli", "train", "--data-dir", str(SAMPLE), "--model", str(model),
+            "--samples", "64", "--val-samples", "8", "--max-steps", "8", "--eval-every", "8", "--max-length", "256",
+            "--lora-dropout", "0", "--logging-steps", "1", "--profile", "speed"]  # fmt: skip
+    curves, runs = {}, {}
+    for procs in (1, 2):
+        cwd = tmp_path / f"p{procs}"
+        cwd.mkdir()
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29700 + procs), "WORLD_SIZE": str(procs),
+               "LOCAL_RANK": "0", "PHI2_DDP_BACKEND": "gloo", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+        if procs == 1:
+            env = {k: v for k, v in env.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "PHI2_DDP_BACKEND")}
+        started = [subprocess.Popen(args, cwd=cwd, env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True) for rank in range(procs)]  # fmt: skip
+        outputs = [p.communicate(timeout=500)[0] for p in started]
+        assert all(p.returncode == 0 for p in started), "\n".join(o[-3000:] for o in outputs)
+        runs[procs] = json.loads((cwd / "phi2-xsum-final" / "phi2_run.json").read_text())
+        state = json.loads((cwd / "phi2-xsum-finetuned" / "checkpoint-8" / "trainer_state.json").read_text())
+        curves[procs] = {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+    record("two_processes_with_graphs", one=curves[1], two=curves[2],
+           graphs_1=runs[1]["throughput"].get("cuda_graphs"), graphs_2=runs[2]["throughput"].get("cuda_graphs"))
+    assert runs[2]["plan"]["world_size"] == 2 and runs[2]["plan"]["cuda_graphs"]
+    assert runs[2]["throughput"]["cuda_graphs"]["recordings"] >= 1
+    assert sorted(curves[1]) == sorted(curves[2]) == list(range(1, 9))
+    assert max(abs(curves[1][s] - curves[2][s]) for s in curves[1]) < 0.02
