@@ -13,8 +13,11 @@ All recordings share one memory pool, so they hold the memory of the largest one
 Gradients accumulate into one flat fp32 buffer. The trainable parameters' `.grad` are views of
 that buffer, and the recording refers to them by address. On several GPUs the buffer is averaged
 with one all-reduce after the backward. That is DDP's reduction as a single bucket: DDP's own
-hooks cannot run inside a recording. Dropout draws fresh masks on every replay, because PyTorch
-registers its random generator with the graph.
+hooks cannot run inside a recording. DDP keeps each parameter's gradient-accumulation node
+alive from its construction, and such a node runs on the stream it was made on; so a graphed run
+trains on a stream of its own (`training_stream`), the one DDP is built on and recordings are
+captured on. Dropout draws fresh masks on every replay, because PyTorch registers its random
+generator with the graph.
 """
 
 from __future__ import annotations
@@ -183,7 +186,9 @@ class GraphedTrainStep:
             torch.cuda.current_stream().wait_stream(side)
             self.grads.copy_(saved)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            current = torch.cuda.current_stream()
+            stream = None if current == torch.cuda.default_stream() else current  # capture where training runs
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
                 loss = self._forward_backward(inputs, longest)
         except torch.cuda.OutOfMemoryError:
             self.grads.copy_(saved)

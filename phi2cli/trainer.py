@@ -107,6 +107,18 @@ class Phi2Trainer(Trainer):
         self.real_tokens_seen = 0
         self.squared_lengths_seen = 0  # sum of L^2 over examples: the attention share of the FLOPs
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """CUDA graphs: train on a stream of one's own (graphs.py says why); otherwise as usual."""
+        if not (self.cuda_graphs and torch.cuda.is_available()):
+            return super().train(*args, **kwargs)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(stream):
+                return super().train(*args, **kwargs)
+        finally:
+            torch.cuda.current_stream().wait_stream(stream)
+
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         """Several processes with packed batches: the shuffled order accelerate would use, each step's
         examples balanced in tokens over the processes (BalancedShards)."""
