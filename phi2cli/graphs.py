@@ -15,7 +15,7 @@ that buffer, and the recording refers to them by address. On several GPUs the bu
 with one all-reduce after the backward. That is DDP's reduction as a single bucket: DDP's own
 hooks cannot run inside a recording. DDP keeps each parameter's gradient-accumulation node
 alive from its construction, and such a node runs on the stream it was made on; so a graphed run
-trains on a stream of its own (`training_stream`), the one DDP is built on and recordings are
+trains on a stream of its own (`Phi2Trainer.train`): DDP is built on it and recordings are
 captured on. Dropout draws fresh masks on every replay, because PyTorch registers its random
 generator with the graph.
 """
