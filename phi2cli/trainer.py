@@ -113,6 +113,8 @@ class Phi2Trainer(Trainer):
             return super().train(*args, **kwargs)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        if not any(isinstance(c, OptimizerOnDefaultStream) for c in self.callback_handler.callbacks):
+            self.add_callback(OptimizerOnDefaultStream())
         try:
             with torch.cuda.stream(stream):
                 return super().train(*args, **kwargs)
@@ -205,6 +207,31 @@ class Phi2Trainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss, _ = selective_causal_lm_loss(model, dict(inputs))
         return loss.detach(), None, None
+
+
+class OptimizerOnDefaultStream(TrainerCallback):
+    """Runs the optimizer step on the CUDA default stream when training runs on another one.
+
+    bitsandbytes launches its 8-bit optimizer kernels on the default stream whatever the current
+    stream is; on another stream they could read gradients that are not written yet. The step is
+    ordered after the training stream's work and the training stream after the step, on the GPU.
+    """
+
+    def __init__(self) -> None:
+        self.training_stream: Any = None
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        current, default = torch.cuda.current_stream(), torch.cuda.default_stream()
+        if current != default:
+            self.training_stream = current
+            default.wait_stream(current)
+            torch.cuda.set_stream(default)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.training_stream is not None:
+            self.training_stream.wait_stream(torch.cuda.default_stream())
+            torch.cuda.set_stream(self.training_stream)
+            self.training_stream = None
 
 
 class StopOnSignal(TrainerCallback):
