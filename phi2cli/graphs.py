@@ -59,14 +59,14 @@ class GraphedTrainStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
+        if any(p.dtype != torch.float32 for p in self.params):
+            raise ValueError("CUDA-graphed steps need fp32 trainable parameters (LoRA's master weights)")
         device = self.params[0].device
         offsets = [0]
         for p in self.params:
             offsets.append(offsets[-1] + p.numel())
         self.grads = torch.zeros(offsets[-1], dtype=torch.float32, device=device)
         self.views = [self.grads[a:b].view_as(p) for a, b, p in zip(offsets, offsets[1:], self.params)]
-        if any(p.dtype != torch.float32 for p in self.params):
-            raise ValueError("CUDA-graphed steps need fp32 trainable parameters (LoRA's master weights)")
         self.denominator = torch.ones((), dtype=torch.float32, device=device)
         self.scale = torch.ones((), dtype=torch.float32, device=device)
         self._scale_value = 1.0
