@@ -119,3 +119,39 @@ def test_cuda_graphs_step_aside_when_their_memory_pool_would_not_fit():
     assert roomy.cuda_graphs and roomy.note is None
     two = resolve_plan(config, cuda=True, quantized=True, free_gib=(eager_need + graph_need) / 2, world_size=2)
     assert two.cuda_graphs  # 4 examples per GPU need half the pool
+
+
+def test_steady_rate_starts_after_the_last_new_recording(monkeypatch):
+    """The meter's steady-state figure: tokens and time from the last log after which no process
+    recorded a new CUDA graph; the train command prints it with the recording cost."""
+    from types import SimpleNamespace
+
+    from phi2cli.cli.train import throughput_lines
+    from phi2cli.trainer import ThroughputMeter
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr("phi2cli.trainer.time.perf_counter", lambda: clock["now"])
+    tokens, recorded = {"n": 0}, {"n": 0}
+    meter = ThroughputMeter(lambda: tokens["n"], skip=2, recordings=lambda: recorded["n"])
+    state = SimpleNamespace(global_step=0)
+    meter.on_train_begin(None, state, None)
+    for step in range(1, 21):
+        clock["now"] += 1.0 if step in (1, 7) else 0.1  # steps 1 and 7 record a new shape (slow)
+        tokens["n"] += 1000
+        recorded["n"] += step in (1, 7)
+        state.global_step = step
+        meter.on_step_end(None, state, None)
+        if step % 5 == 0:
+            meter.on_log(None, state, None, logs={"loss": 1.0})
+    state.max_steps = 20
+    meter.on_train_end(SimpleNamespace(device="cpu"), state, None)
+    result = meter.result
+    assert result["steady_from_step"] == 10  # the first log after step 7's recording
+    assert result["steady_tokens_per_s"] == pytest.approx(10_000 / 1.0)  # 10 steps x 1000 tokens in 1 s
+    assert result["tokens_per_s"] == pytest.approx(18_000 / 2.7, abs=0.1)  # steps 3-20 include step 7 (rounded)
+    lines = throughput_lines({**result, "cuda_graphs": {"recordings": 2, "record_seconds": 1.9,
+                                                        "replays_of_a_longer_shape": 5}})  # fmt: skip
+    assert lines[1] == "Steady state: 10,000 real tokens/s from step 10 on (0.100 s per step)"
+    assert lines[2].startswith("CUDA graphs: 2 batch shapes recorded in 1.9 s")
+    assert throughput_lines({"cuda_graphs": {"recordings": 1, "record_seconds": 20.0,
+                                             "replays_of_a_longer_shape": 0}})[0].startswith("CUDA graphs")  # fmt: skip

@@ -115,14 +115,30 @@ def train_command(
          f"x {result.plan.world_size} GPU(s) = {result.plan.examples_per_step} examples per step)")  # fmt: skip
     if result.best_checkpoint:
         console.print(f"Best checkpoint: [bold]{result.best_checkpoint}[/bold] (eval loss {result.best_metric:.4f})")
-    if result.throughput:
-        console.print(f"Throughput: {result.throughput['tokens_per_s']:,.0f} real tokens/s "
-                      f"({result.throughput['seconds_per_step']:.3f} s per step after warm-up)")  # fmt: skip
+    for line in throughput_lines(result.throughput):
+        console.print(line)
     if result.memory:
         console.print(f"Peak GPU memory: {result.memory['peak_allocated_gib']:.2f} GiB allocated, "
                       f"{result.memory['peak_reserved_gib']:.2f} GiB reserved")  # fmt: skip
     console.print(f"Adapter saved to [bold]{result.final_dir}[/bold] after {result.global_step} steps. "
                   f"Next: phi2 evaluate, phi2 summarize ARTICLE.txt, phi2 report")  # fmt: skip
+
+
+def throughput_lines(throughput: dict[str, Any]) -> list[str]:
+    """How fast the run went: after warm-up, and in the steady state once no new CUDA graph was recorded."""
+    lines = []
+    if "tokens_per_s" in throughput:
+        lines.append(f"Throughput: {throughput['tokens_per_s']:,.0f} real tokens/s "
+                     f"({throughput['seconds_per_step']:.3f} s per step after warm-up)")  # fmt: skip
+    if "steady_tokens_per_s" in throughput:
+        lines.append(f"Steady state: {throughput['steady_tokens_per_s']:,.0f} real tokens/s from step "
+                     f"{throughput['steady_from_step']} on ({throughput['steady_seconds_per_step']:.3f} s per step)")  # fmt: skip
+    graphs = throughput.get("cuda_graphs")
+    if graphs:
+        lines.append(f"CUDA graphs: {graphs['recordings']} batch shapes recorded in {graphs['record_seconds']:.1f} s "
+                     f"(the first includes compiling), {graphs['replays_of_a_longer_shape']} batches replayed a "
+                     f"longer shape")  # fmt: skip
+    return lines
 
 
 def resolve_train_config(config_file: Optional[Path], overrides: dict[str, Any], resume: bool) -> Phi2Config:
