@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 PAD_MULTIPLE = 128  # tokens: a batch is padded by 64 on average, ~3% of a 2,000-token micro-batch
 LABEL_MULTIPLE = 128  # label positions: lm_head on 128 extra rows costs well under a millisecond
@@ -161,14 +160,13 @@ class GraphedTrainStep:
         self.grads.div_(torch.distributed.get_world_size())
 
     def _forward_backward(self, inputs: dict[str, torch.Tensor], longest: int) -> torch.Tensor:
-        cols = inputs["label_positions"]
+        """The eager step's loss (trainer.selective_causal_lm_loss) over the static tensors, and its backward."""
+        from phi2cli.trainer import selective_causal_lm_loss
+
         cu = inputs["cu_seq_lens_q"]
-        outputs = self.model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], cu_seq_lens_q=cu,
-                             cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest, logits_to_keep=cols,
-                             use_cache=False)  # fmt: skip
-        targets = inputs["labels"][0, 1:][cols]
-        loss_sum = F.cross_entropy(outputs.logits[0].float(), targets, reduction="sum")
-        loss = loss_sum / self.denominator * self.scale
+        batch = {**inputs, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+        loss, _ = selective_causal_lm_loss(self.model, batch, self.denominator)
+        loss = loss * self.scale
         loss.backward()
         return loss.detach()
 
