@@ -28,8 +28,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from phi2cli.config import Phi2Config, apply_overrides
-    from phi2cli.engine import train
-    from phi2cli.evaluation import EvaluateOptions, evaluate
+    from phi2cli.training.engine import train
+    from phi2cli.inference.evaluation import EvaluateOptions, evaluate
 
     make_random_phi2(args.model)
     work = Path(tempfile.mkdtemp(prefix="phi2-eval-"))

@@ -26,7 +26,7 @@ def main() -> None:
     from transformers import TrainerCallback
 
     from phi2cli.config import Phi2Config, apply_overrides
-    from phi2cli.engine import train
+    from phi2cli.training.engine import train
 
     make_random_phi2(args.model)
     work = Path(tempfile.mkdtemp(prefix="phi2-profile-"))

@@ -4,7 +4,7 @@
 
 The reference is the notebook recipe: HF Trainer + PEFT + bitsandbytes 4-bit NF4, batch 1 x
 grad-accum 8, gradient checkpointing, fp16, paged_adamw_8bit, every example truncated and padded
-to 512 tokens. phi2cli's 'speed' and 'memory-saver' profiles run through `phi2cli.engine.train` on
+to 512 tokens. phi2cli's 'speed' and 'memory-saver' profiles run through `phi2cli.training.engine.train` on
 the same examples (real XSUM rows, phi-2's tokenizer, max 512 tokens), 8 examples per optimizer
 step. Prints a table and writes benchmarks/results/train_throughput.json.
 """
@@ -87,8 +87,8 @@ class StepTimer(TrainerCallback):
 
 def load_examples(data_dir: Path, tokenizer: Any, count: int) -> list[dict[str, Any]]:
     from phi2cli.config import DEFAULT_TEMPLATE
-    from phi2cli.prompts import PromptFormat, encode_example
-    from phi2cli.sources import normalize_rows, read_records
+    from phi2cli.data.prompts import PromptFormat, encode_example
+    from phi2cli.data.sources import normalize_rows, read_records
     from phi2cli.config import DataConfig
 
     rows = normalize_rows(read_records(data_dir / "train.jsonl"), DataConfig(), "train").rows[:count]
@@ -106,7 +106,7 @@ def load_examples(data_dir: Path, tokenizer: Any, count: int) -> list[dict[str, 
 def save_prepared(examples: list[dict[str, Any]], target: Path, tokenizer_name: str) -> Path:
     import datasets
 
-    from phi2cli.fileio import write_json_atomic
+    from phi2cli.io.files import write_json_atomic
 
     columns = {k: [e[k] for e in examples] for k in examples[0]}
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(columns)}).save_to_disk(str(target / "data"))
@@ -146,9 +146,9 @@ def run_reference(model_dir: Path, examples: list[dict[str, Any]], steps: int, w
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainingArguments, set_seed
 
-    from phi2cli.collate import PaddedCollator
-    from phi2cli.modeling import load_tokenizer
-    from phi2cli.trainer import Phi2Trainer
+    from phi2cli.data.collate import PaddedCollator
+    from phi2cli.models.loading import load_tokenizer
+    from phi2cli.training.trainer import Phi2Trainer
 
     tokenizer = load_tokenizer(str(model_dir))
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -181,7 +181,7 @@ def run_engine(profile: str, model_dir: Path, prepared: Path, steps: int, workdi
     import torch
 
     from phi2cli.config import Phi2Config, apply_overrides
-    from phi2cli.engine import train
+    from phi2cli.training.engine import train
 
     # "<profile>-eager" runs the same profile without torch.compile, to show what compiling buys;
     # "speed-fusedqkv" the compiled speed profile with batched q/k/v (the eager default), to compare.
@@ -203,16 +203,16 @@ def run_engine(profile: str, model_dir: Path, prepared: Path, steps: int, workdi
                 torch.cuda.reset_peak_memory_stats()
 
     timer = StepTimer(holder)
-    original_init = __import__("phi2cli.trainer", fromlist=["Phi2Trainer"]).Phi2Trainer.__init__
+    original_init = __import__("phi2cli.training.trainer", fromlist=["Phi2Trainer"]).Phi2Trainer.__init__
 
     def capture(self, *a, **kw):  # the engine builds its own trainer: keep a handle for the timer
         original_init(self, *a, **kw)
         holder.append(self)
 
-    from phi2cli import trainer as trainer_mod
+    from phi2cli.training import trainer as trainer_mod
 
     trainer_mod.Phi2Trainer.__init__ = capture
-    from phi2cli import engine
+    from phi2cli.training import engine
 
     original_plan = engine.resolve_plan
     if profile.endswith("-fusedqkv"):
@@ -237,7 +237,7 @@ def main() -> None:
 
     import torch
 
-    from phi2cli.modeling import load_tokenizer, memory_report
+    from phi2cli.models.loading import load_tokenizer, memory_report
 
     make_random_phi2(args.model)
     tokenizer = load_tokenizer(str(args.model))

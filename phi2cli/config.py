@@ -295,7 +295,7 @@ def build_config(config_file: str | Path | None, overrides: Mapping[str, Any]) -
 
 def save_run_config(config: Phi2Config, directory: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
     """Write the resolved config (plus resolved facts like the tokenizer) as the run's config."""
-    from phi2cli.fileio import write_json_atomic
+    from phi2cli.io.files import write_json_atomic
 
     body = {"config": config.to_dict(), **(extra or {})}
     return write_json_atomic(Path(directory) / RUN_CONFIG_NAME, body)

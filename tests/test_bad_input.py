@@ -435,7 +435,7 @@ def out_of_memory(*args, **kwargs):
 
 
 def test_out_of_memory_while_training_gives_advice(monkeypatch, tiny_phi_dir, sample_data_dir):
-    from phi2cli.trainer import Phi2Trainer
+    from phi2cli.training.trainer import Phi2Trainer
 
     monkeypatch.setattr(Phi2Trainer, "training_step", out_of_memory)
     result = invoke(train_args(tiny_phi_dir, sample_data_dir))
@@ -445,14 +445,14 @@ def test_out_of_memory_while_training_gives_advice(monkeypatch, tiny_phi_dir, sa
 
 
 def test_out_of_memory_while_loading_for_training_gives_advice(monkeypatch, tiny_phi_dir, sample_data_dir):
-    monkeypatch.setattr("phi2cli.modeling.attach_lora", out_of_memory)
+    monkeypatch.setattr("phi2cli.models.loading.attach_lora", out_of_memory)
     result = invoke(train_args(tiny_phi_dir, sample_data_dir))
     assert result.exit_code == 1
     assert "the GPU ran out of memory; use '--profile memory-saver'" in error_message(result.output)
 
 
 def test_out_of_memory_while_evaluating_gives_advice(monkeypatch, trained_run, tmp_path):
-    monkeypatch.setattr("phi2cli.trainer.selective_causal_lm_loss", out_of_memory)
+    monkeypatch.setattr("phi2cli.training.trainer.selective_causal_lm_loss", out_of_memory)
     result = invoke(["evaluate", "--adapter", str(trained_run), "--samples", "2", "--output", str(tmp_path / "e")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert error_message(result.output) == ("Error: the GPU ran out of memory computing the eval loss; "
@@ -460,7 +460,7 @@ def test_out_of_memory_while_evaluating_gives_advice(monkeypatch, trained_run, t
 
 
 def test_out_of_memory_while_generating_halves_the_batch_then_gives_advice(monkeypatch, trained_run, tmp_path):
-    from phi2cli import inference
+    from phi2cli.inference import generate as inference
 
     sizes = []
 
@@ -469,7 +469,7 @@ def test_out_of_memory_while_generating_halves_the_batch_then_gives_advice(monke
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(inference, "_generate_batch", out_of_memory_batch)  # beam search, sampling, other models
-    monkeypatch.setattr(inference, "_decode_batch", out_of_memory_batch)  # greedy Phi (phi2cli.decode)
+    monkeypatch.setattr(inference, "_decode_batch", out_of_memory_batch)  # greedy Phi (phi2cli.inference.decode)
     (tmp_path / "a.txt").write_text("The council met.")
     (tmp_path / "b.txt").write_text("The team won.")
     result = invoke(["summarize", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--adapter", str(trained_run),

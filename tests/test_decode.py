@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
 
-from phi2cli import decode
-from phi2cli.decode import cut_at_stop, greedy_decode, supports
+from phi2cli.inference import decode
+from phi2cli.inference.decode import cut_at_stop, greedy_decode, supports
 
 LENGTHS = (5, 17, 1, 33, 9, 12, 26)  # one batch of unequal prompts, a one-token prompt among them
 
@@ -142,7 +142,7 @@ class Calls:
 @pytest.fixture(scope="module")
 def loaded(tiny_phi_dir):
     from phi2cli.config import Phi2Config, apply_overrides
-    from phi2cli.inference import load_model
+    from phi2cli.inference.generate import load_model
 
     return load_model(apply_overrides(Phi2Config(), {"model.model": str(tiny_phi_dir)}).validate())
 
@@ -156,7 +156,7 @@ def documents(sample_data_dir) -> list[str]:
 
 
 def test_generate_routes_greedy_phi_to_the_fast_decoder_with_the_same_summaries(loaded, documents, monkeypatch):
-    from phi2cli import inference
+    from phi2cli.inference import generate as inference
     from phi2cli.config import GenerationConfig
 
     gen = GenerationConfig(max_new_tokens=8)
@@ -172,7 +172,7 @@ def test_generate_routes_greedy_phi_to_the_fast_decoder_with_the_same_summaries(
 
 def test_generate_keeps_hf_generate_for_beams_sampling_and_streaming(loaded, documents, monkeypatch):
     from phi2cli.config import GenerationConfig
-    from phi2cli.inference import generate
+    from phi2cli.inference.generate import generate
 
     calls = Calls(monkeypatch, loaded)
     generate(loaded, documents[:2], GenerationConfig(max_new_tokens=4, num_beams=2), batch_size=2)
@@ -186,7 +186,7 @@ def test_generate_keeps_hf_generate_for_beams_sampling_and_streaming(loaded, doc
 def test_default_gpu_batch_is_larger_only_where_the_fast_decoder_runs(loaded, monkeypatch):
     from dataclasses import replace
 
-    from phi2cli import inference
+    from phi2cli.inference import generate as inference
     from phi2cli.config import GenerationConfig
 
     on_gpu = replace(loaded, device="cuda")  # only the batch-size choice looks at the device

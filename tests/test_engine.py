@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from phi2cli.cli import app
 from phi2cli.config import Phi2Config, apply_overrides
-from phi2cli.engine import train
+from phi2cli.training.engine import train
 from phi2cli.errors import DeviceError, RunError
 
 runner = CliRunner()
@@ -199,9 +199,9 @@ def test_progress_shows_what_it_waits_for_until_the_first_step():
 
     from rich.console import Console
 
-    from phi2cli.engine import COMPILE_NOTE
-    from phi2cli.trainer import ProgressCallback
-    from phi2cli.ui import TrainingDisplay
+    from phi2cli.training.engine import COMPILE_NOTE
+    from phi2cli.training.trainer import ProgressCallback
+    from phi2cli.cli.ui import TrainingDisplay
 
     def render(events):
         out = io.StringIO()
@@ -226,8 +226,8 @@ def test_flat_8bit_optimizer_trains_and_resumes_exactly_like_bitsandbytes_per_te
     pytest.importorskip("bitsandbytes")
     import dataclasses
 
-    from phi2cli import engine
-    from phi2cli.optim import FlatAdamW8bit
+    from phi2cli.training import engine
+    from phi2cli.kernels.optim import FlatAdamW8bit
 
     seen = []
 
@@ -263,7 +263,7 @@ def test_flat_8bit_optimizer_trains_and_resumes_exactly_like_bitsandbytes_per_te
 
 
 def engine_plan(*args, **kwargs):
-    from phi2cli.plan import resolve_plan
+    from phi2cli.training.plan import resolve_plan
 
     return resolve_plan(*args, **kwargs)
 

@@ -64,9 +64,9 @@ def test_eval_loss_is_trainings_eval_loss_on_the_same_examples(final):
 def test_packed_eval_loss_equals_the_per_example_token_weighted_loss(final, sample_data_dir):
     import torch
 
-    from phi2cli.evaluation import resolve_config
-    from phi2cli.inference import eval_loss, labelled_tokens, load_model
-    from phi2cli.prompts import encode_example
+    from phi2cli.inference.evaluation import resolve_config
+    from phi2cli.inference.generate import eval_loss, labelled_tokens, load_model
+    from phi2cli.data.prompts import encode_example
 
     config = resolve_config(final, {})
     loaded = load_model(config, final)
@@ -118,8 +118,8 @@ def test_all_examples_when_the_split_has_fewer_than_samples(final, sample_data_d
 
 def test_batched_generation_gives_the_same_summaries_as_one_at_a_time(final, sample_data_dir):
     from phi2cli.config import GenerationConfig
-    from phi2cli.evaluation import resolve_config
-    from phi2cli.inference import generate, load_model, stop_token_ids
+    from phi2cli.inference.evaluation import resolve_config
+    from phi2cli.inference.generate import generate, load_model, stop_token_ids
 
     loaded = load_model(resolve_config(final, {}), final)
     assert stop_token_ids(loaded.tokenizer) == [50256, 198, 628]  # EOS, "\n", "\n\n" of phi-2
@@ -157,8 +157,8 @@ def test_generation_stops_at_a_newline_token(final, sample_data_dir):
     import torch
 
     from phi2cli.config import GenerationConfig
-    from phi2cli.evaluation import resolve_config
-    from phi2cli.inference import generate, load_model
+    from phi2cli.inference.evaluation import resolve_config
+    from phi2cli.inference.generate import generate, load_model
 
     loaded = load_model(resolve_config(final, {}), final)
     document = read_jsonl(sample_data_dir / "validation.jsonl")[0]["document"]
@@ -173,7 +173,7 @@ def test_generation_stops_at_a_newline_token(final, sample_data_dir):
 
 def test_one_shared_forward_gives_the_two_passes_metrics_and_predictions(final):
     """evaluate() with and without the shared forward: the same loss, ROUGE and summaries, tuned and base."""
-    from phi2cli.evaluation import SEPARATE_TIMINGS, SHARED_TIMINGS, EvaluateOptions, evaluate
+    from phi2cli.inference.evaluation import SEPARATE_TIMINGS, SHARED_TIMINGS, EvaluateOptions, evaluate
 
     results = {flag: evaluate(EvaluateOptions(adapter_dir=str(final), samples=8, output_dir=f"out-{flag}",
                                               compare_base=True, shared_forward=flag))  # fmt: skip
@@ -196,9 +196,9 @@ def test_one_shared_forward_gives_the_two_passes_metrics_and_predictions(final):
 
 
 def test_articles_are_tokenized_once_for_the_loss_examples_and_the_prompts(final, sample_data_dir):
-    from phi2cli.evaluation import encode_examples, resolve_config
-    from phi2cli.inference import encode_documents, load_model
-    from phi2cli.prompts import encode_document, encode_example
+    from phi2cli.inference.evaluation import encode_examples, resolve_config
+    from phi2cli.inference.generate import encode_documents, load_model
+    from phi2cli.data.prompts import encode_document, encode_example
 
     loaded = load_model(resolve_config(final, {}), final)
     rows = read_jsonl(sample_data_dir / "validation.jsonl")[:6]

@@ -31,7 +31,7 @@ def forward_and_grads(model, x):
 
 
 def test_lean_lora_forward_matches_peft_values_and_gradients():
-    from phi2cli import lora_fast
+    from phi2cli.kernels import lora as lora_fast
 
     x = torch.randn(2, 5, 48)
     reference, fast = tiny_lora_model(), tiny_lora_model()
@@ -48,7 +48,7 @@ def test_lean_lora_forward_matches_peft_values_and_gradients():
 
 
 def test_lean_lora_forward_applies_dropout_in_training_and_not_in_eval():
-    from phi2cli import lora_fast
+    from phi2cli.kernels import lora as lora_fast
 
     x = torch.randn(4, 8, 48)
     reference, fast = tiny_lora_model(dropout=0.5), tiny_lora_model(dropout=0.5)
@@ -64,7 +64,7 @@ def test_lean_lora_forward_applies_dropout_in_training_and_not_in_eval():
 
 
 def test_lean_lora_forward_leaves_merged_and_disabled_layers_to_peft():
-    from phi2cli import lora_fast
+    from phi2cli.kernels import lora as lora_fast
 
     x = torch.randn(3, 48)
     model = tiny_lora_model()
@@ -79,7 +79,7 @@ def test_lean_lora_forward_leaves_merged_and_disabled_layers_to_peft():
 
 
 def test_lean_lora_update_runs_in_bf16_and_keeps_the_base_output_dtype():
-    from phi2cli.lora_fast import lora_update
+    from phi2cli.kernels.lora import lora_update
 
     x = torch.randn(6, 16, dtype=torch.bfloat16)
     a = torch.randn(4, 16, requires_grad=True)  # fp32 masters, as PEFT keeps them
@@ -97,7 +97,7 @@ def test_tanh_gelu_swap_keeps_phi2_activation_values(tiny_phi_dir):
     from transformers import AutoModelForCausalLM
     from transformers.activations import GELUTanh, NewGELUActivation
 
-    from phi2cli.lora_fast import fuse_gelu
+    from phi2cli.kernels.lora import fuse_gelu
 
     x = torch.linspace(-6, 6, 2001)
     torch.testing.assert_close(GELUTanh()(x), NewGELUActivation()(x), rtol=1e-6, atol=1e-6)
@@ -116,7 +116,7 @@ def bnb_or_skip():
 
 def two_optimizers(shapes, weight_decay=0.01):
     bnb = bnb_or_skip()
-    from phi2cli.optim import FlatAdamW8bit, flatten_bnb_adamw
+    from phi2cli.kernels.optim import FlatAdamW8bit, flatten_bnb_adamw
 
     torch.manual_seed(0)
     per_tensor = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
@@ -158,7 +158,7 @@ def test_flat_8bit_adamw_updates_every_element_as_bitsandbytes_does():
 
 
 def test_flat_8bit_adamw_state_dict_resumes_the_same_trajectory():
-    from phi2cli.optim import flatten_bnb_adamw
+    from phi2cli.kernels.optim import flatten_bnb_adamw
 
     bnb = bnb_or_skip()
     per_tensor, reference, flat, flat_opt = two_optimizers(SHAPES)
@@ -178,7 +178,7 @@ def test_flat_8bit_adamw_state_dict_resumes_the_same_trajectory():
 
 def test_small_tensors_keep_the_original_optimizer():
     bnb = bnb_or_skip()
-    from phi2cli.optim import flatten_bnb_adamw
+    from phi2cli.kernels.optim import flatten_bnb_adamw
 
     params = [torch.nn.Parameter(torch.randn(4, 64))]  # under bitsandbytes' min_8bit_size: 32-bit state
     optimizer = bnb.optim.AdamW(params, lr=1e-3, optim_bits=8)
@@ -200,7 +200,7 @@ def phi_with_lora(model_dir, dropout=0.0, seed=0, attn="sdpa"):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_fused_qkv_attention_matches_peft_logits_and_gradients(tiny_phi_dir, attn, monkeypatch):
-    from phi2cli import lora_fast
+    from phi2cli.kernels import lora as lora_fast
 
     reference, fused = phi_with_lora(tiny_phi_dir, attn=attn), phi_with_lora(tiny_phi_dir, attn=attn)
     layers = fused.config.num_hidden_layers
@@ -232,7 +232,7 @@ def forward_and_grads_lm(model, ids, labels):
 
 
 def test_fused_qkv_hands_merged_disabled_and_cached_calls_to_phi(tiny_phi_dir):
-    from phi2cli import lora_fast
+    from phi2cli.kernels import lora as lora_fast
 
     model = phi_with_lora(tiny_phi_dir).eval()
     ids = torch.randint(5, 1000, (1, 16))
@@ -251,7 +251,7 @@ def test_fused_qkv_hands_merged_disabled_and_cached_calls_to_phi(tiny_phi_dir):
 
 
 def test_fused_qkv_draws_independent_dropout_masks(tiny_phi_dir):
-    from phi2cli import lora_fast
+    from phi2cli.kernels import lora as lora_fast
 
     model = phi_with_lora(tiny_phi_dir, dropout=0.5)
     lora_fast.install_fused_qkv(model)

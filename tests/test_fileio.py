@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from phi2cli import fileio
+from phi2cli.io import files as fileio
 from phi2cli.errors import Phi2Error
-from phi2cli.fileio import atomic_directory, check_writable_dir, write_json_atomic, write_text_atomic
+from phi2cli.io.files import atomic_directory, check_writable_dir, write_json_atomic, write_text_atomic
 
 DISK_FULL = "disk full while writing {}; free space and run the command again"
 
@@ -139,9 +139,9 @@ def test_disk_full_at_the_final_rename_puts_the_previous_version_back(folder, mo
 
 
 def test_interrupted_prepare_keeps_the_previous_dataset(folder, monkeypatch, phi2_tokenizer_dir, sample_data_dir):
-    from phi2cli import data
+    from phi2cli.data import prepare as data
     from phi2cli.config import Phi2Config, apply_overrides
-    from phi2cli.modeling import load_tokenizer
+    from phi2cli.models.loading import load_tokenizer
 
     config = apply_overrides(Phi2Config(), {"data.data_dir": str(sample_data_dir), "data.samples": 4,
                                             "data.val_samples": 2, "model.model": str(phi2_tokenizer_dir)})  # fmt: skip

@@ -53,7 +53,7 @@ def gpu_config(model_dir: Path, profile: str, tmp: Path, **extra):
 def test_reference_recipe_runs_the_real_4bit_path(phi2_shape_dir, tmp_path):
     import bitsandbytes as bnb
 
-    from phi2cli.engine import train
+    from phi2cli.training.engine import train
 
     keep = Keep()
     config = gpu_config(phi2_shape_dir, "reference", tmp_path)
@@ -72,7 +72,7 @@ def test_reference_recipe_runs_the_real_4bit_path(phi2_shape_dir, tmp_path):
 def test_speed_profile_dequantizes_once_and_uses_varlen_attention(phi2_shape_dir, tmp_path):
     import bitsandbytes as bnb
 
-    from phi2cli.engine import train
+    from phi2cli.training.engine import train
 
     keep = Keep()
     result = train(gpu_config(phi2_shape_dir, "speed", tmp_path), callbacks=[keep()])
@@ -87,14 +87,14 @@ def test_speed_profile_dequantizes_once_and_uses_varlen_attention(phi2_shape_dir
 def test_fast_path_and_reference_path_give_the_same_loss(phi2_shape_dir):
     """One batch of 8 real examples: padded 4-bit HF loss vs packed, dequantized, varlen, selective-head loss."""
 
-    from phi2cli import attention
-    from phi2cli.collate import PackedCollator, PaddedCollator
+    from phi2cli.kernels import attention
+    from phi2cli.data.collate import PackedCollator, PaddedCollator
     from phi2cli.config import DEFAULT_TEMPLATE, DataConfig, ModelConfig
-    from phi2cli.engine import dequantize_base
-    from phi2cli.modeling import load_base_model, load_tokenizer, resolve_precision
-    from phi2cli.prompts import PromptFormat, encode_example
-    from phi2cli.sources import load_split
-    from phi2cli.trainer import selective_causal_lm_loss
+    from phi2cli.training.engine import dequantize_base
+    from phi2cli.models.loading import load_base_model, load_tokenizer, resolve_precision
+    from phi2cli.data.prompts import PromptFormat, encode_example
+    from phi2cli.data.sources import load_split
+    from phi2cli.training.trainer import selective_causal_lm_loss
 
     tokenizer = load_tokenizer(str(phi2_shape_dir))
     rows = load_split(DataConfig(data_dir=str(ROOT / "examples/data/xsum-sample")), "validation").rows[:8]
@@ -122,14 +122,16 @@ def test_fast_engine_with_lora_matches_the_reference_path(phi2_shape_dir):
     loss and gradients."""
     from peft import LoraConfig, get_peft_model
 
-    from phi2cli import attention, lora_fast
-    from phi2cli.collate import PackedCollator, PaddedCollator
+    from phi2cli.kernels import attention
+
+    from phi2cli.kernels import lora as lora_fast
+    from phi2cli.data.collate import PackedCollator, PaddedCollator
     from phi2cli.config import DEFAULT_TEMPLATE, DataConfig, ModelConfig
-    from phi2cli.engine import dequantize_base
-    from phi2cli.modeling import load_base_model, load_tokenizer, resolve_precision
-    from phi2cli.prompts import PromptFormat, encode_example
-    from phi2cli.sources import load_split
-    from phi2cli.trainer import selective_causal_lm_loss
+    from phi2cli.training.engine import dequantize_base
+    from phi2cli.models.loading import load_base_model, load_tokenizer, resolve_precision
+    from phi2cli.data.prompts import PromptFormat, encode_example
+    from phi2cli.data.sources import load_split
+    from phi2cli.training.trainer import selective_causal_lm_loss
 
     tokenizer = load_tokenizer(str(phi2_shape_dir))
     rows = load_split(DataConfig(data_dir=str(ROOT / "examples/data/xsum-sample")), "validation").rows[8:16]

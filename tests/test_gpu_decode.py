@@ -51,9 +51,9 @@ def load(model_dir: Path, dtype: str):
     from transformers import AutoModelForCausalLM
 
     from phi2cli.config import Phi2Config, apply_overrides
-    from phi2cli.inference import LoadedModel
-    from phi2cli.modeling import load_tokenizer
-    from phi2cli.prompts import PromptFormat
+    from phi2cli.inference.generate import LoadedModel
+    from phi2cli.models.loading import load_tokenizer
+    from phi2cli.data.prompts import PromptFormat
 
     config = apply_overrides(Phi2Config(), {"model.model": str(model_dir)}).validate()
     tokenizer = load_tokenizer(str(model_dir))
@@ -64,14 +64,14 @@ def load(model_dir: Path, dtype: str):
 
 
 def prompts_of(loaded, documents: list[str]) -> list[list[int]]:
-    from phi2cli.inference import build_prompts, encode_documents
+    from phi2cli.inference.generate import build_prompts, encode_documents
 
     return [ids for ids, _ in build_prompts(loaded, encode_documents(loaded.tokenizer, documents), MAX_NEW_TOKENS)]
 
 
 def hf_greedy(loaded, prompt: list[int], stop_ids: list[int]) -> list[int]:
     """generate() on the prompt alone (no padding): the reference continuation."""
-    from phi2cli.decode import cut_at_stop
+    from phi2cli.inference.decode import cut_at_stop
 
     with torch.inference_mode():
         out = loaded.model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=MAX_NEW_TOKENS,
@@ -86,7 +86,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def graphed_decode(model, prompts, stop_ids, batch_size, cuda_graph=True, max_new_tokens=MAX_NEW_TOKENS):
     """greedy_decode, failing if the CUDA graph capture fell back to eager steps."""
-    from phi2cli.decode import greedy_decode
+    from phi2cli.inference.decode import greedy_decode
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -107,7 +107,7 @@ def bf16(phi2_shape_dir):
 def test_the_model_phi2_evaluate_loads_takes_the_fast_decoder(phi2_shape_dir):
     """4-bit load, NF4 dequantized once into bf16 linears: still plain modules of one dtype."""
     from phi2cli.config import GenerationConfig, Phi2Config, apply_overrides
-    from phi2cli.inference import (
+    from phi2cli.inference.generate import (
         FAST_CUDA_GEN_BATCH,
         default_batch_size,
         load_model,
@@ -127,8 +127,8 @@ def test_the_model_phi2_evaluate_loads_takes_the_fast_decoder(phi2_shape_dir):
 
 def test_float32_fast_decoder_gives_hf_generate_tokens(phi2_shape_dir):
     """In float32 (no TF32) the graphed step must reproduce generate() as on the CPU, token for token."""
-    from phi2cli.decode import supports
-    from phi2cli.inference import stop_token_ids
+    from phi2cli.inference.decode import supports
+    from phi2cli.inference.generate import stop_token_ids
 
     loaded = load(phi2_shape_dir, "float32")
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -150,7 +150,7 @@ def test_float32_fast_decoder_gives_hf_generate_tokens(phi2_shape_dir):
 
 
 def test_bf16_graph_replay_matches_eager_steps_and_tracks_hf_generate(bf16):
-    from phi2cli.inference import stop_token_ids
+    from phi2cli.inference.generate import stop_token_ids
 
     prompts = prompts_of(bf16, articles()[:COMPARED])
     stops = stop_token_ids(bf16.tokenizer)
@@ -174,7 +174,7 @@ def test_bf16_graph_replay_matches_eager_steps_and_tracks_hf_generate(bf16):
 
 def test_500_articles_fast_decoder_vs_hf_generate(bf16, monkeypatch):
     """Times `phi2 evaluate`'s generation (500 articles x 30 tokens) both ways and prints the numbers."""
-    from phi2cli import inference
+    from phi2cli.inference import generate as inference
     from phi2cli.config import GenerationConfig
 
     documents = articles()
@@ -232,10 +232,10 @@ def test_shared_forward_matches_the_two_passes_and_times_evaluate_scoring(bf16):
     """
     from dataclasses import replace
 
-    from phi2cli import inference
+    from phi2cli.inference import generate as inference
     from phi2cli.config import GenerationConfig, apply_overrides
-    from phi2cli.evaluation import encode_examples, score_articles
-    from phi2cli.shared_forward import decode_with_loss, unshared_tail
+    from phi2cli.inference.evaluation import encode_examples, score_articles
+    from phi2cli.inference.shared_forward import decode_with_loss, unshared_tail
 
     loaded = replace(bf16, config=apply_overrides(bf16.config, {"data.max_length": EVAL_MAX_LENGTH}).validate())
     gen = GenerationConfig()

@@ -24,9 +24,9 @@ def speed_model():
     """The speed profile's model (dequantized bf16 base, lean LoRA, varlen attention), eager layers,
     LoRA B non-zero so that every LoRA weight gets a gradient."""
     from phi2cli.config import Phi2Config, apply_overrides
-    from phi2cli.engine import build_model
-    from phi2cli.modeling import resolve_precision
-    from phi2cli.plan import resolve_plan
+    from phi2cli.training.engine import build_model
+    from phi2cli.models.loading import resolve_precision
+    from phi2cli.training.plan import resolve_plan
 
     config = apply_overrides(Phi2Config(), {"model.model": str(phi2_shape_model()), "lora.dropout": 0.0,
                                             "train.profile": "speed", "train.compile": False}).validate()  # fmt: skip
@@ -51,11 +51,11 @@ def no_dropout(model) -> None:
 def _batches(sizes: list[int], max_length: int = 512, shorter: bool = False) -> list[dict]:
     """Collated batches of real rows; `shorter` adds a copy of the first, its first article
     trimmed so that the batch is one pad multiple (128 tokens) shorter."""
-    from phi2cli.collate import PackedCollator
+    from phi2cli.data.collate import PackedCollator
     from phi2cli.config import DEFAULT_TEMPLATE, DataConfig
-    from phi2cli.modeling import load_tokenizer
-    from phi2cli.prompts import PromptFormat, encode_example
-    from phi2cli.sources import load_split
+    from phi2cli.models.loading import load_tokenizer
+    from phi2cli.data.prompts import PromptFormat, encode_example
+    from phi2cli.data.sources import load_split
 
     tokenizer = load_tokenizer(str(phi2_shape_model()))
     rows = load_split(DataConfig(data_dir=str(SAMPLE)), "train").rows
@@ -80,7 +80,7 @@ def _batches(sizes: list[int], max_length: int = 512, shorter: bool = False) -> 
 
 
 def _eager(model, batch) -> tuple[float, torch.Tensor]:
-    from phi2cli.trainer import selective_causal_lm_loss
+    from phi2cli.training.trainer import selective_causal_lm_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
@@ -95,7 +95,7 @@ def _eager(model, batch) -> tuple[float, torch.Tensor]:
 
 
 def test_graphed_step_gives_the_eager_loss_and_gradients(speed_model):
-    from phi2cli.graphs import GraphedTrainStep
+    from phi2cli.kernels.graphs import GraphedTrainStep
 
     first, second, other, shorter = _batches([8, 8, 5], shorter=True)
     assert GraphedTrainStep.key(first) != GraphedTrainStep.key(other)
@@ -124,7 +124,7 @@ def test_graphed_step_gives_the_eager_loss_and_gradients(speed_model):
 
 
 def test_graphed_step_accumulates_and_draws_new_dropout_masks(speed_model):
-    from phi2cli.graphs import GraphedTrainStep
+    from phi2cli.kernels.graphs import GraphedTrainStep
 
     (batch,) = _batches([8])
     step = GraphedTrainStep(speed_model)
@@ -157,7 +157,7 @@ def test_training_with_cuda_graphs_follows_the_eager_run(tmp_path):
     from transformers import TrainerCallback
 
     from phi2cli.config import Phi2Config, apply_overrides
-    from phi2cli.engine import train
+    from phi2cli.training.engine import train
 
     class NoDropout(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phi2cli.collate import HOST_KEYS, PackedCollator, model_inputs, real_tokens, sequence_lengths
+from phi2cli.data.collate import HOST_KEYS, PackedCollator, model_inputs, real_tokens, sequence_lengths
 from phi2cli.config import Phi2Config, apply_overrides
-from phi2cli.engine import make_collator
-from phi2cli.plan import resolve_plan
-from phi2cli.prompts import IGNORE_INDEX
+from phi2cli.training.engine import make_collator
+from phi2cli.training.plan import resolve_plan
+from phi2cli.data.prompts import IGNORE_INDEX
 
 
 def features(lengths: list[int], summary: int = 5) -> list[dict]:
@@ -61,7 +61,7 @@ def test_padding_for_graphs_leaves_the_loss_and_its_gradient_unchanged(tiny_phi_
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from phi2cli.trainer import selective_causal_lm_loss
+    from phi2cli.training.trainer import selective_causal_lm_loss
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_phi_dir), dtype=torch.float32)
@@ -108,7 +108,7 @@ def test_graphed_runs_get_a_padding_collator_and_others_do_not():
 
 
 def test_cuda_graphs_step_aside_when_their_memory_pool_would_not_fit():
-    from phi2cli.plan import speed_memory_gib
+    from phi2cli.training.plan import speed_memory_gib
 
     config = Phi2Config()  # 8 examples x 1024 tokens
     eager_need, graph_need = speed_memory_gib(8, 1024), speed_memory_gib(8, 1024, graphs=True)
@@ -127,10 +127,10 @@ def test_steady_rate_starts_after_the_last_new_recording(monkeypatch):
     from types import SimpleNamespace
 
     from phi2cli.cli.train import throughput_lines
-    from phi2cli.trainer import ThroughputMeter
+    from phi2cli.training.trainer import ThroughputMeter
 
     clock = {"now": 0.0}
-    monkeypatch.setattr("phi2cli.trainer.time.perf_counter", lambda: clock["now"])
+    monkeypatch.setattr("phi2cli.training.trainer.time.perf_counter", lambda: clock["now"])
     tokens, recorded = {"n": 0}, {"n": 0}
     meter = ThroughputMeter(lambda: tokens["n"], skip=2, recordings=lambda: recorded["n"])
     state = SimpleNamespace(global_step=0)

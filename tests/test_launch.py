@@ -8,8 +8,8 @@ import pytest
 
 from phi2cli.config import Phi2Config, apply_overrides
 from phi2cli.errors import ConfigError
-from phi2cli.launch import SAFE_NCCL_ENV, launch_command, strip_gpus_flag
-from phi2cli.plan import resolve_plan, split_global_batch, speed_memory_gib
+from phi2cli.training.launch import SAFE_NCCL_ENV, launch_command, strip_gpus_flag
+from phi2cli.training.plan import resolve_plan, split_global_batch, speed_memory_gib
 
 
 @pytest.mark.parametrize(
@@ -148,7 +148,7 @@ def test_two_processes_keep_eight_examples_per_step_and_only_rank_0_writes(tiny_
 def test_each_step_is_dealt_to_the_processes_with_balanced_tokens():
     import random
 
-    from phi2cli.trainer import BalancedShards
+    from phi2cli.training.trainer import BalancedShards
 
     rng = random.Random(0)
     lengths = [rng.choice([120, 300, 512, 512, 450, 200]) for _ in range(64)]
@@ -169,7 +169,7 @@ def test_each_step_is_dealt_to_the_processes_with_balanced_tokens():
 
 
 def test_balanced_order_interleaves_micro_batches_as_accelerate_deals_them():
-    from phi2cli.trainer import BalancedShards
+    from phi2cli.training.trainer import BalancedShards
 
     lengths = [10, 80, 20, 70, 30, 60, 40, 50]
     order = list(BalancedShards(list(range(8)), lengths, per_device=2, grad_accum=2, processes=2))
@@ -187,9 +187,9 @@ def test_several_processes_get_accelerates_shuffle_balanced(tiny_phi_dir, sample
     from accelerate.data_loader import SeedableRandomSampler
     from transformers import TrainingArguments
 
-    from phi2cli.data import load_prepared, prepare
-    from phi2cli.modeling import load_tokenizer
-    from phi2cli.trainer import BalancedShards, Phi2Trainer
+    from phi2cli.data.prepare import load_prepared, prepare
+    from phi2cli.models.loading import load_tokenizer
+    from phi2cli.training.trainer import BalancedShards, Phi2Trainer
 
     config = apply_overrides(Phi2Config(), {"model.model": str(tiny_phi_dir), "data.data_dir": str(sample_data_dir),
                                             "data.samples": 32, "data.val_samples": 0, "data.max_length": 256})  # fmt: skip

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from phi2cli.errors import DataError
-from phi2cli.metrics import first_line, mean_words, regex_sentences, rouge, sentence_lines, summary_metrics
+from phi2cli.report.metrics import first_line, mean_words, regex_sentences, rouge, sentence_lines, summary_metrics
 
 # Every expected value below is worked out by hand: F = 2PR / (P + R), x 100.
 HAND_CHECKED = [
@@ -73,6 +73,6 @@ def test_first_line_and_word_counts():
 
 
 def test_metrics_module_imports_no_torch():
-    code = "import sys, phi2cli.metrics; print('torch' in sys.modules)"
+    code = "import sys, phi2cli.report.metrics; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from phi2cli.cli import app
-from phi2cli.data import load_prepared
+from phi2cli.data.prepare import load_prepared
 
 runner = CliRunner()
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from phi2cli.config import DEFAULT_TEMPLATE
-from phi2cli.prompts import IGNORE_INDEX, PromptFormat, encode_example
+from phi2cli.data.prompts import IGNORE_INDEX, PromptFormat, encode_example
 
 
 @pytest.fixture(scope="module")
 def tokenizer(phi2_tokenizer_dir):
-    from phi2cli.modeling import load_tokenizer
+    from phi2cli.models.loading import load_tokenizer
 
     return load_tokenizer(str(phi2_tokenizer_dir))
 

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from phi2cli.cli import app
-from phi2cli.report import fmt_sci, load_trainer_state, render_report, summarize_run
+from phi2cli.report.summary import fmt_sci, load_trainer_state, render_report, summarize_run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "trainer_state_reference.json"
 ROOT = Path(__file__).resolve().parents[1]
@@ -332,7 +332,7 @@ def test_report_imports_no_torch_or_transformers(tmp_path):
     assert json.loads(result.stdout)["best"]["step"] == 500
     lines = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
     imported = {line.rsplit("|", 1)[-1].strip() for line in lines}
-    assert "phi2cli.report" in imported and "matplotlib" in imported  # importtime saw the whole run
+    assert "phi2cli.report.summary" in imported and "matplotlib" in imported  # importtime saw the whole run
     heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "transformers"))
     assert heavy == []
 

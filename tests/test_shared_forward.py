@@ -8,10 +8,12 @@ import pytest
 import torch
 from test_decode import segment_attention
 
-from phi2cli import decode, shared_forward
+from phi2cli.inference import decode
+
+from phi2cli.inference import shared_forward
 from phi2cli.config import GenerationConfig
-from phi2cli.decode import greedy_decode
-from phi2cli.shared_forward import decode_with_loss, loss_and_summaries, unshared_tail
+from phi2cli.inference.decode import greedy_decode
+from phi2cli.inference.shared_forward import decode_with_loss, loss_and_summaries, unshared_tail
 
 MAX_LENGTH = 160  # short, so that most articles are cut
 MAX_NEW_TOKENS = 12
@@ -21,7 +23,7 @@ MAX_NEW_TOKENS = 12
 def loaded(tiny_phi_dir):
     """The tiny Phi in float32 with sharp attention, so that a wrong key, value or position changes the tokens."""
     from phi2cli.config import Phi2Config, apply_overrides
-    from phi2cli.inference import load_model
+    from phi2cli.inference.generate import load_model
 
     overrides = {"model.model": str(tiny_phi_dir), "data.max_length": MAX_LENGTH}
     loaded = load_model(apply_overrides(Phi2Config(), overrides).validate())
@@ -59,8 +61,8 @@ def rows(loaded, sample_data_dir) -> list[dict]:
 @pytest.fixture(scope="module")
 def articles(loaded, rows):
     """(document ids, loss examples) of the rows."""
-    from phi2cli.evaluation import encode_examples
-    from phi2cli.inference import encode_documents
+    from phi2cli.inference.evaluation import encode_examples
+    from phi2cli.inference.generate import encode_documents
 
     document_ids = encode_documents(loaded.tokenizer, [r["document"] for r in rows])
     return document_ids, encode_examples(loaded, rows, document_ids)
@@ -68,7 +70,7 @@ def articles(loaded, rows):
 
 @pytest.fixture(scope="module")
 def prompts(loaded, articles):
-    from phi2cli.inference import build_prompts
+    from phi2cli.inference.generate import build_prompts
 
     return build_prompts(loaded, articles[0], MAX_NEW_TOKENS)
 
@@ -91,7 +93,7 @@ def shareable(loaded, articles, prompts) -> list[int]:
 @pytest.fixture(scope="module")
 def two_passes(loaded, articles, prompts, shareable):
     """greedy_decode's tokens for the shareable rows' prompts and eval_loss over their examples."""
-    from phi2cli.inference import eval_loss
+    from phi2cli.inference.generate import eval_loss
 
     tokens = greedy_decode(loaded.model, [prompts[i][0] for i in shareable], MAX_NEW_TOKENS, [], batch_size=16)
     return tokens, eval_loss(loaded, [articles[1][i] for i in shareable])
@@ -126,7 +128,7 @@ def test_stop_tokens_cut_rows_as_greedy_decode_does(loaded, articles, prompts, s
 @pytest.mark.parametrize("batch_size", [11, 4])
 def test_every_article_scored_as_by_the_two_passes(loaded, articles, prompts, shareable, batch_size):
     """Shared rows, rows apart (no example, a long summary) and their order: eval_loss and generate's results."""
-    from phi2cli.inference import eval_loss, generate_prompts
+    from phi2cli.inference.generate import eval_loss, generate_prompts
 
     document_ids, examples = articles
     gen = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS)
@@ -144,9 +146,9 @@ def test_other_templates_share_the_forward_too(loaded, rows, template):
     """No text after the article (the prompt is all shared but its last token), and a longer template end."""
     from dataclasses import replace
 
-    from phi2cli.evaluation import encode_examples
-    from phi2cli.inference import build_prompts, encode_documents, eval_loss, generate_prompts
-    from phi2cli.prompts import PromptFormat
+    from phi2cli.inference.evaluation import encode_examples
+    from phi2cli.inference.generate import build_prompts, encode_documents, eval_loss, generate_prompts
+    from phi2cli.data.prompts import PromptFormat
 
     other = replace(loaded, fmt=PromptFormat.create(template, loaded.tokenizer))
     document_ids = encode_documents(other.tokenizer, [r["document"] for r in rows])
@@ -160,7 +162,7 @@ def test_other_templates_share_the_forward_too(loaded, rows, template):
 
 def test_out_of_memory_halves_the_batch_then_leaves_the_rest_to_the_two_passes(loaded, articles, prompts,
                                                                                monkeypatch):  # fmt: skip
-    from phi2cli.inference import eval_loss, generate_prompts
+    from phi2cli.inference.generate import eval_loss, generate_prompts
 
     sizes = []
 

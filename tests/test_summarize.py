@@ -84,7 +84,7 @@ def test_base_only_needs_no_adapter_when_the_model_is_given(tiny_phi_dir, articl
 
 
 def test_a_single_article_streams_the_summary_it_returns(final, articles):
-    from phi2cli.evaluation import Article, summarize
+    from phi2cli.inference.evaluation import Article, summarize
 
     out = io.StringIO()
     results, _ = summarize([Article("x", articles[1])], final, overrides={"generation.max_new_tokens": 8}, stream=out)

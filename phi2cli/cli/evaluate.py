@@ -13,7 +13,7 @@ from phi2cli.cli.app import (
     SampleOpt, SeedOpt, SumFieldOpt, TemperatureOpt, TestFileOpt, TopPOpt, ValFileOpt, command, console,
     data_overrides,
 )  # fmt: skip
-from phi2cli.evaluation import DEFAULT_ADAPTER, DEFAULT_SAMPLES, EVAL_SPLITS, METRIC_KEYS
+from phi2cli.inference.evaluation import DEFAULT_ADAPTER, DEFAULT_SAMPLES, EVAL_SPLITS, METRIC_KEYS
 
 RunModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Base model (hub id or path) instead of the one the run was trained on.", show_default=False)]
@@ -99,8 +99,8 @@ def evaluate_command(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from phi2cli.evaluation import EvaluateOptions, evaluate
-    from phi2cli.ui import err_console, note, warn
+    from phi2cli.inference.evaluation import EvaluateOptions, evaluate
+    from phi2cli.cli.ui import err_console, note, warn
 
     overrides = data_overrides(
         model=model, dataset=dataset, data_dir=data_dir, validation_file=validation_file, test_file=test_file,

@@ -9,8 +9,8 @@ import typer
 
 from phi2cli.cli.app import command, console
 from phi2cli.cli.evaluate import RunModelOpt
-from phi2cli.evaluation import DEFAULT_ADAPTER
-from phi2cli.export import DEFAULT_OUTPUT, EXPORT_DTYPES
+from phi2cli.inference.evaluation import DEFAULT_ADAPTER
+from phi2cli.io.export import DEFAULT_OUTPUT, EXPORT_DTYPES
 
 
 def _dtype(value: str) -> str:
@@ -40,7 +40,7 @@ def export_command(
 
     phi2 summarize --base-only --model phi2-xsum-merged article.txt
     """
-    from phi2cli.export import export_merged
+    from phi2cli.io.export import export_merged
 
     result = export_merged(adapter, output, dtype, overwrite, model)
     console.print(f"Merged [bold]{result.adapter_dir}[/bold] into {result.base_model} ({result.dtype}); "

@@ -40,9 +40,9 @@ def prepare_command(
 
     Writes a 'save_to_disk' dataset plus manifest.json with token-length statistics.
     """  # noqa: E501 (one line per paragraph: --help keeps line breaks)
-    from phi2cli import data as data_mod
-    from phi2cli.modeling import load_tokenizer
-    from phi2cli.ui import manifest_table, track, warn
+    from phi2cli.data import prepare as data_mod
+    from phi2cli.models.loading import load_tokenizer
+    from phi2cli.cli.ui import manifest_table, track, warn
 
     overrides = data_overrides(
         dataset=dataset, data_dir=data_dir, train_file=train_file, validation_file=validation_file,

@@ -10,9 +10,9 @@ import typer
 from rich.text import Text
 
 from phi2cli.cli.app import command, console, err_console
-from phi2cli.fileio import write_text_atomic
-from phi2cli.plots import terminal_chart, write_loss_plot
-from phi2cli.report import build_report, render_report, rich_report
+from phi2cli.io.files import write_text_atomic
+from phi2cli.report.plots import terminal_chart, write_loss_plot
+from phi2cli.report.summary import build_report, render_report, rich_report
 
 
 class ReportFormat(str, Enum):

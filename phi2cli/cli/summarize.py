@@ -14,7 +14,7 @@ from phi2cli.cli.app import (
     data_overrides,
 )  # fmt: skip
 from phi2cli.cli.evaluate import RunModelOpt
-from phi2cli.evaluation import DEFAULT_ADAPTER
+from phi2cli.inference.evaluation import DEFAULT_ADAPTER
 
 
 @command("summarize")
@@ -48,8 +48,8 @@ def summarize_command(
 
     Examples: phi2 summarize article.txt; cat article.txt | phi2 summarize -; phi2 summarize --json docs/
     """
-    from phi2cli.evaluation import read_articles, results_json, summarize
-    from phi2cli.ui import note
+    from phi2cli.inference.evaluation import read_articles, results_json, summarize
+    from phi2cli.cli.ui import note
 
     overrides = data_overrides(model=model, max_new_tokens=max_new_tokens, num_beams=num_beams,
                                do_sample=do_sample, temperature=temperature, top_p=top_p,

@@ -71,11 +71,11 @@ def train_command(
 
     Checkpoints go to --output-dir (checkpoint-N), the best adapter to --final-dir. Ctrl-C saves a checkpoint; continue with --resume.
     """  # noqa: E501 (one line per paragraph: --help keeps line breaks)
-    from phi2cli.engine import train
-    from phi2cli.ui import TrainingDisplay, note, track, warn
+    from phi2cli.training.engine import train
+    from phi2cli.cli.ui import TrainingDisplay, note, track, warn
 
     if gpus > 1:
-        from phi2cli.launch import launched, run_distributed
+        from phi2cli.training.launch import launched, run_distributed
 
         if not launched():
             import sys

@@ -13,9 +13,9 @@ from typing import Any, Callable, Iterable, Sequence
 from phi2cli import __version__
 from phi2cli.config import DataConfig, Phi2Config, _section_dict, resolve_local_path
 from phi2cli.errors import ConfigError, DataError
-from phi2cli.fileio import atomic_directory, check_writable_dir, write_json_atomic
-from phi2cli.prompts import PromptFormat, encode_example
-from phi2cli.sources import describe_source, load_split, uses_local_files
+from phi2cli.io.files import atomic_directory, check_writable_dir, write_json_atomic
+from phi2cli.data.prompts import PromptFormat, encode_example
+from phi2cli.data.sources import describe_source, load_split, uses_local_files
 
 MANIFEST_NAME = "manifest.json"
 TRAIN_SPLITS = ("train", "validation")

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
-from phi2cli.collate import model_inputs, real_tokens, sequence_lengths
-from phi2cli.prompts import IGNORE_INDEX
+from phi2cli.data.collate import model_inputs, real_tokens, sequence_lengths
+from phi2cli.data.prompts import IGNORE_INDEX
 
 
 def selective_causal_lm_loss(model: Any, inputs: dict[str, Any], num_items: Any = None) -> tuple[torch.Tensor, int]:
@@ -141,7 +141,7 @@ class Phi2Trainer(Trainer):
         created = self.optimizer is None
         optimizer = super().create_optimizer(model)
         if created and self.flat_optimizer:
-            from phi2cli.optim import flatten_bnb_adamw
+            from phi2cli.kernels.optim import flatten_bnb_adamw
 
             self.optimizer = optimizer = flatten_bnb_adamw(optimizer)
         return optimizer
@@ -168,7 +168,7 @@ class Phi2Trainer(Trainer):
     def _graphed_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any,
                       tokens: int) -> torch.Tensor | None:  # fmt: skip
         """The micro-batch replayed from a CUDA graph; None when graphs are off from here on (eager)."""
-        from phi2cli.graphs import GraphCaptureError, GraphedTrainStep
+        from phi2cli.kernels.graphs import GraphCaptureError, GraphedTrainStep
 
         model.train()
         inputs = self._prepare_inputs(inputs)

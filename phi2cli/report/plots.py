@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 from phi2cli.errors import ConfigError, RunError
-from phi2cli.fileio import write_bytes_atomic
-from phi2cli.report import RunSummary, fmt_fixed, fmt_sci
+from phi2cli.io.files import write_bytes_atomic
+from phi2cli.report.summary import RunSummary, fmt_fixed, fmt_sci
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 

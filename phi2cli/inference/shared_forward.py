@@ -4,7 +4,7 @@ An article's loss example (prompt + summary + EOS) and its summary prompt begin 
 tokens: the template's prefix and the article, which the prompt cuts at most a little shorter
 (it keeps room for max_new_tokens, the example room for the summary). So the eval-loss forward
 over the examples also writes those shared tokens' keys and values into the static cache of
-phi2cli.decode; the prompt's last few tokens (the template's end) are then fed through the
+phi2cli.inference.decode; the prompt's last few tokens (the template's end) are then fed through the
 decoding step as known tokens, and greedy decoding goes on from there. The loss is training's:
 the examples go through PackedCollator and selective_causal_lm_loss, with the cache-filling
 forward standing in for the model. Articles whose prompt does not begin its example (no example,
@@ -21,9 +21,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from phi2cli.config import GenerationConfig
-from phi2cli.decode import PREFILL_TOKENS, PhiModules, StaticDecoder, cache_batches, cut_at_stop, prefill_groups
-from phi2cli.inference import Generated, LoadedModel, LossResult
-from phi2cli.prompts import EncodedExample
+from phi2cli.inference.decode import PREFILL_TOKENS, PhiModules, StaticDecoder, cache_batches, cut_at_stop, prefill_groups
+from phi2cli.inference.generate import Generated, LoadedModel, LossResult
+from phi2cli.data.prompts import EncodedExample
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,8 @@ class _CachingForward:
 def _score(decoder: StaticDecoder, examples: Sequence[EncodedExample], cached: Sequence[int]) -> tuple[float, int]:
     """Training's loss sum and labelled-token count over `examples` (cache rows 0, 1, ...), caching
     the first cached[i] tokens of example i on the way."""
-    from phi2cli.collate import PackedCollator
-    from phi2cli.trainer import selective_causal_lm_loss
+    from phi2cli.data.collate import PackedCollator
+    from phi2cli.training.trainer import selective_causal_lm_loss
 
     device, collate = decoder.phi.device, PackedCollator()
     total, count = 0.0, 0
@@ -149,7 +149,7 @@ def loss_and_summaries(loaded: LoadedModel, document_ids: Sequence[list[int]],
     Raises:
         ConfigError, DataError, DeviceError as inference.eval_loss and inference.generate.
     """
-    from phi2cli.inference import build_prompts, eval_loss, first_lines, generate_prompts, loss_result, stop_token_ids
+    from phi2cli.inference.generate import build_prompts, eval_loss, first_lines, generate_prompts, loss_result, stop_token_ids
 
     started = time.perf_counter()
     prompts = build_prompts(loaded, document_ids, gen.max_new_tokens)

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from phi2cli.config import DataConfig
 from phi2cli.errors import ConfigError, DataError, HubUnreachableError
-from phi2cli.prompts import check_text
+from phi2cli.data.prompts import check_text
 
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}

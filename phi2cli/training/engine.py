@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from phi2cli.config import Phi2Config, save_run_config
 from phi2cli.errors import DeviceError, RunError, TrainingInterrupted
-from phi2cli.plan import EnginePlan, resolve_plan
+from phi2cli.training.plan import EnginePlan, resolve_plan
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 Display = Callable[[str, dict[str, Any]], None]
@@ -44,7 +44,7 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
 
 def check_output_dirs(config: Phi2Config, resume: bool, overwrite: bool) -> None:
     """Never clobber an earlier run silently: refuse unless --resume or --overwrite."""
-    from phi2cli.fileio import check_writable_dir
+    from phi2cli.io.files import check_writable_dir
 
     out, final = Path(config.train.output_dir), Path(config.train.final_dir)
     for path in (out, final):
@@ -118,12 +118,12 @@ def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, ha
 
 def make_collator(config: Phi2Config, plan: EnginePlan, tokenizer: Any) -> Any:
     """Packed rows for the fast profiles (padded to a few fixed shapes for CUDA graphs), else padded rows."""
-    from phi2cli.collate import PackedCollator, PaddedCollator
+    from phi2cli.data.collate import PackedCollator, PaddedCollator
 
     if not plan.packed:
         return PaddedCollator(tokenizer.pad_token_id)
     if plan.cuda_graphs:
-        from phi2cli.graphs import LABEL_MULTIPLE, PAD_MULTIPLE
+        from phi2cli.kernels.graphs import LABEL_MULTIPLE, PAD_MULTIPLE
 
         max_length = config.data.max_length
         return PackedCollator(max_length, pad_multiple=min(PAD_MULTIPLE, max_length), label_multiple=LABEL_MULTIPLE)
@@ -171,8 +171,8 @@ def dequantize_base(model: Any) -> int:
 
 def build_model(config: Phi2Config, plan: EnginePlan, precision: Any) -> Any:
     """Base model (4-bit NF4 by default) + LoRA, laid out as the plan says."""
-    from phi2cli import attention
-    from phi2cli.modeling import attach_lora, load_base_model
+    from phi2cli.kernels import attention
+    from phi2cli.models.loading import attach_lora, load_base_model
 
     model = load_base_model(config.model, precision, for_training=True)
     if plan.dequantize_base:
@@ -188,7 +188,7 @@ def build_model(config: Phi2Config, plan: EnginePlan, precision: Any) -> Any:
     model = attach_lora(model, config.lora, plan.gradient_checkpointing, lean=plan.profile == "memory-saver",
                         upcast_norms=plan.autocast)  # fmt: skip
     if plan.fused_kernels:
-        from phi2cli import lora_fast
+        from phi2cli.kernels import lora as lora_fast
 
         lora_fast.install(model)
         if plan.fused_qkv:
@@ -235,9 +235,9 @@ def train(
     """
     import torch
 
-    from phi2cli import data as data_mod
-    from phi2cli.modeling import load_tokenizer, memory_report, resolve_precision
-    from phi2cli.trainer import EvaluateAtEnd, Phi2Trainer, ProgressCallback, StopOnSignal, ThroughputMeter
+    from phi2cli.data import prepare as data_mod
+    from phi2cli.models.loading import load_tokenizer, memory_report, resolve_precision
+    from phi2cli.training.trainer import EvaluateAtEnd, Phi2Trainer, ProgressCallback, StopOnSignal, ThroughputMeter
 
     from accelerate import PartialState
 
@@ -334,7 +334,7 @@ def train(
 
 def save_final(trainer: Any, tokenizer: Any, config: Phi2Config, final: Path, facts: dict[str, Any]) -> None:
     """Write the best adapter (loaded at the end of training), tokenizer and run config atomically."""
-    from phi2cli.fileio import atomic_directory
+    from phi2cli.io.files import atomic_directory
 
     state = trainer.state
     facts = {**facts, "best_checkpoint": state.best_model_checkpoint, "best_metric": state.best_metric,

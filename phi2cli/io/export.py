@@ -31,7 +31,7 @@ def check_output(output_dir: str | Path, overwrite: bool) -> Path:
         raise RunError(f"--output {path} is a file; choose a directory path")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise RunError(f"{path} already exists and is not empty; pass --overwrite to replace it or choose --output")
-    from phi2cli.fileio import check_writable_dir
+    from phi2cli.io.files import check_writable_dir
 
     return check_writable_dir(path)  # before loading the model, not after
 
@@ -70,9 +70,9 @@ def export_merged(adapter_dir: str | Path, output_dir: str | Path = DEFAULT_OUTP
         ConfigError (bad dtype), RunError (output exists), ModelError (adapter/base unloadable).
     """
     from phi2cli.config import apply_overrides
-    from phi2cli.fileio import atomic_directory, write_text_atomic
-    from phi2cli.inference import check_adapter_dir, run_config_for
-    from phi2cli.modeling import Precision, load_adapter, load_base_model, load_tokenizer
+    from phi2cli.io.files import atomic_directory, write_text_atomic
+    from phi2cli.inference.generate import check_adapter_dir, run_config_for
+    from phi2cli.models.loading import Precision, load_adapter, load_base_model, load_tokenizer
 
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)} (got '{dtype}')")

@@ -1,7 +1,7 @@
 """Rendering of a run summary: number formats, sections, and the table/markdown/json/html text.
 
 Imports no torch and no transformers, so `phi2 report` starts instantly. The summary itself is
-loaded and computed in phi2cli.report, which re-exports render_report.
+loaded and computed in phi2cli.report.summary, which re-exports render_report.
 
 One number format per kind, shared by every text format (table, markdown, html):
 loss 4 decimals (2.3373), grad norm 3 decimals (0.616), epoch 2 decimals (0.80), learning rate
@@ -22,8 +22,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-if TYPE_CHECKING:  # annotations only: phi2cli.report imports this module
-    from phi2cli.report import Analysis, RunSummary, Totals, TrainRow
+if TYPE_CHECKING:  # annotations only: phi2cli.report.summary imports this module
+    from phi2cli.report.summary import Analysis, RunSummary, Totals, TrainRow
 
 FORMATS = ("table", "markdown", "json", "html")
 MISSING = "—"

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from phi2cli.prompts import IGNORE_INDEX
+from phi2cli.data.prompts import IGNORE_INDEX
 
 
 @dataclass

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from phi2cli.config import GenerationConfig, Phi2Config, TrainConfig, apply_overrides
 from phi2cli.errors import ConfigError, DataError, RunError
-from phi2cli.metrics import summary_metrics
+from phi2cli.report.metrics import summary_metrics
 
 if TYPE_CHECKING:
-    from phi2cli.inference import LoadedModel
-    from phi2cli.prompts import EncodedExample
-    from phi2cli.shared_forward import Scored
+    from phi2cli.inference.generate import LoadedModel
+    from phi2cli.data.prompts import EncodedExample
+    from phi2cli.inference.shared_forward import Scored
 
 DEFAULT_ADAPTER = TrainConfig().final_dir
 DEFAULT_SAMPLES = 500
@@ -68,7 +68,7 @@ def resolve_config(adapter_dir: str | Path, overrides: Mapping[str, Any], base_o
     Raises:
         RunError/ModelError for a missing or non-adapter directory; ConfigError for bad flags.
     """
-    from phi2cli.inference import check_adapter_dir, run_config_for
+    from phi2cli.inference.generate import check_adapter_dir, run_config_for
 
     if not base_only:
         config, _ = run_config_for(check_adapter_dir(adapter_dir))
@@ -89,7 +89,7 @@ def resolve_config(adapter_dir: str | Path, overrides: Mapping[str, Any], base_o
 
 def load_eval_rows(config: Phi2Config, split: str, data_file: str | None) -> Any:
     """Rows of `split` from --file, else from the run's (or the flags') data source."""
-    from phi2cli.sources import load_split
+    from phi2cli.data.sources import load_split
 
     if split not in EVAL_SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(EVAL_SPLITS)} (got '{split}')")
@@ -110,9 +110,9 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
     Raises:
         RunError, ModelError, DataError, ConfigError, DeviceError.
     """
-    from phi2cli.data import sample_rows
-    from phi2cli.fileio import ensure_writable_dir, write_json_atomic, write_jsonl_atomic
-    from phi2cli.inference import attach_adapter, default_batch_size, encode_documents, load_model
+    from phi2cli.data.prepare import sample_rows
+    from phi2cli.io.files import ensure_writable_dir, write_json_atomic, write_jsonl_atomic
+    from phi2cli.inference.generate import attach_adapter, default_batch_size, encode_documents, load_model
 
     if options.samples < 1:
         raise ConfigError(f"--samples must be at least 1 (got {options.samples})")
@@ -203,7 +203,7 @@ def encode_examples(loaded: LoadedModel, rows: Sequence[Mapping[str, str]],
                     document_ids: Sequence[list[int]]) -> list[EncodedExample | None]:  # fmt: skip
     """Each row's loss example (prompts.encode_example; None where the summary does not fit), its
     article taken from `document_ids` instead of being tokenized again."""
-    from phi2cli.prompts import encode_example
+    from phi2cli.data.prompts import encode_example
 
     data = loaded.config.data
     return [encode_example(loaded.fmt, loaded.tokenizer, r["document"], r["summary"], data.max_length, data.loss_on,
@@ -214,7 +214,7 @@ def score_articles(loaded: LoadedModel, document_ids: Sequence[list[int]], encod
                    gen: GenerationConfig, batch_size: int, shared_forward: bool = True,
                    track: Tracker = _no_tracker, label: str = "tuned") -> Scored:  # fmt: skip
     """Eval loss and summaries of tokenized articles: one shared forward for greedy Phi models
-    (phi2cli.shared_forward) unless `shared_forward` is off, else the eval-loss pass and generation.
+    (phi2cli.inference.shared_forward) unless `shared_forward` is off, else the eval-loss pass and generation.
 
     Args:
         loaded: an inference.LoadedModel.
@@ -224,8 +224,8 @@ def score_articles(loaded: LoadedModel, document_ids: Sequence[list[int]], encod
     Returns:
         shared_forward.Scored (shared_articles is 0 when the two passes ran).
     """
-    from phi2cli.inference import build_prompts, eval_loss, generate_prompts, uses_fast_decoder
-    from phi2cli.shared_forward import Scored, loss_and_summaries
+    from phi2cli.inference.generate import build_prompts, eval_loss, generate_prompts, uses_fast_decoder
+    from phi2cli.inference.shared_forward import Scored, loss_and_summaries
 
     examples = [e for e in encoded if e is not None]
     advance_loss = track(f"{label}: eval loss", len(examples))
@@ -273,7 +273,7 @@ def _read_text(path: Path) -> str:
 
 
 def _read_jsonl(path: Path, document_field: str) -> list[Article]:
-    from phi2cli.sources import read_records
+    from phi2cli.data.sources import read_records
 
     records = read_records(path)
     if not any(document_field in r for r in records):
@@ -342,7 +342,7 @@ def summarize(articles: Sequence[Article], adapter_dir: str | Path = DEFAULT_ADA
     Returns:
         (one SummaryResult per article in order, notes for the user)
     """
-    from phi2cli.inference import default_batch_size, generate, load_model
+    from phi2cli.inference.generate import default_batch_size, generate, load_model
 
     config = resolve_config(adapter_dir, overrides or {}, base_only)
     loaded = load_model(config, None if base_only else adapter_dir)

@@ -1,7 +1,7 @@
 """Training-run report: read a Trainer's trainer_state.json and summarise it.
 
 Imports no torch and no transformers, so `phi2 report` starts instantly. Rendering (number
-formats, table/markdown/json/html) lives in phi2cli.report_render; render_report, rich_report
+formats, table/markdown/json/html) lives in phi2cli.report.render; render_report, rich_report
 and the formatters are re-exported here so callers import the whole report from one place.
 """
 
@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 from phi2cli.config import TrainConfig
 from phi2cli.errors import RunError
-from phi2cli.report_render import as_number, thin
-from phi2cli.report_render import fmt_fixed, fmt_sci, render_report, rich_report  # noqa: F401 (re-exported)
+from phi2cli.report.render import as_number, thin
+from phi2cli.report.render import fmt_fixed, fmt_sci, render_report, rich_report  # noqa: F401 (re-exported)
 
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.json"

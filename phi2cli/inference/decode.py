@@ -6,7 +6,7 @@ values land in a preallocated cache, and every next token comes from one fixed-s
 from the model's own modules. On CUDA that step is captured once as a CUDA graph and replayed; on
 a CPU it runs eagerly, which is how the tests check it token for token against generate().
 The cache-filling forward can also run longer inputs that begin with the prompts (the eval-loss
-examples, in phi2cli.shared_forward) and cache only their first tokens; the step then feeds the
+examples, in phi2cli.inference.shared_forward) and cache only their first tokens; the step then feeds the
 prompts' remaining tokens as known ones before it decodes.
 """
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phi2cli.attention import causal_varlen
+from phi2cli.kernels.attention import causal_varlen
 
 PREFILL_TOKENS = {"cuda": 32768, "cpu": 4096}  # prompt tokens per prefill forward (bounds activation memory)
 MEMORY_SHARE = 0.9  # of the free GPU memory, what the cache and the activations may take
@@ -361,7 +361,7 @@ def prefill_groups(prompts: Sequence[Sequence[int]], budget: int,
 
 def _varlen_ready(phi: PhiModules) -> bool:
     """True where prefill can run packed: CUDA, half precision, and torch's varlen flash kernel."""
-    from phi2cli.attention import varlen_available
+    from phi2cli.kernels.attention import varlen_available
 
     half = phi.dtype in (torch.float16, torch.bfloat16)
     return phi.device.type == "cuda" and half and varlen_available(phi.head_dim)

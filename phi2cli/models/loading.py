@@ -135,7 +135,7 @@ def gguf_to_directory(gguf_path: str) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from phi2cli.fileio import atomic_directory
+    from phi2cli.io.files import atomic_directory
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)

@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence, TextIO
 
 from phi2cli.config import RUN_CONFIG_NAME, GenerationConfig, Phi2Config, load_run_config
 from phi2cli.errors import ConfigError, DataError, DeviceError, ModelError, RunError
-from phi2cli.metrics import first_line
-from phi2cli.prompts import IGNORE_INDEX, EncodedExample, PromptFormat
+from phi2cli.report.metrics import first_line
+from phi2cli.data.prompts import IGNORE_INDEX, EncodedExample, PromptFormat
 
 CUDA_GEN_BATCH = 128  # default articles per generate() call on a GPU (halved on out-of-memory)
 FAST_CUDA_GEN_BATCH = 256  # with the fast greedy decoder (it also caps a batch by free memory); see decode.py
@@ -64,7 +64,7 @@ def check_adapter_dir(adapter_dir: str | Path) -> Path:
     if not path.is_dir():
         raise RunError(f"--adapter {path} is a file; pass the directory written by 'phi2 train'")
     if not (path / "adapter_config.json").is_file():
-        from phi2cli.engine import checkpoints
+        from phi2cli.training.engine import checkpoints
 
         saved = checkpoints(path)
         hint = f"it holds checkpoints: pass --adapter {saved[-1]}" if saved else \
@@ -102,7 +102,7 @@ def load_model(config: Phi2Config, adapter_dir: str | Path | None = None) -> Loa
     Raises:
         ModelError, RunError, DeviceError, HubUnreachableError, ConfigError.
     """
-    from phi2cli.modeling import load_base_model, load_tokenizer, resolve_precision
+    from phi2cli.models.loading import load_base_model, load_tokenizer, resolve_precision
 
     adapter_path = check_adapter_dir(adapter_dir) if adapter_dir is not None else None
     precision = resolve_precision(config.model)
@@ -111,11 +111,11 @@ def load_model(config: Phi2Config, adapter_dir: str | Path | None = None) -> Loa
     base = load_base_model(config.model, precision, for_training=False)
     notes = [precision.note] if precision.note and precision.device == "cuda" else []
     if precision.device == "cuda" and precision.quantization == "4bit":
-        from phi2cli.engine import dequantize_base
+        from phi2cli.training.engine import dequantize_base
 
         dequantize_base(base)  # once, instead of in every matmul of every decoding step
     if precision.device == "cuda":
-        from phi2cli.lora_fast import fuse_gelu
+        from phi2cli.kernels.lora import fuse_gelu
 
         fuse_gelu(base)  # phi-2's gelu_new as one kernel (same formula)
     base.eval()
@@ -128,7 +128,7 @@ def load_model(config: Phi2Config, adapter_dir: str | Path | None = None) -> Loa
 
 def attach_adapter(loaded: LoadedModel, adapter_dir: str | Path) -> LoadedModel:
     """Load a LoRA adapter onto `loaded.model` and merge it into the weights (in place)."""
-    from phi2cli.modeling import load_adapter
+    from phi2cli.models.loading import load_adapter
 
     path = check_adapter_dir(adapter_dir)
     model = load_adapter(loaded.model, path)
@@ -178,9 +178,9 @@ def eval_loss(loaded: LoadedModel, examples: Sequence[EncodedExample], tokens_pe
     """
     import torch
 
-    from phi2cli import attention
-    from phi2cli.collate import PackedCollator
-    from phi2cli.trainer import selective_causal_lm_loss
+    from phi2cli.kernels import attention
+    from phi2cli.data.collate import PackedCollator
+    from phi2cli.training.trainer import selective_causal_lm_loss
 
     model, device = loaded.model, loaded.device
     varlen = device == "cuda" and attention.register()
@@ -264,10 +264,10 @@ def default_batch_size(loaded: LoadedModel, requested: int | None, gen: Generati
 
 
 def uses_fast_decoder(loaded: LoadedModel, gen: GenerationConfig, streaming: bool = False) -> bool:
-    """Greedy, not streamed, and a Phi model the static-cache decoder supports (phi2cli.decode)."""
+    """Greedy, not streamed, and a Phi model the static-cache decoder supports (phi2cli.inference.decode)."""
     if gen.do_sample or gen.num_beams != 1 or streaming:
         return False
-    from phi2cli.decode import supports
+    from phi2cli.inference.decode import supports
 
     return supports(loaded.model)
 
@@ -284,7 +284,7 @@ def generate_prompts(loaded: LoadedModel, prompts: Sequence[tuple[list[int], boo
                      stream: TextIO | None = None) -> list[Generated]:  # fmt: skip
     """Summarize each prompt: batched, longest first; results in input order.
 
-    Greedy decoding of a supported Phi model goes through phi2cli.decode (one prefill, a static
+    Greedy decoding of a supported Phi model goes through phi2cli.inference.decode (one prefill, a static
     KV cache, a CUDA-graphed step); beam search, sampling, streaming and other models through
     Hugging Face generate() on left-padded batches.
 
@@ -307,7 +307,7 @@ def generate_prompts(loaded: LoadedModel, prompts: Sequence[tuple[list[int], boo
         torch.manual_seed(loaded.config.data.seed)
     streamer = None
     if stream is not None and len(prompts) == 1 and gen.num_beams == 1:
-        from phi2cli.streaming import FirstLineStreamer
+        from phi2cli.inference.streaming import FirstLineStreamer
 
         streamer = FirstLineStreamer(loaded.tokenizer, stream)
     fast = uses_fast_decoder(loaded, gen, streaming=streamer is not None)
@@ -361,14 +361,14 @@ def _generate_batch(loaded: LoadedModel, prompts: list[list[int]], config: Any,
     with torch.inference_mode():
         out = loaded.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                     generation_config=config, streamer=streamer)  # fmt: skip
-    from phi2cli.decode import cut_at_stop
+    from phi2cli.inference.decode import cut_at_stop
 
     return first_lines(loaded, [cut_at_stop(row, config.eos_token_id) for row in out[:, width:].tolist()])
 
 
 def _decode_batch(loaded: LoadedModel, prompts: list[list[int]], gen: GenerationConfig) -> list[tuple[str, int]]:
     """Greedy summaries through the static-cache decoder (it splits the batch further to fit memory)."""
-    from phi2cli.decode import greedy_decode
+    from phi2cli.inference.decode import greedy_decode
 
     rows = greedy_decode(loaded.model, prompts, gen.max_new_tokens, stop_token_ids(loaded.tokenizer), len(prompts))
     return first_lines(loaded, rows)

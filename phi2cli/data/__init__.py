@@ -1,0 +1,1 @@
+"""Data: prompt formats, reading XSUM-style sources, `prepare`, and the batch packer."""

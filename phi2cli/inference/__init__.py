@@ -1,0 +1,1 @@
+"""Inference: generation, fast decoding, evaluation and summarization use cases."""

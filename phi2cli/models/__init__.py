@@ -1,0 +1,1 @@
+"""Models: loading tokenizers, 4-bit base models and LoRA adapters."""

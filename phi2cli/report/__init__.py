@@ -1,0 +1,1 @@
+"""Reports: training-run summaries, their rendering, plots and ROUGE metrics (no torch)."""

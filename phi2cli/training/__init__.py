@@ -1,0 +1,1 @@
+"""Training: the engine, the specialised Trainer, the execution plan and multi-GPU launch."""
