@@ -66,7 +66,7 @@ class LoraConfig:
     alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r).")
     dropout: float = _f(0.05, "Dropout on the LoRA input, against over-fitting.")
     targets: tuple[str, ...] = _f(
-        ("q_proj", "k_proj", "v_proj", "dense"), "Modules that get adapters; 'all-linear' for every linear layer."
+        (), "Modules that get adapters; empty: the model family's attention q/k/v/output; 'all-linear': every linear layer."
     )
 
 
@@ -236,7 +236,6 @@ def validation_problems(config: Phi2Config) -> list[str]:
     need(lo.r >= 1, f"--lora-r must be at least 1 (got {lo.r})")
     need(lo.alpha > 0, f"--lora-alpha must be positive (got {lo.alpha})")
     need(0.0 <= lo.dropout < 1.0, f"--lora-dropout must be in [0, 1) (got {lo.dropout})")
-    need(len(lo.targets) > 0, "--lora-targets must name at least one module (or 'all-linear')")
     need(t.learning_rate > 0, f"--lr must be positive (got {t.learning_rate})")
     need(t.warmup_steps >= 0, f"--warmup-steps must be 0 or more (got {t.warmup_steps})")
     need(t.batch_size >= 1, f"--batch-size must be at least 1 (got {t.batch_size})")

@@ -15,7 +15,7 @@ def test_defaults_are_the_reference_recipe():
     c = Phi2Config()
     assert (c.model.model, c.model.quantization, c.model.double_quant) == ("microsoft/phi-2", "auto", True)
     assert (c.lora.r, c.lora.alpha, c.lora.dropout) == (16, 32, 0.05)
-    assert c.lora.targets == ("q_proj", "k_proj", "v_proj", "dense")
+    assert c.lora.targets == ()  # the model family's attention projections
     assert (c.train.optimizer, c.train.learning_rate, c.train.lr_scheduler) == ("paged_adamw_8bit", 2e-4, "cosine")
     assert (c.train.batch_size, c.train.grad_accum, c.train.epochs, c.train.eval_every) == (1, 8, 1.0, 500)
     assert (c.data.samples, c.data.val_samples, c.data.max_length) == (5000, 500, 1024)
@@ -27,7 +27,7 @@ def test_phi2_config_prints_yaml_that_loads_back(tmp_path):
     result = runner.invoke(app, ["config"])
     assert result.exit_code == 0
     loaded = yaml.safe_load(result.output)
-    assert loaded["lora"]["targets"] == ["q_proj", "k_proj", "v_proj", "dense"]
+    assert loaded["lora"]["targets"] == []
     (tmp_path / "phi2.yaml").write_text(result.output, encoding="utf-8")
     assert build_config(tmp_path / "phi2.yaml", {}) == Phi2Config()
 

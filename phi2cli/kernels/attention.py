@@ -2,11 +2,15 @@
 
 Packed rows carry cumulative sequence lengths; torch's varlen attention (flash) then attends
 within each example only, doing no work across examples. Without those lengths (e.g. eval of a
-padded batch) it defers to transformers' SDPA implementation.
+padded batch) it defers to transformers' SDPA implementation. The family's own attention arguments
+travel with each call: grouped key/value heads (GQA), the softmax scaling and a sliding window;
+a logit softcap has no varlen kernel, so families that use one never register this kernel.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -14,17 +18,70 @@ import torch
 NAME = "phi2_varlen"
 
 
-def varlen_available(head_dim: int = 80) -> bool:
-    """True where torch's varlen flash kernel exists and runs for this head size (phi-2: 80)."""
+def _kernel() -> Any:
+    """torch's varlen flash attention (a function of its own so tests can stand in for it on the CPU)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_takes(argument: str) -> bool:
+    try:
+        return argument in inspect.signature(_kernel()).parameters
+    except (ImportError, TypeError, ValueError):
+        return False
+
+
+def window_size(sliding_window: int | None) -> tuple[int, int]:
+    """transformers' sliding_window (attend to the last W keys, itself included) as flash's (left, right)."""
+    if sliding_window is None or sliding_window <= 0:
+        return (-1, 0)  # causal, unlimited to the left
+    return (int(sliding_window) - 1, 0)
+
+
+def kernel_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
+                     sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:  # fmt: skip
+    """key, value and keyword arguments for the varlen kernel ([tokens, heads, dim] layout).
+
+    Fewer key/value heads than query heads (GQA) go to the kernel as they are with enable_gqa
+    where this torch has it, else each key/value head is repeated for its group of query heads.
+    """
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads cannot share {kv_heads} key/value heads evenly")
+    kwargs: dict[str, Any] = {"scale": scale, "window_size": window_size(sliding_window)}
+    if kv_heads != heads:
+        if _kernel_takes("enable_gqa"):
+            kwargs["enable_gqa"] = True
+        else:  # older torch: no grouped heads in the kernel
+            key = key.repeat_interleave(heads // kv_heads, dim=1)
+            value = value.repeat_interleave(heads // kv_heads, dim=1)
+    return key, value, kwargs
+
+
+def causal_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, longest: int,
+                  scale: float | None, sliding_window: int | None = None) -> torch.Tensor:  # fmt: skip
+    """Causal attention within each packed sequence.
+
+    query [tokens, heads, dim], key/value [tokens, kv_heads, dim]; cu: cumulative lengths (int32).
+    """
+    key, value, kwargs = kernel_arguments(query, key, value, scale, sliding_window)
+    return _kernel()(query, key, value, cu, cu, longest, longest, **kwargs)
+
+
+def varlen_available(head_dim: int = 80, heads: int = 2, kv_heads: int | None = None,
+                     sliding_window: int | None = None) -> bool:  # fmt: skip
+    """True where torch's varlen flash kernel exists and runs for this attention shape."""
     if not torch.cuda.is_available():
         return False
     try:
-        from torch.nn.attention.varlen import varlen_attn
-
-        probe = torch.randn(8, 2, head_dim, device="cuda", dtype=torch.bfloat16)
+        kv_heads = kv_heads or heads
+        query = torch.randn(8, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+        key = torch.randn(8, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
         cu = torch.tensor([0, 3, 8], device="cuda", dtype=torch.int32)
-        varlen_attn(probe, probe, probe, cu, cu, 5, 5, window_size=(-1, 0))
-    except Exception:  # old torch, or no kernel for this GPU / head size
+        causal_varlen(query, key, key, cu, 5, None, sliding_window)
+    except Exception:  # old torch, or no kernel for this GPU / head size / head grouping
         return False
     return True
 
@@ -38,30 +95,25 @@ def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)  # fmt: skip
+    if kwargs.get("softcap") is not None:
+        raise ValueError("the varlen kernel has no logit softcap; this family must not register it")
     # [1, heads, tokens, dim] -> [tokens, heads, dim]
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     cu = cu.to(device=q.device, dtype=torch.int32)
     longest = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
-    out = causal_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu, longest, scaling)
+    out = causal_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu, longest, scaling, kwargs.get("sliding_window"))
     return out.to(query.dtype).unsqueeze(0), None  # [1, tokens, heads, dim]
-
-
-def causal_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, longest: int,
-                  scale: float | None) -> torch.Tensor:  # fmt: skip
-    """Causal attention within each packed sequence ([tokens, heads, dim]; cu: cumulative lengths, int32)."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    return varlen_attn(query, key, value, cu, cu, longest, longest, scale=scale, window_size=(-1, 0))
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def register(head_dim: int = 80) -> bool:
-    """Register the kernel with transformers; False where it cannot run (CPU, old torch)."""
-    if not varlen_available(head_dim):
+def register(head_dim: int = 80, heads: int = 2, kv_heads: int | None = None,
+             sliding_window: int | None = None) -> bool:  # fmt: skip
+    """Register the kernel with transformers; False where it cannot run (CPU, old torch, this shape)."""
+    if not varlen_available(head_dim, heads, kv_heads, sliding_window):
         return False
     from transformers import AttentionInterface, AttentionMaskInterface
 

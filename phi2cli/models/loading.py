@@ -189,8 +189,11 @@ def load_base_model(model_cfg: ModelConfig, precision: Precision, for_training: 
     return model
 
 
-def lora_targets(lora_cfg: LoraConfig) -> Any:
-    targets = list(lora_cfg.targets)
+def lora_targets(lora_cfg: LoraConfig, model_type: str | None = None) -> Any:
+    """The user's --lora-targets, else the model family's attention q/k/v/output projections."""
+    from phi2cli.models.families import default_lora_targets
+
+    targets = list(lora_cfg.targets) or list(default_lora_targets(model_type))
     return "all-linear" if targets == ["all-linear"] else targets
 
 
@@ -241,7 +244,7 @@ def attach_lora(model: Any, lora_cfg: LoraConfig, gradient_checkpointing: bool, 
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
-        target_modules=lora_targets(lora_cfg),
+        target_modules=lora_targets(lora_cfg, getattr(model.config, "model_type", None)),
         bias="none",
         task_type="CAUSAL_LM",
     )
