@@ -90,7 +90,7 @@ def test_fast_path_and_reference_path_give_the_same_loss(phi2_shape_dir):
     from phi2cli.kernels import attention
     from phi2cli.data.collate import PackedCollator, PaddedCollator
     from phi2cli.config import DEFAULT_TEMPLATE, DataConfig, ModelConfig
-    from phi2cli.training.engine import dequantize_base
+    from phi2cli.models.loading import dequantize_base
     from phi2cli.models.loading import load_base_model, load_tokenizer, resolve_precision
     from phi2cli.data.prompts import PromptFormat, encode_example
     from phi2cli.data.sources import load_split
@@ -127,7 +127,7 @@ def test_fast_engine_with_lora_matches_the_reference_path(phi2_shape_dir):
     from phi2cli.kernels import lora as lora_fast
     from phi2cli.data.collate import PackedCollator, PaddedCollator
     from phi2cli.config import DEFAULT_TEMPLATE, DataConfig, ModelConfig
-    from phi2cli.training.engine import dequantize_base
+    from phi2cli.models.loading import dequantize_base
     from phi2cli.models.loading import load_base_model, load_tokenizer, resolve_precision
     from phi2cli.data.prompts import PromptFormat, encode_example
     from phi2cli.data.sources import load_split

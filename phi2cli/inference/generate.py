@@ -111,7 +111,7 @@ def load_model(config: Phi2Config, adapter_dir: str | Path | None = None) -> Loa
     base = load_base_model(config.model, precision, for_training=False)
     notes = [precision.note] if precision.note and precision.device == "cuda" else []
     if precision.device == "cuda" and precision.quantization == "4bit":
-        from phi2cli.training.engine import dequantize_base
+        from phi2cli.models.loading import dequantize_base
 
         dequantize_base(base)  # once, instead of in every matmul of every decoding step
     if precision.device == "cuda":

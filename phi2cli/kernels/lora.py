@@ -156,7 +156,7 @@ class FusedQKV:
 def _fused_attention_forward(self: Any, hidden_states: torch.Tensor, position_embeddings: Any = None,
                              attention_mask: Any = None, *args: Any, **kwargs: Any) -> Any:  # fmt: skip
     """Phi's attention forward with q, k, v from FusedQKV; anything it does not cover goes to Phi's own."""
-    import sys
+    from phi2cli.compat import attn_implementation, modeling_module
 
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     fused = self._phi2_fused_qkv
@@ -164,7 +164,7 @@ def _fused_attention_forward(self: Any, hidden_states: torch.Tensor, position_em
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
     kwargs.pop("cache", None)
     kwargs.pop("past_key_values", None)
-    phi = sys.modules[type(self).__module__]  # the attention helpers of the installed transformers
+    phi = modeling_module(self)  # the attention helpers of the installed transformers
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     q, k, v = fused(hidden_states.reshape(-1, hidden_states.shape[-1]))
@@ -176,7 +176,7 @@ def _fused_attention_forward(self: Any, hidden_states: torch.Tensor, position_em
     query_rot, key_rot = phi.apply_rotary_pos_emb(query[..., :rot], key[..., :rot], cos, sin)
     query = torch.cat((query_rot, query[..., rot:]), dim=-1)
     key = torch.cat((key_rot, key[..., rot:]), dim=-1)
-    implementation = self.config._attn_implementation
+    implementation = attn_implementation(self.config)
     interfaces = phi.ALL_ATTENTION_FUNCTIONS
     if implementation == "eager":
         attend = phi.eager_attention_forward

@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import torch
 
+from phi2cli.compat import bnb_step_parts_present, foreach_copy
+
 BLOCK = 256  # bitsandbytes' blockwise 8-bit optimizer state: one absmax per 256 elements
 
 
@@ -69,18 +71,18 @@ class FlatAdamW8bit(torch.optim.Optimizer):
         for group, values, grads in self._slots:
             tensors = group["params"]
             incoming = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
-            torch._foreach_copy_(grads, incoming)
+            foreach_copy(grads, incoming)
             # the values too: the parameters may have been set since the last step (a checkpoint loaded)
-            torch._foreach_copy_(values, tensors)
+            foreach_copy(values, tensors)
         self._update()
         for group, values, grads in self._slots:
-            torch._foreach_copy_(group["params"], values)
+            foreach_copy(group["params"], values)
         return loss
 
     def _update(self) -> None:
         """bitsandbytes' step without its per-tensor GPU synchronisation (one tensor per group here)."""
         inner = self.inner
-        if not all(hasattr(inner, name) for name in ("check_overrides", "to_gpu", "init_state", "update_step")):
+        if not bnb_step_parts_present(inner):
             inner.step()  # another bitsandbytes: its own step, synchronising
             return
         if not inner.initialized:

@@ -189,6 +189,23 @@ def load_base_model(model_cfg: ModelConfig, precision: Precision, for_training: 
     return model
 
 
+def dequantize_base(model: Any) -> int:
+    """Replace every 4-bit linear layer by a frozen bf16 one holding the same (dequantized NF4) weights.
+
+    The 4-bit path dequantizes each weight in every forward and backward; doing it once (with
+    transformers' own `model.dequantize()`) keeps the values bit for bit and leaves only the bf16
+    matrix products. Returns how many layers were replaced.
+    """
+    quantized = sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+    if not quantized:
+        return 0
+    model.dequantize()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.is_loaded_in_4bit = False  # prepare the LoRA model as the plain bf16 model it now is
+    return quantized
+
+
 def lora_targets(lora_cfg: LoraConfig, model_type: str | None = None) -> Any:
     """The user's --lora-targets, else the model family's attention q/k/v/output projections."""
     from phi2cli.models.families import default_lora_targets

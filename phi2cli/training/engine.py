@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 from phi2cli.config import Phi2Config, save_run_config
 from phi2cli.errors import DeviceError, RunError, TrainingInterrupted
+from phi2cli.training.build import (build_model, family_plan, model_type_of, record_trainer_paths,
+                                    with_adapted_targets)
 from phi2cli.training.plan import EnginePlan, resolve_plan
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -112,7 +114,9 @@ def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, ha
     if plan.world_size == 1:
         # One process uses one GPU: the Trainer would otherwise wrap the model in DataParallel on a
         # multi-GPU machine, which cannot split packed rows. Several GPUs go through --gpus (DDP).
-        args._n_gpu = min(args._n_gpu, 1)
+        from phi2cli.compat import limit_to_one_gpu
+
+        limit_to_one_gpu(args)
     return args
 
 
@@ -137,77 +141,6 @@ def _free_gib() -> float | None:
         return None
     free, _ = torch.cuda.mem_get_info()
     return free / 2**30
-
-
-def dequantize_base(model: Any) -> int:
-    """Replace every 4-bit linear layer by a frozen bf16 one holding the same (dequantized NF4) weights.
-
-    The 4-bit path dequantizes each weight in every forward and backward; doing it once keeps
-    the values bit for bit and leaves only the bf16 matrix products.
-    """
-    import bitsandbytes as bnb
-    import torch
-
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if not isinstance(child, bnb.nn.Linear4bit):
-                continue
-            weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
-            dtype = child.compute_dtype or torch.bfloat16
-            linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                     device=weight.device, dtype=dtype)  # fmt: skip
-            linear.weight.data.copy_(weight.to(dtype))
-            if child.bias is not None:
-                linear.bias.data.copy_(child.bias.data.to(dtype))
-            linear.requires_grad_(False)
-            setattr(module, child_name, linear)
-            replaced += 1
-    model.is_loaded_in_4bit = False
-    model.is_quantized = False
-    setattr(model, "hf_quantizer", None)
-    return replaced
-
-
-def build_model(config: Phi2Config, plan: EnginePlan, precision: Any) -> Any:
-    """Base model (4-bit NF4 by default) + LoRA, laid out as the plan says."""
-    from phi2cli.kernels import attention
-    from phi2cli.models.loading import attach_lora, load_base_model
-
-    model = load_base_model(config.model, precision, for_training=True)
-    if plan.dequantize_base:
-        dequantize_base(model)
-        for param in model.parameters():
-            param.requires_grad_(False)
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
-    if plan.packed and attention.register(head_dim):
-        model.set_attn_implementation(attention.NAME)
-    from transformers import set_seed
-
-    set_seed(config.train.seed)  # LoRA's initial A matrices come from the global RNG
-    model = attach_lora(model, config.lora, plan.gradient_checkpointing, lean=plan.profile == "memory-saver",
-                        upcast_norms=plan.autocast)  # fmt: skip
-    if plan.fused_kernels:
-        from phi2cli.kernels import lora as lora_fast
-
-        lora_fast.install(model)
-        if plan.fused_qkv:
-            lora_fast.install_fused_qkv(model)  # where q/k/v have plain (dequantized) base weights
-        lora_fast.fuse_gelu(model)
-    if plan.compile:
-        compile_layers(model)
-    return model
-
-
-def compile_layers(model: Any) -> None:
-    """torch.compile every decoder layer: one compiled graph serves all 32 (same code, dynamic length)."""
-    import torch
-
-    for module in model.modules():
-        if type(module).__name__.endswith("DecoderLayer"):
-            module.compile(dynamic=True)
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    torch._dynamo.config.suppress_errors = True  # a layer that cannot compile here runs eagerly instead
 
 
 def train(
@@ -256,7 +189,8 @@ def train(
     plan = resolve_plan(config, cuda=precision.device == "cuda", quantized=precision.quantization == "4bit",
                         free_gib=_free_gib(), world_size=world_size,
                         bf16=precision.compute_dtype == "bfloat16")  # fmt: skip
-    notes = [n for n in (precision.note, plan.note) if n]
+    plan, family_note = family_plan(plan, model_type_of(config.model.model))
+    notes = [n for n in (precision.note, plan.note, family_note) if n]
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
     out = Path(config.train.output_dir)
     with state.main_process_first():
@@ -278,10 +212,14 @@ def train(
     if is_main:
         save_run_config(config, out, run_facts)
 
+    from phi2cli.kernels.fast_paths import FastPaths
+
+    paths = FastPaths()
     try:
-        model = build_model(config, plan, precision)
+        model = build_model(config, plan, precision, paths)
     except torch.cuda.OutOfMemoryError:
         raise DeviceError(out_of_memory_advice()) from None
+    config = with_adapted_targets(config, model)
     collator = make_collator(config, plan, tokenizer)
     args = _training_arguments(config, plan, precision, has_eval=eval_set is not None)
     stopper = StopOnSignal()
@@ -321,9 +259,10 @@ def train(
     throughput = dict(meter.result)
     if trainer.graphed is not None:
         throughput["cuda_graphs"] = trainer.graphed.summary()
-    if trainer.graph_note:
-        notes.append(trainer.graph_note)
-    run_facts.update(throughput=throughput, memory=memory, train_metrics=dict(result.metrics))
+    record_trainer_paths(paths, plan, trainer)
+    notes += paths.fallback_notes()
+    run_facts.update(throughput=throughput, memory=memory, train_metrics=dict(result.metrics),
+                     fast_paths=paths.to_dict())  # fmt: skip
     if is_main:
         save_final(trainer, tokenizer, config, final, run_facts)
     state.wait_for_everyone()

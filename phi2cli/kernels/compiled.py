@@ -1,0 +1,63 @@
+"""torch.compile for the decoder layers, with a loud, recorded fallback to eager.
+
+One compiled graph serves every layer (same code, dynamic sequence length). Compile settings are
+scoped to the compiled calls (no process-wide torch._dynamo configuration); a compile error turns
+compilation off for every layer, which then run eagerly, and is recorded with its reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+COMPILE_SETTINGS = {"cache_size_limit": 64}  # every layer instance may add an entry for the shared code
+
+
+class CompileState:
+    """Shared by the layers of one model: once one fails to compile, all run eagerly."""
+
+    def __init__(self, on_failure: Callable[[BaseException], None]) -> None:
+        self.failed = False
+        self.on_failure = on_failure
+
+    def fail(self, error: BaseException) -> None:
+        if not self.failed:
+            self.failed = True
+            self.on_failure(error)
+
+
+class GuardedForward:
+    """A layer's forward that runs compiled until compiling fails, then eagerly."""
+
+    def __init__(self, eager: Callable[..., Any], state: CompileState) -> None:
+        import torch
+
+        self.eager, self.state = eager, state
+        self.compiled = torch.compile(eager, dynamic=True)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.state.failed:
+            from phi2cli.compat import compile_error_types, dynamo_settings
+
+            try:
+                with dynamo_settings(**COMPILE_SETTINGS):
+                    return self.compiled(*args, **kwargs)
+            except compile_error_types() as error:
+                self.state.fail(error)
+        return self.eager(*args, **kwargs)
+
+
+def compile_layers(model: Any, layer_classes: tuple[str, ...], on_failure: Callable[[BaseException], None]) -> int:
+    """Compile every decoder layer whose class is in `layer_classes`; returns how many."""
+    state = CompileState(on_failure)
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ in layer_classes:
+            module.forward = GuardedForward(module.forward, state)
+            count += 1
+    return count
+
+
+def describe(error: BaseException) -> str:
+    """The first line of a compile error, short enough for one line."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}".rstrip(": ")

@@ -1,0 +1,103 @@
+"""Llama-family and Qwen2 models with grouped key/value heads through train, evaluate and summarize (CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from phi2cli.cli import app
+from phi2cli.models.families import attention_shape, default_lora_targets, family_of, varlen_refusal
+
+from conftest import ROOT
+
+runner = CliRunner()
+TOKENIZER_DIR = ROOT / "examples" / "tiny-phi-2-tokenizer"
+
+
+def tiny_model(kind: str, out: Path) -> Path:
+    """A 2-layer random model of the family, 4 query heads sharing 2 key/value heads, phi-2's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(vocab_size=51200, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=50256, eos_token_id=50256,
+                 tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(head_dim=24, **shape))  # head_dim != hidden / heads (16)
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**shape))
+    model.save_pretrained(out)
+    for item in TOKENIZER_DIR.iterdir():
+        if item.name != "config.json" and item.suffix != ".md":
+            shutil.copy(item, out / item.name)
+    return out
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def family_model(request, tmp_path_factory) -> tuple[str, Path]:
+    return request.param, tiny_model(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"))
+
+
+def test_the_spec_reads_grouped_heads_and_head_dim_from_the_config():
+    from transformers import LlamaConfig, PhiConfig, Qwen2Config
+
+    llama = attention_shape(LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=24))
+    assert (llama.heads, llama.kv_heads, llama.head_dim, llama.sliding_window) == (4, 2, 24, None)
+    qwen = attention_shape(Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                                       use_sliding_window=True, sliding_window=128, max_window_layers=0))  # fmt: skip
+    assert (qwen.kv_heads, qwen.head_dim, qwen.sliding_window) == (1, 16, 128)
+    assert attention_shape(Qwen2Config(sliding_window=4096, use_sliding_window=False)).sliding_window is None
+    phi = attention_shape(PhiConfig(hidden_size=2560, num_attention_heads=32))
+    assert (phi.heads, phi.kv_heads, phi.head_dim) == (32, 32, 80)
+    assert varlen_refusal(phi) is None
+    assert "softcap" in varlen_refusal(dataclasses_replace(phi, softcap=50.0))
+    assert family_of("mistral").name == "llama" and family_of("gemma2") is None
+    assert default_lora_targets("phi") == ("q_proj", "k_proj", "v_proj", "dense")
+    assert default_lora_targets("qwen2") == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert default_lora_targets("gpt2") == ("all-linear",)
+
+
+def dataclasses_replace(shape, **changes):
+    import dataclasses
+
+    return dataclasses.replace(shape, **changes)
+
+
+def test_grouped_head_models_train_evaluate_and_summarize(family_model, sample_data_dir):
+    kind, model_dir = family_model
+    result = runner.invoke(app, ["train", "--model", str(model_dir), "--data-dir", str(sample_data_dir),
+                                 "--samples", "16", "--val-samples", "8", "--max-steps", "2", "--eval-every", "2",
+                                 "--max-length", "192", "--lr", "0.01", "--warmup-steps", "0"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    final = Path("phi2-xsum-final")
+    adapter = json.loads((final / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}  # o_proj adapted too
+    run = json.loads((final / "phi2_run.json").read_text())
+    assert run["config"]["lora"]["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert run["fast_paths"]["lean_lora"] == {"status": "active", "detail": "8 layers"}  # 2 layers x 4 targets
+    assert run["fast_paths"]["varlen_attention"]["status"] == "off"  # CPU: packed rows through SDPA
+    from safetensors.torch import load_file
+
+    names = load_file(str(final / "adapter_model.safetensors")).keys()
+    adapted = {name.split(".")[-3] for name in names if "lora_A" in name}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert any("self_attn.o_proj.lora_B" in name for name in names)
+
+    result = runner.invoke(app, ["evaluate", "--samples", "4", "--max-new-tokens", "6"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["samples"] == 4 and metrics["tuned"]["eval_loss"] > 0
+    predictions = [json.loads(line) for line in (final / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4
+
+    Path("a.txt").write_text("The council approved a new budget for the town's schools on Monday.\n")
+    result = runner.invoke(app, ["summarize", "a.txt", "--json", "--max-new-tokens", "5"])
+    assert result.exit_code == 0, result.output
+    summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")] or \
+        json.loads(result.stdout)  # fmt: skip
+    assert summaries and summaries[0]["source"] == "a.txt"
