@@ -71,8 +71,8 @@ def dataclasses_replace(shape, **changes):
 def test_grouped_head_models_train_evaluate_and_summarize(family_model, sample_data_dir):
     kind, model_dir = family_model
     result = runner.invoke(app, ["train", "--model", str(model_dir), "--data-dir", str(sample_data_dir),
-                                 "--samples", "16", "--val-samples", "8", "--max-steps", "2", "--eval-every", "2",
-                                 "--max-length", "192", "--lr", "0.01", "--warmup-steps", "0"])  # fmt: skip
+                                 "--samples", "8", "--val-samples", "4", "--max-steps", "1", "--eval-every", "1",
+                                 "--max-length", "128", "--lr", "0.01", "--warmup-steps", "0"])  # fmt: skip
     assert result.exit_code == 0, result.output
     final = Path("phi2-xsum-final")
     adapter = json.loads((final / "adapter_config.json").read_text())
@@ -88,15 +88,15 @@ def test_grouped_head_models_train_evaluate_and_summarize(family_model, sample_d
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert any("self_attn.o_proj.lora_B" in name for name in names)
 
-    result = runner.invoke(app, ["evaluate", "--samples", "4", "--max-new-tokens", "6"], env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["evaluate", "--samples", "2", "--max-new-tokens", "4"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     metrics = json.loads((final / "metrics.json").read_text())
-    assert metrics["samples"] == 4 and metrics["tuned"]["eval_loss"] > 0
+    assert metrics["samples"] == 2 and metrics["tuned"]["eval_loss"] > 0
     predictions = [json.loads(line) for line in (final / "predictions.jsonl").read_text().splitlines()]
-    assert len(predictions) == 4
+    assert len(predictions) == 2
 
     Path("a.txt").write_text("The council approved a new budget for the town's schools on Monday.\n")
-    result = runner.invoke(app, ["summarize", "a.txt", "--json", "--max-new-tokens", "5"])
+    result = runner.invoke(app, ["summarize", "a.txt", "--json", "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
     summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")] or \
         json.loads(result.stdout)  # fmt: skip

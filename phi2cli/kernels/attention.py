@@ -26,9 +26,9 @@ def _kernel() -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_takes(argument: str) -> bool:
+def _kernel_takes(kernel: Any, argument: str) -> bool:
     try:
-        return argument in inspect.signature(_kernel()).parameters
+        return argument in inspect.signature(kernel).parameters
     except (ImportError, TypeError, ValueError):
         return False
 
@@ -52,7 +52,7 @@ def kernel_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         raise ValueError(f"{heads} query heads cannot share {kv_heads} key/value heads evenly")
     kwargs: dict[str, Any] = {"scale": scale, "window_size": window_size(sliding_window)}
     if kv_heads != heads:
-        if _kernel_takes("enable_gqa"):
+        if _kernel_takes(_kernel(), "enable_gqa"):
             kwargs["enable_gqa"] = True
         else:  # older torch: no grouped heads in the kernel
             key = key.repeat_interleave(heads // kv_heads, dim=1)
