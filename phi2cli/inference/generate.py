@@ -180,7 +180,7 @@ def eval_loss(loaded: LoadedModel, examples: Sequence[EncodedExample], tokens_pe
 
     from phi2cli.kernels import attention
     from phi2cli.data.collate import PackedCollator
-    from phi2cli.training.trainer import selective_causal_lm_loss
+    from phi2cli.kernels.loss import selective_causal_lm_loss
 
     model, device = loaded.model, loaded.device
     varlen = device == "cuda" and attention.register()

@@ -113,7 +113,7 @@ def _score(decoder: StaticDecoder, examples: Sequence[EncodedExample], cached: S
     """Training's loss sum and labelled-token count over `examples` (cache rows 0, 1, ...), caching
     the first cached[i] tokens of example i on the way."""
     from phi2cli.data.collate import PackedCollator
-    from phi2cli.training.trainer import selective_causal_lm_loss
+    from phi2cli.kernels.loss import selective_causal_lm_loss
 
     device, collate = decoder.phi.device, PackedCollator()
     total, count = 0.0, 0

@@ -160,8 +160,8 @@ class GraphedTrainStep:
         self.grads.div_(torch.distributed.get_world_size())
 
     def _forward_backward(self, inputs: dict[str, torch.Tensor], longest: int) -> torch.Tensor:
-        """The eager step's loss (trainer.selective_causal_lm_loss) over the static tensors, and its backward."""
-        from phi2cli.training.trainer import selective_causal_lm_loss
+        """The eager step's loss (kernels.loss.selective_causal_lm_loss) over the static tensors, and its backward."""
+        from phi2cli.kernels.loss import selective_causal_lm_loss
 
         cu = inputs["cu_seq_lens_q"]
         batch = {**inputs, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
