@@ -101,3 +101,20 @@ def test_grouped_head_models_train_evaluate_and_summarize(family_model, sample_d
     summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")] or \
         json.loads(result.stdout)  # fmt: skip
     assert summaries and summaries[0]["source"] == "a.txt"
+
+
+def test_the_memory_estimate_scales_with_the_model():
+    from transformers import LlamaConfig, PhiConfig
+
+    from phi2cli.models.families import PHI2_SHAPE, model_shape
+    from phi2cli.training.plan import speed_memory_gib
+
+    phi2 = model_shape(PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+                                 num_attention_heads=32, tie_word_embeddings=False))  # fmt: skip
+    assert abs(phi2.parameters - PHI2_SHAPE.parameters) / PHI2_SHAPE.parameters < 0.001  # biases and norms aside
+    assert speed_memory_gib(8, 1024, shape=phi2) == pytest.approx(speed_memory_gib(8, 1024), rel=1e-3)
+    smol = model_shape(LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True))  # fmt: skip
+    assert 134e6 < smol.parameters < 136e6  # SmolLM2-135M
+    assert speed_memory_gib(8, 1024, shape=smol) < speed_memory_gib(8, 1024) / 4
+    assert model_shape(object()) is None

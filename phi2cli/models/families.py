@@ -90,3 +90,43 @@ def default_lora_targets(model_type: str | None) -> tuple[str, ...]:
 def unknown_family_note(model_type: str | None) -> str:
     return (f"model type '{model_type}' is not one of the engine's families (phi, llama/mistral, qwen2): "
             f"running the plain Hugging Face path (no fused kernels, compile or CUDA graphs)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory estimate of a profile scales with."""
+
+    parameters: int
+    layers: int
+    width: int  # hidden + intermediate size: what each layer keeps per token for backward grows with
+
+    def weight_gib(self, bytes_per_parameter: float = 2.0) -> float:
+        return self.parameters * bytes_per_parameter / 2**30
+
+    def activation_ratio(self, other: "ModelShape") -> float:
+        """Activation memory per token of this shape relative to `other`'s."""
+        return (self.layers * self.width) / (other.layers * other.width)
+
+
+def model_shape(config: Any) -> ModelShape | None:
+    """Parameter count and layer shape from a transformers config (no weights needed); None where the
+    config lacks the usual decoder fields."""
+    try:
+        return _model_shape(config)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _model_shape(config: Any) -> ModelShape:
+    hidden, layers = int(config.hidden_size), int(config.num_hidden_layers)
+    intermediate = int(getattr(config, "intermediate_size", None) or 4 * hidden)
+    shape = attention_shape(config)
+    spec = family_of(getattr(config, "model_type", None))
+    mlp_matrices = len(spec.mlp) if spec else 3
+    attention = hidden * shape.head_dim * (2 * shape.heads + 2 * shape.kv_heads)
+    embeddings = int(config.vocab_size) * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    parameters = embeddings + layers * (attention + mlp_matrices * hidden * intermediate)
+    return ModelShape(parameters, layers, hidden + intermediate)
+
+
+PHI2_SHAPE = ModelShape(2_779_683_840, 32, 2560 + 10240)  # microsoft/phi-2, what the memory constants were measured on

@@ -110,16 +110,16 @@ def family_plan(plan: EnginePlan, model_type: str | None) -> tuple[EnginePlan, s
     return plain, unknown_family_note(model_type)
 
 
-def model_type_of(model_name: str) -> str | None:
-    """transformers' model_type of a local directory or .gguf file (None where it cannot be read cheaply)."""
+def model_config_of(model_name: str) -> Any:
+    """The transformers config of a local directory or .gguf file (None where it cannot be read cheaply)."""
     from phi2cli.models.loading import split_gguf
 
-    location, gguf_file = split_gguf(model_name)
     try:
+        location, gguf_file = split_gguf(model_name)
         from transformers import AutoConfig
 
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        return getattr(AutoConfig.from_pretrained(location, **kwargs), "model_type", None)
+        return AutoConfig.from_pretrained(location, **kwargs)
     except Exception:  # unreadable here: load_base_model reports the real problem
         return None
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from phi2cli.config import Phi2Config, save_run_config
 from phi2cli.errors import DeviceError, RunError, TrainingInterrupted
-from phi2cli.training.build import (build_model, family_plan, model_type_of, record_trainer_paths,
+from phi2cli.training.build import (build_model, family_plan, model_config_of, record_trainer_paths,
                                     with_adapted_targets)
 from phi2cli.training.plan import EnginePlan, resolve_plan
 
@@ -186,10 +186,13 @@ def train(
         check_output_dirs(config, resume, overwrite and is_main)
     precision = resolve_precision(config.model)
     world_size = state.num_processes
+    from phi2cli.models.families import model_shape
+
+    model_config = model_config_of(config.model.model)
     plan = resolve_plan(config, cuda=precision.device == "cuda", quantized=precision.quantization == "4bit",
-                        free_gib=_free_gib(), world_size=world_size,
-                        bf16=precision.compute_dtype == "bfloat16")  # fmt: skip
-    plan, family_note = family_plan(plan, model_type_of(config.model.model))
+                        free_gib=_free_gib(), world_size=world_size, bf16=precision.compute_dtype == "bfloat16",
+                        shape=model_shape(model_config))  # fmt: skip
+    plan, family_note = family_plan(plan, getattr(model_config, "model_type", None))
     notes = [n for n in (precision.note, plan.note, family_note) if n]
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
     out = Path(config.train.output_dir)

@@ -67,19 +67,20 @@ def split_global_batch(total: int, world_size: int, micro_batch: int) -> tuple[i
 
 
 def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: float | None,
-                 world_size: int = 1, bf16: bool = True) -> EnginePlan:  # fmt: skip
+                 world_size: int = 1, bf16: bool = True, shape: Any = None) -> EnginePlan:  # fmt: skip
     """Pick the engine profile: explicit --profile, else from the GPU's free memory.
 
     bf16: the compute dtype is bfloat16 (then the fast profiles run without autocast: weights,
     activations and layer norms in bf16, LoRA's fp32 master weights cast per use; fp16 keeps
-    autocast and its loss scaling).
+    autocast and its loss scaling). shape: the model's families.ModelShape (None: phi-2's), which
+    the memory estimates scale with.
     """
     train = config.train
     total = examples_per_step(config)
     profile = train.profile
     note = None
     if profile == "auto":
-        need = speed_memory_gib(total // world_size, config.data.max_length)
+        need = speed_memory_gib(total // world_size, config.data.max_length, shape=shape)
         if not cuda:
             profile = "speed"
         elif free_gib is not None and free_gib < need:
@@ -105,7 +106,8 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
     # Batched q/k/v saves kernel launches when layers run eagerly; compiled, separate products measured faster.
     # CUDA graphs need bf16 without a loss scaler (fp16 keeps autocast and its GradScaler, eagerly).
     graphs = cuda and bf16 and train.cuda_graphs
-    graph_need = speed_memory_gib(total // world_size, config.data.max_length, graphs=True)
+    graph_need = speed_memory_gib(total // world_size, config.data.max_length, graphs=True,
+                                  shape=shape)  # fmt: skip
     if graphs and free_gib is not None and free_gib < graph_need:
         graphs = False
         note = note or (f"{free_gib:.1f} GiB free on the GPU (CUDA graphs need ~{graph_need:.0f}): "
@@ -114,7 +116,15 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
                       compile=compiled, note=note, fused_qkv=not compiled, cuda_graphs=graphs, **lean)  # fmt: skip
 
 
-def speed_memory_gib(examples_per_device: int, max_length: int, graphs: bool = False) -> float:
-    """Worst-case GPU memory of the speed profile: every example at max length, no checkpointing."""
-    per_token = GRAPH_GIB_PER_TOKEN if graphs else SPEED_GIB_PER_TOKEN
-    return SPEED_BASE_GIB + per_token * examples_per_device * max_length
+def speed_memory_gib(examples_per_device: int, max_length: int, graphs: bool = False, shape: Any = None) -> float:
+    """Worst-case GPU memory of the speed profile: every example at max length, no checkpointing.
+
+    The constants were measured on phi-2; another model's bf16 weights replace phi-2's in the base,
+    and the activations scale with layers x (hidden + intermediate) (families.ModelShape).
+    """
+    from phi2cli.models.families import PHI2_SHAPE
+
+    shape = shape or PHI2_SHAPE
+    base = SPEED_BASE_GIB - PHI2_SHAPE.weight_gib() + shape.weight_gib()
+    per_token = (GRAPH_GIB_PER_TOKEN if graphs else SPEED_GIB_PER_TOKEN) * shape.activation_ratio(PHI2_SHAPE)
+    return base + per_token * examples_per_device * max_length
