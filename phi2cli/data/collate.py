@@ -128,3 +128,23 @@ def sequence_lengths(batch: dict[str, Any]) -> list[int]:
         cu = batch["cu_seq_lens_q"]
         return [int(n) for n in (cu[1:] - cu[:-1])]
     return [int(n) for n in batch["attention_mask"].sum(dim=1)]
+
+
+def token_groups(lengths: Sequence[int], budget: int, padded: bool = False) -> list[range]:
+    """Consecutive index ranges of at most `budget` tokens each (one item minimum).
+
+    packed: a group costs the sum of its lengths; padded: rows x its longest length.
+    The one packer of the project: eval-loss batches, prefill groups and shared forwards use it.
+    """
+    groups, start = [], 0
+    while start < len(lengths):
+        end, longest, total = start, 0, 0
+        while end < len(lengths):
+            longest, total = max(longest, lengths[end]), total + lengths[end]
+            if end > start and (longest * (end - start + 1) if padded else total) > budget:
+                break
+            end += 1
+        groups.append(range(start, end))
+        start = end
+    return groups
+

@@ -344,19 +344,12 @@ def rows_that_fit(phi: PhiModules, cache_len: int) -> int:
 
 
 def prefill_groups(prompts: Sequence[Sequence[int]], budget: int,
-            packed: bool) -> list[tuple[int, Sequence[Sequence[int]]]]:  # fmt: skip
+                   packed: bool) -> list[tuple[int, Sequence[Sequence[int]]]]:  # fmt: skip
     """Consecutive prompts per prefill forward: at most `budget` tokens (padded: rows x longest)."""
-    groups, start = [], 0
-    while start < len(prompts):
-        end, longest, total = start, 0, 0
-        while end < len(prompts):
-            longest, total = max(longest, len(prompts[end])), total + len(prompts[end])
-            if end > start and (total if packed else longest * (end - start + 1)) > budget:
-                break
-            end += 1
-        groups.append((start, prompts[start:end]))
-        start = end
-    return groups
+    from phi2cli.data.collate import token_groups
+
+    groups = token_groups([len(p) for p in prompts], budget, padded=not packed)
+    return [(group.start, prompts[group.start:group.stop]) for group in groups]
 
 
 def _varlen_ready(phi: PhiModules) -> bool:

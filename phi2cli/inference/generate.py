@@ -150,21 +150,11 @@ def _sync(device: str) -> None:
 
 
 def _pack(features: Sequence[EncodedExample], budget: int) -> list[list[EncodedExample]]:
-    """Greedy packing by length into batches of at most `budget` tokens (one example minimum)."""
+    """Batches of at most `budget` tokens (one example minimum), examples sorted by length."""
+    from phi2cli.data.collate import token_groups
+
     ordered = sorted(features, key=lambda f: len(f.input_ids))
-    batches: list[list[EncodedExample]] = []
-    current: list[EncodedExample] = []
-    size = 0
-    for feature in ordered:
-        n = len(feature.input_ids)
-        if current and size + n > budget:
-            batches.append(current)
-            current, size = [], 0
-        current.append(feature)
-        size += n
-    if current:
-        batches.append(current)
-    return batches
+    return [[ordered[i] for i in group] for group in token_groups([len(f.input_ids) for f in ordered], budget)]
 
 
 def eval_loss(loaded: LoadedModel, examples: Sequence[EncodedExample], tokens_per_batch: int | None = None,

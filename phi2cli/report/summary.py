@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from phi2cli.config import TrainConfig
 from phi2cli.errors import RunError
+from phi2cli.io.checkpoints import CHECKPOINT_RE
 from phi2cli.report.render import as_number, thin
 from phi2cli.report.render import fmt_fixed, fmt_sci, render_report, rich_report  # noqa: F401 (re-exported)
 
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.json"
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
+_CHECKPOINT = CHECKPOINT_RE
 _TRAIN_KEYS = {"loss", "learning_rate", "grad_norm", "epoch", "step"}
 
 

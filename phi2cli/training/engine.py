@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,11 +11,11 @@ from typing import Any, Callable
 
 from phi2cli.config import Phi2Config, save_run_config
 from phi2cli.errors import DeviceError, RunError, TrainingInterrupted
+from phi2cli.io.checkpoints import CHECKPOINT_RE
 from phi2cli.training.build import (build_model, family_plan, model_config_of, record_trainer_paths,
                                     with_adapted_targets)
 from phi2cli.training.plan import EnginePlan, resolve_plan
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 Display = Callable[[str, dict[str, Any]], None]
 COMPILE_NOTE = "compiling the decoder layers (about a minute the first time, cached for later runs)"
 
