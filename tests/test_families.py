@@ -90,7 +90,9 @@ def test_grouped_head_models_train_evaluate_and_summarize(family_model, sample_d
 
     result = runner.invoke(app, ["evaluate", "--samples", "2", "--max-new-tokens", "4"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
+    assert "static-cache decoder drives plain Phi models only" in result.output  # said, not silent
     metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["settings"]["decoder"] == "hf" and metrics["settings"]["shared_forward_articles"] == 0
     assert metrics["samples"] == 2 and metrics["tuned"]["eval_loss"] > 0
     predictions = [json.loads(line) for line in (final / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 2
@@ -118,3 +120,22 @@ def test_the_memory_estimate_scales_with_the_model():
     assert 134e6 < smol.parameters < 136e6  # SmolLM2-135M
     assert speed_memory_gib(8, 1024, shape=smol) < speed_memory_gib(8, 1024) / 4
     assert model_shape(object()) is None
+
+
+def test_the_decoder_is_selectable_and_recorded(final, monkeypatch):
+    result = runner.invoke(app, ["evaluate", "--samples", "2", "--max-new-tokens", "48", "-o", "static"])
+    assert result.exit_code == 0, result.output
+    static = json.loads(Path("static/metrics.json").read_text())
+    assert static["settings"]["decoder"] == "static" and static["settings"]["shared_forward_articles"] == 2
+    monkeypatch.setenv("PHI2_DECODER", "hf")
+    result = runner.invoke(app, ["evaluate", "--samples", "2", "--max-new-tokens", "48", "-o", "hf"])
+    assert result.exit_code == 0, result.output
+    hf = json.loads(Path("hf/metrics.json").read_text())
+    assert hf["settings"]["decoder"] == "hf" and hf["settings"]["shared_forward_articles"] == 0
+    assert "static-cache decoder" not in result.output  # the user's choice is no fallback
+    for key in ("eval_loss", "rouge1"):  # greedy either way: the same loss and summaries
+        assert hf["tuned"][key] == pytest.approx(static["tuned"][key], rel=1e-4, abs=1e-4)
+    monkeypatch.setenv("PHI2_DECODER", "fast")
+    result = runner.invoke(app, ["evaluate", "--samples", "2"])
+    assert result.exit_code == 2
+    assert "PHI2_DECODER='fast': use one of static, hf" in result.output

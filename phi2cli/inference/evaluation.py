@@ -156,6 +156,11 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
         truncated[label] = sum(g.truncated for g in scored.generated)
         return {"eval_loss": scored.loss.loss, "perplexity": scored.loss.perplexity, **quality}, texts
 
+    from phi2cli.inference.generate import decoder_fallback, uses_fast_decoder
+
+    fallback = decoder_fallback(loaded, config.generation)
+    if fallback:
+        notes.append(fallback)
     base = base_texts = None
     if options.compare_base:
         base, base_texts = score("base")
@@ -179,6 +184,7 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
             "loss_reduction": LOSS_REDUCTION, "rouge": "F-measure x 100, Porter stemming, mean over articles",
             "device": loaded.device, "dtype": loaded.dtype, "quantization": config.model.quantization,
             "adapter_merged": loaded.merged, "shared_forward_articles": shared["tuned"],
+            "decoder": "static" if uses_fast_decoder(loaded, config.generation) else "hf",
             "timings_note": SHARED_TIMINGS if shared["tuned"] else SEPARATE_TIMINGS,
         },
         "timings": {k: round(v, 4) if isinstance(v, float) else v for k, v in timings.items()},

@@ -253,13 +253,38 @@ def default_batch_size(loaded: LoadedModel, requested: int | None, gen: Generati
     return FAST_CUDA_GEN_BATCH if gen is not None and uses_fast_decoder(loaded, gen) else CUDA_GEN_BATCH
 
 
+DECODER_ENV = "PHI2_DECODER"  # static: the hand-written static-cache decoder where it applies; hf: generate()
+DECODERS = ("static", "hf")
+
+
+def decoder_choice() -> str:
+    """PHI2_DECODER (default static): which greedy decoder to use where both can run."""
+    import os
+
+    choice = os.environ.get(DECODER_ENV, "").strip().lower() or "static"
+    if choice not in DECODERS:
+        raise ConfigError(f"{DECODER_ENV}={choice!r}: use one of {', '.join(DECODERS)}")
+    return choice
+
+
 def uses_fast_decoder(loaded: LoadedModel, gen: GenerationConfig, streaming: bool = False) -> bool:
-    """Greedy, not streamed, and a Phi model the static-cache decoder supports (phi2cli.inference.decode)."""
-    if gen.do_sample or gen.num_beams != 1 or streaming:
+    """Greedy, not streamed, PHI2_DECODER not 'hf', and a model the static-cache decoder supports
+    (phi2cli.inference.decode); everything else goes through transformers' generate()."""
+    if gen.do_sample or gen.num_beams != 1 or streaming or decoder_choice() == "hf":
         return False
     from phi2cli.inference.decode import supports
 
     return supports(loaded.model)
+
+
+def decoder_fallback(loaded: LoadedModel, gen: GenerationConfig) -> str | None:
+    """Why greedy decoding of this model cannot use the static-cache decoder (None where it does or
+    where the user chose generate())."""
+    if gen.do_sample or gen.num_beams != 1 or decoder_choice() == "hf" or uses_fast_decoder(loaded, gen):
+        return None
+    model_type = getattr(getattr(loaded.model, "config", None), "model_type", None)
+    return (f"the static-cache decoder drives plain Phi models only (this is '{model_type}'): "
+            f"summaries come from transformers' generate(), and evaluate's eval loss and prefill run as two passes")
 
 
 def generate(loaded: LoadedModel, documents: Sequence[str], gen: GenerationConfig, batch_size: int,
@@ -328,6 +353,8 @@ def _generation_config(loaded: LoadedModel, gen: GenerationConfig) -> Any:
     from transformers import GenerationConfig as HFGenerationConfig
 
     sampling = {"temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample else {}
+    if loaded.device == "cuda" and gen.num_beams == 1:
+        sampling["cache_implementation"] = "static"  # transformers' own static KV cache (it compiles the step)
     return HFGenerationConfig(
         max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, do_sample=gen.do_sample,
         eos_token_id=stop_token_ids(loaded.tokenizer), pad_token_id=loaded.tokenizer.pad_token_id,
