@@ -244,11 +244,9 @@ class StaticDecoder:
         if self.graph is not None:
             self.graph.replay()
         elif use_graph and self.steps == 0:
-            side = torch.cuda.Stream()  # warm-up off the default stream, as graph capture wants
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.step()
-            torch.cuda.current_stream().wait_stream(side)
+            from phi2cli.kernels.graphs import warm_up
+
+            warm_up(self.step)
         elif use_graph and self.steps == 1 and self.capture():
             self.graph.replay()
         else:
@@ -257,10 +255,10 @@ class StaticDecoder:
 
     def capture(self) -> bool:
         """Record step() as a CUDA graph (nothing runs); False, with a warning, where that fails."""
-        graph = torch.cuda.CUDAGraph()
+        from phi2cli.kernels.graphs import record_graph
+
         try:
-            with torch.cuda.graph(graph):
-                self.step()
+            graph, _ = record_graph(self.step)
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError as error:

@@ -326,26 +326,22 @@ def generate_prompts(loaded: LoadedModel, prompts: Sequence[tuple[list[int], boo
 
         streamer = FirstLineStreamer(loaded.tokenizer, stream)
     fast = uses_fast_decoder(loaded, gen, streaming=streamer is not None)
-    start, size = 0, max(1, batch_size)
-    while start < len(order):
-        chunk = order[start:start + size]
+
+    def run(chunk: Sequence[int]) -> None:
         batch = [prompts[i][0] for i in chunk]
-        try:
-            outputs = _decode_batch(loaded, batch, gen) if fast else _generate_batch(loaded, batch, config, streamer)
-        except torch.cuda.OutOfMemoryError:
-            outputs = None  # handled below, once the failed batch's tensors are released with the exception
-        if outputs is None:
-            if size == 1:
-                raise DeviceError("the GPU ran out of memory generating one summary; lower --max-new-tokens")
-            torch.cuda.empty_cache()
-            size //= 2
-            continue
+        outputs = _decode_batch(loaded, batch, gen) if fast else _generate_batch(loaded, batch, config, streamer)
         for index, (text, new_tokens) in zip(chunk, outputs):
             ids, truncated = prompts[index]
             results[index] = Generated(text, len(ids), new_tokens, truncated)
-        start += len(chunk)
         if advance:
             advance(len(chunk))
+
+    def single_too_big() -> None:
+        raise DeviceError("the GPU ran out of memory generating one summary; lower --max-new-tokens")
+
+    from phi2cli.inference.batching import halving_batches
+
+    halving_batches(order, batch_size, run, single_too_big)
     return [r for r in results if r is not None]
 
 

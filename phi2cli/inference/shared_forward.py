@@ -159,32 +159,27 @@ def loss_and_summaries(loaded: LoadedModel, document_ids: Sequence[list[int]],
     order = sorted(shared, key=lambda i: -len(prompts[i][0]))  # longest first: an out-of-memory shows early
     results: list[Generated | None] = [None] * len(prompts)
     stop_ids = stop_token_ids(loaded.tokenizer)
-    loss_sum, labelled, loss_seconds = 0.0, 0, 0.0
-    start, size = 0, max(1, batch_size)
-    while start < len(order):
-        chunk = order[start : start + size]
-        try:
-            done = decode_with_loss(loaded.model, [prompts[i][0] for i in chunk], [examples[i] for i in chunk],
-                                    gen.max_new_tokens, stop_ids, len(chunk))  # fmt: skip
-        except torch.cuda.OutOfMemoryError:
-            done = None  # handled below, once the failed batch's tensors are released with the exception
-        if done is None:
-            if size == 1:
-                break  # the rest go through the two passes, which need less memory at once
-            torch.cuda.empty_cache()
-            size //= 2
-            continue
-        loss_sum += done.loss_sum
-        labelled += done.labelled
-        loss_seconds += done.forward_seconds
+    totals = {"loss_sum": 0.0, "labelled": 0, "loss_seconds": 0.0}
+
+    def run(chunk: Sequence[int]) -> None:
+        done = decode_with_loss(loaded.model, [prompts[i][0] for i in chunk], [examples[i] for i in chunk],
+                                gen.max_new_tokens, stop_ids, len(chunk))  # fmt: skip
+        totals["loss_sum"] += done.loss_sum
+        totals["labelled"] += done.labelled
+        totals["loss_seconds"] += done.forward_seconds
         for index, (text, new_tokens) in zip(chunk, first_lines(loaded, done.generated)):
             ids, truncated = prompts[index]
             results[index] = Generated(text, len(ids), new_tokens, truncated)
-        start += len(chunk)
         if advance_loss:
             advance_loss(len(chunk))
         if advance_summaries:
             advance_summaries(len(chunk))
+
+    from phi2cli.inference.batching import halving_batches
+
+    # where even one article does not fit, the rest go through the two passes, which need less memory at once
+    start = halving_batches(order, batch_size, run, lambda: None)
+    loss_sum, labelled, loss_seconds = totals["loss_sum"], totals["labelled"], totals["loss_seconds"]
     shared_articles = start  # the rest take the two passes: no example, a long summary, or no memory
     rest = sorted(set(range(len(prompts))) - set(order[:start]))
     rest_examples = [examples[i] for i in rest if examples[i] is not None]

@@ -38,6 +38,28 @@ class GraphCaptureError(RuntimeError):
     """Recording the step failed (an operation that cannot run inside a CUDA graph)."""
 
 
+def warm_up(run: Any, passes: int = 1) -> None:
+    """Run `run()` on a side stream first, as CUDA graph capture wants (kernel selection, allocations)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(passes):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def record_graph(run: Any, pool: Any = None, stream: Any = None,
+                 capture_error_mode: str = "global") -> tuple[torch.cuda.CUDAGraph, Any]:  # fmt: skip
+    """Capture `run()` as a CUDA graph (nothing executes); (graph, what run returned while captured).
+
+    The one capture routine of the project: training's graphed step and the decoder's step use it.
+    """
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode=capture_error_mode):
+        output = run()
+    return graph, output
+
+
 @dataclass
 class Recording:
     graph: Any  # torch.cuda.CUDAGraph
@@ -175,19 +197,13 @@ class GraphedTrainStep:
         inputs = {name: batch[name].clone() for name in STATIC_KEYS}
         saved = self.grads.clone()  # the warm-up passes add gradients; they are put back after
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                # the first recording also compiles (and initialises cuBLAS); later ones need one pass
-                for _ in range(self.warmup if not self.recordings else 1):
-                    self._forward_backward(inputs, longest)
-            torch.cuda.current_stream().wait_stream(side)
+            # the first recording also compiles (and initialises cuBLAS); later ones need one pass
+            warm_up(lambda: self._forward_backward(inputs, longest), self.warmup if not self.recordings else 1)
             self.grads.copy_(saved)
-            graph = torch.cuda.CUDAGraph()
             current = torch.cuda.current_stream()
             stream = None if current == torch.cuda.default_stream() else current  # capture where training runs
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
-                loss = self._forward_backward(inputs, longest)
+            graph, loss = record_graph(lambda: self._forward_backward(inputs, longest), pool=self.pool,
+                                       stream=stream, capture_error_mode="thread_local")  # fmt: skip
         except torch.cuda.OutOfMemoryError:
             self.grads.copy_(saved)
             raise
