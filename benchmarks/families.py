@@ -116,7 +116,8 @@ def train_row(row: str, model: Path, data_dir: Path, examples_dir: Path, steps: 
               overrides: dict[str, Any]) -> tuple[dict[str, Any], Path]:  # fmt: skip
     """Train `steps` optimizer steps with the real engine; (measurements, adapter directory)."""
     import torch
-    from train_throughput import MAX_LENGTH, LOG_EVERY, StepTimer, summarize
+    from train_throughput import LOG_EVERY, MAX_LENGTH, StepTimer, summarize
+    from transformers import TrainerCallback
 
     from phi2cli.config import Phi2Config, apply_overrides
     from phi2cli.models.loading import memory_report
@@ -137,11 +138,14 @@ def train_row(row: str, model: Path, data_dir: Path, examples_dir: Path, steps: 
         original_init(self, *args, **kwargs)
         holder.append(self)
 
+    class PeakFromTrainingOn(TrainerCallback):  # loading's transient peak is not training's
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
     trainer_mod.Phi2Trainer.__init__ = keep_handle
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     try:
-        result = train(config, prepared_dir=examples_dir)
+        result = train(config, prepared_dir=examples_dir, callbacks=[PeakFromTrainingOn(), timer])
     finally:
         trainer_mod.Phi2Trainer.__init__ = original_init
     params, layers, hidden = model_size(model)
