@@ -355,4 +355,4 @@ def _varlen_ready(phi: PhiModules) -> bool:
     from phi2cli.kernels.attention import varlen_available
 
     half = phi.dtype in (torch.float16, torch.bfloat16)
-    return phi.device.type == "cuda" and half and varlen_available(phi.head_dim)
+    return phi.device.type == "cuda" and half and varlen_available(phi.head_dim, phi.heads)

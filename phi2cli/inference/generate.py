@@ -173,7 +173,7 @@ def eval_loss(loaded: LoadedModel, examples: Sequence[EncodedExample], tokens_pe
     from phi2cli.kernels.loss import selective_causal_lm_loss
 
     model, device = loaded.model, loaded.device
-    varlen = device == "cuda" and attention.register()
+    varlen = device == "cuda" and varlen_ready(model.config)
     budget = tokens_per_batch or (LOSS_TOKENS["cuda"] if varlen else LOSS_TOKENS["cpu"])
     collate = PackedCollator()
     total, count = 0.0, 0
@@ -199,6 +199,18 @@ def eval_loss(loaded: LoadedModel, examples: Sequence[EncodedExample], tokens_pe
             model.set_attn_implementation(loaded.config.model.attn_implementation)
     _sync(device)
     return loss_result(total, count, len(examples), time.perf_counter() - start)
+
+
+def varlen_ready(config: Any) -> bool:
+    """Register the packed varlen kernel for this model's attention shape; False where it cannot run it."""
+    from phi2cli.kernels import attention
+    from phi2cli.models.families import attention_shape, family_of, varlen_refusal
+
+    if family_of(getattr(config, "model_type", None)) is None:
+        return False
+    shape = attention_shape(config)
+    return varlen_refusal(shape) is None and attention.register(shape.head_dim, shape.heads, shape.kv_heads,
+                                                                 shape.sliding_window)  # fmt: skip
 
 
 def loss_result(loss_sum: float, labelled: int, examples: int, seconds: float) -> LossResult:
