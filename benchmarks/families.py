@@ -4,6 +4,9 @@ plus the ablations that decide which hand-written pieces stay.
     python benchmarks/families.py [--rows phi2,llama,smollm2,peft_lora,...] [--steps 40] [--ablation-steps 20]
     python benchmarks/families.py --tiny            # CPU smoke run: tiny shapes, a few steps
 
+Rows already in --out from an earlier run are kept (--fresh drops them), so the family rows and the
+ablation rows can run as two commands of a few minutes each.
+
 Rows:
   phi2      random weights of phi-2's exact shape (PhiConfig: 2.78 B parameters, partial rotary, gelu_new)
   llama     a Llama-family shape of similar size with grouped key/value heads (2.5 B: hidden 2560,
@@ -238,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, default=shared / "data" / "xsum")
     parser.add_argument("--smollm2", type=Path, default=shared / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
     parser.add_argument("--work", type=Path, default=None, help="models and runs go here (default: a /tmp folder)")
+    parser.add_argument("--fresh", action="store_true", help="drop the rows an earlier run left in --out")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shapes, 3 steps, 4 articles")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "families.json")
     return parser
@@ -258,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PHI2_CACHE", str(work / "cache"))
     results: dict[str, Any] = {"rows": {}}
+    if args.out.is_file() and not args.fresh:  # rows from an earlier run (another --rows subset) are kept
+        results["rows"] = json.loads(args.out.read_text(encoding="utf-8")).get("rows", {})
     adapters: dict[str, Path] = {}
     started = time.perf_counter()
     for row in args.rows:
@@ -270,9 +276,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             traceback.print_exc()
             results["rows"][row] = {"error": f"{type(err).__name__}: {err}"[:500]}
         results["rows"][row]["row_seconds"] = round(time.perf_counter() - row_started, 1)
+        results["rows"][row]["steps"] = args.steps if row in FAMILY_ROWS else args.ablation_steps
         print(f"{row}: {brief(results['rows'][row])}", flush=True)
         release()
-    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    results["total_seconds"] = round(time.perf_counter() - started, 1)  # of this run's rows
     results["mfu_denominator_tflops"] = BF16_PEAK_TFLOPS
     results["environment"] = environment()
     results["command"] = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])

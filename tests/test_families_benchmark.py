@@ -35,7 +35,7 @@ def test_rows_are_checked_and_subsets_parse(capsys):
 def test_tiny_run_measures_every_row_on_the_cpu(tmp_path, xsum_dir):
     bench = load_benchmark()
     out = tmp_path / "families.json"
-    bench.main(["--tiny", "--rows", "phi2,llama,peft_lora,adamw_torch_fused,decoder_hf", "--data-dir", str(xsum_dir),
+    bench.main(["--tiny", "--fresh", "--rows", "phi2,llama,peft_lora,adamw_torch_fused,decoder_hf", "--data-dir", str(xsum_dir),
                 "--work", str(tmp_path / "work"), "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     assert not [name for name, row in rows.items() if "error" in row], rows
