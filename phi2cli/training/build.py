@@ -103,7 +103,10 @@ def family_plan(plan: EnginePlan, model_type: str | None) -> tuple[EnginePlan, s
     """The plan for this model's family: an unknown family runs the plain Hugging Face path."""
     from phi2cli.models.families import family_of, unknown_family_note
 
-    if family_of(model_type) is not None or plan.profile == "reference":
+    spec = family_of(model_type)
+    if spec is not None and spec.name != "phi" and plan.fused_qkv:
+        return dataclasses.replace(plan, fused_qkv=False), None  # FusedQKV mirrors Phi's attention only
+    if spec is not None or plan.profile == "reference":
         return plan, None
     plain = dataclasses.replace(plan, compile=False, cuda_graphs=False, fused_qkv=False, fused_kernels=False,
                                 flat_optimizer=False)  # fmt: skip
