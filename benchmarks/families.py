@@ -68,18 +68,18 @@ def default_shared() -> Path:
 def make_random_model(row: str, out: Path, tiny: bool) -> Path:
     """Save a random-weight model of the row's shape with phi-2's tokenizer (bf16 on a GPU)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, PhiConfig
 
     if (out / "config.json").is_file():
         return out
     shape = dict(SHAPES[row])
     if tiny:
         shape.update(TINY, num_key_value_heads=2) if row == "llama" else shape.update(TINY)
-    config_cls, model_cls = (PhiConfig, PhiForCausalLM) if row == "phi2" else (LlamaConfig, LlamaForCausalLM)
+    config = (PhiConfig if row == "phi2" else LlamaConfig)(**shape)
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
     with torch.device("cuda" if cuda else "cpu"):
-        model = model_cls(config_cls(**shape)).to(torch.bfloat16 if cuda else torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
     model.save_pretrained(str(out))
     for item in TOKENIZER_DIR.iterdir():
         if item.name != "config.json" and item.suffix != ".md":
