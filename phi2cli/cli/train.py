@@ -115,6 +115,8 @@ def train_command(
          f"x {result.plan.world_size} GPU(s) = {result.plan.examples_per_step} examples per step)")  # fmt: skip
     if result.best_checkpoint:
         console.print(f"Best checkpoint: [bold]{result.best_checkpoint}[/bold] (eval loss {result.best_metric:.4f})")
+    if result.timing:
+        console.print(timing_line(result.timing))
     for line in throughput_lines(result.throughput):
         console.print(line)
     if result.memory:
@@ -122,6 +124,17 @@ def train_command(
                       f"{result.memory['peak_reserved_gib']:.2f} GiB reserved")  # fmt: skip
     console.print(f"Adapter saved to [bold]{result.final_dir}[/bold] after {result.global_step} steps. "
                   f"Next: phi2 evaluate, phi2 summarize ARTICLE.txt, phi2 report")  # fmt: skip
+
+
+def timing_line(timing: dict[str, Any]) -> str:
+    """Where the wall time went, and the rate over training steps alone (no evaluation, saving or recording)."""
+    parts = [("load", "load_s"), ("data", "data_s"), ("compile/record", "compile_record_s"),
+             ("train steps", "train_steps_s"), ("evaluation", "evaluation_s"), ("save", "save_s"), ("other", "other_s")]  # fmt: skip
+    split = ", ".join(f"{label} {timing[key]:.1f}" for label, key in parts if key in timing)
+    line = f"Time: {timing.get('wall_s', 0.0):.1f} s ({split})"
+    if "train_steps_tokens_per_s" in timing:
+        line += f"; training steps alone: {timing['train_steps_tokens_per_s']:,.0f} real tokens/s"
+    return line
 
 
 def throughput_lines(throughput: dict[str, Any]) -> list[str]:

@@ -31,6 +31,7 @@ class TrainResult:
     memory: dict[str, float] = field(default_factory=dict)
     throughput: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
@@ -233,8 +234,11 @@ def train(
     Raises:
         RunError, DataError, ModelError, DeviceError, TrainingInterrupted (checkpoint saved).
     """
+    import time
+
     import torch
 
+    started = time.perf_counter()
     from phi2cli.data import prepare as data_mod
     from phi2cli.models.loading import load_tokenizer, memory_report, resolve_precision
     from phi2cli.training.trainer import EvaluateAtEnd, Phi2Trainer, ProgressCallback, StopOnSignal, ThroughputMeter
@@ -257,7 +261,10 @@ def train(
                         free_gib=_free_gib(), world_size=world_size,
                         bf16=precision.compute_dtype == "bfloat16")  # fmt: skip
     notes = [n for n in (precision.note, plan.note) if n]
+    clock = time.perf_counter()
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
+    load_seconds = time.perf_counter() - clock
+    clock = time.perf_counter()
     out = Path(config.train.output_dir)
     with state.main_process_first():
         if prepared_dir is None:
@@ -271,6 +278,7 @@ def train(
     if prepared_with is not None:  # the run config records the data as it was prepared
         config = dataclasses.replace(config, data=prepared_with)
     train_set, eval_set = dataset["train"], dataset["validation"] if "validation" in dataset else None
+    data_seconds = time.perf_counter() - clock
 
     run_facts = {"precision": precision.__dict__, "plan": plan.to_dict(), "prepared_dir": str(prepared_dir),
                  "tokenizer": config.model.tokenizer or config.model.model, "template": config.data.template,
@@ -278,10 +286,12 @@ def train(
     if is_main:
         save_run_config(config, out, run_facts)
 
+    clock = time.perf_counter()
     try:
         model = build_model(config, plan, precision)
     except torch.cuda.OutOfMemoryError:
         raise DeviceError(out_of_memory_advice()) from None
+    load_seconds += time.perf_counter() - clock
     collator = make_collator(config, plan, tokenizer)
     args = _training_arguments(config, plan, precision, has_eval=eval_set is not None)
     stopper = StopOnSignal()
@@ -323,17 +333,61 @@ def train(
         throughput["cuda_graphs"] = trainer.graphed.summary()
     if trainer.graph_note:
         notes.append(trainer.graph_note)
-    run_facts.update(throughput=throughput, memory=memory, train_metrics=dict(result.metrics))
+    timing = time_split(throughput, plan, load_seconds, data_seconds)
+    run_facts.update(throughput=throughput, memory=memory, train_metrics=dict(result.metrics), timing=timing)
+    clock = time.perf_counter()
     if is_main:
-        save_final(trainer, tokenizer, config, final, run_facts)
-    state.wait_for_everyone()
+        save_final(trainer, tokenizer, config, final, run_facts, timing=timing, started=started, clock=clock)
+    state.wait_for_everyone()  # the other processes wait here once, while the main one writes the adapter
+    if not is_main:
+        finish_timing(timing, started, clock)
     return TrainResult(out, final, trainer_state.best_model_checkpoint, trainer_state.best_metric,
                        trainer_state.global_step, plan, dict(result.metrics), memory, throughput,
-                       notes)  # fmt: skip
+                       notes, timing)  # fmt: skip
 
 
-def save_final(trainer: Any, tokenizer: Any, config: Phi2Config, final: Path, facts: dict[str, Any]) -> None:
-    """Write the best adapter (loaded at the end of training), tokenizer and run config atomically."""
+def time_split(throughput: dict[str, Any], plan: EnginePlan, load_seconds: float,
+               data_seconds: float) -> dict[str, float]:  # fmt: skip
+    """Where the training loop's time went, from the meter's phases (seconds; the final save added later).
+
+    compile_record: recording CUDA graphs (the first also compiles), else the first step of
+    compiled layers. train_steps: the rest of the training clock; the rate is over it alone.
+    """
+    graphs = throughput.get("cuda_graphs") or {}
+    train_clock = float(throughput.get("train_steps_seconds", 0.0))
+    if graphs:
+        compile_record = float(graphs.get("record_seconds", 0.0))
+    else:
+        compile_record = float(throughput.get("first_step_seconds", 0.0)) if plan.compile else 0.0
+    compile_record = min(compile_record, train_clock)
+    steps_seconds = train_clock - compile_record
+    timing = {"load_s": round(load_seconds, 2), "data_s": round(data_seconds, 2),
+              "compile_record_s": round(compile_record, 2), "train_steps_s": round(steps_seconds, 2),
+              "evaluation_s": round(float(throughput.get("evaluation_seconds", 0.0)), 2),
+              "save_s": round(float(throughput.get("save_seconds", 0.0)), 2)}  # fmt: skip
+    tokens = throughput.get("real_tokens")
+    if tokens and steps_seconds > 0:
+        timing["train_steps_tokens_per_s"] = round(tokens / steps_seconds, 1)
+    return timing
+
+
+def finish_timing(timing: dict[str, float], started: float, final_save_started: float) -> None:
+    """Add the final save and the whole wall time; 'other' is what no phase claims (setup, trainer creation)."""
+    import time
+
+    now = time.perf_counter()
+    timing["save_s"] = round(timing["save_s"] + now - final_save_started, 2)
+    timing["wall_s"] = round(now - started, 2)
+    phases = ("load_s", "data_s", "compile_record_s", "train_steps_s", "evaluation_s", "save_s")
+    timing["other_s"] = round(max(timing["wall_s"] - sum(timing[k] for k in phases), 0.0), 2)
+
+
+def save_final(trainer: Any, tokenizer: Any, config: Phi2Config, final: Path, facts: dict[str, Any],
+               timing: dict[str, float] | None = None, started: float = 0.0, clock: float = 0.0) -> None:  # fmt: skip
+    """Write the best adapter (loaded at the end of training), tokenizer and run config atomically.
+
+    timing (optional): the run's time split, completed with this save and the wall time before it is recorded.
+    """
     from phi2cli.io.files import atomic_directory
 
     state = trainer.state
@@ -342,6 +396,8 @@ def save_final(trainer: Any, tokenizer: Any, config: Phi2Config, final: Path, fa
     with atomic_directory(final) as tmp:
         trainer.model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        if timing is not None:  # the run config written last holds the whole run's time
+            finish_timing(timing, started, clock)
         save_run_config(config, tmp, facts)
     save_run_config(config, config.train.output_dir, facts)
 
