@@ -138,3 +138,29 @@ def test_train_records_and_prints_the_split(tiny_phi_dir, sample_data_dir):
     line = timing_line(timing)
     assert line.startswith(f"Time: {timing['wall_s']:.1f} s (load ")
     assert "evaluation" in line and "training steps alone:" in line
+
+
+def test_summarize_and_evaluate_report_load_time_apart_from_work(final, sample_data_dir):
+    """The load (config, model, adapter) is timed apart from the generation and the loss."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from phi2cli.cli import app
+    from phi2cli.inference.evaluation import Article, summarize
+
+    runner = CliRunner()
+    row = json.loads((sample_data_dir / "test.jsonl").read_text().splitlines()[0])
+    Path("a.txt").write_text(row["document"][:400])
+    result = runner.invoke(app, ["summarize", "a.txt", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"load \d+\.\d s, generation \d+\.\d s", result.stderr)
+    assert "load" not in result.stdout  # the summary alone on stdout
+    timings: dict[str, float] = {}
+    summarize([Article("a.txt", row["document"][:400])], final, overrides={"generation.max_new_tokens": 4},
+              timings=timings)  # fmt: skip
+    assert set(timings) == {"load_seconds", "generation_seconds"} and all(v > 0 for v in timings.values())
+    evaluated = runner.invoke(app, ["evaluate", "--samples", "4", "--max-new-tokens", "2", "-o", "out"])
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads(Path("out/metrics.json").read_text())["timings"]
+    assert f"load {metrics['load_seconds']:.1f} s, loss {metrics['loss_seconds']:.1f} s" in evaluated.output
