@@ -39,6 +39,34 @@ def test_every_profile_keeps_eight_examples_per_step(profile, world, expected):
     assert plan.examples_per_step == 8 and plan.world_size == world
 
 
+@pytest.mark.parametrize("profile, world, per_gpu, expected", [
+    ("speed", 1, 8, (8, 1, 8)), ("speed", 2, 8, (8, 1, 16)), ("speed", 4, 8, (8, 1, 32)),
+    ("speed", 4, 2, (2, 1, 8)), ("reference", 2, 8, (1, 8, 16)), ("memory-saver", 2, 4, (4, 1, 8)),
+])  # fmt: skip
+def test_per_gpu_batch_keeps_each_gpus_batch_and_scales_the_learning_rate_by_the_square_root(
+        profile, world, per_gpu, expected):  # fmt: skip
+    config = apply_overrides(Phi2Config(), {"train.profile": profile, "train.per_gpu_batch": per_gpu})
+    plan = resolve_plan(config, cuda=True, quantized=True, free_gib=140.0, world_size=world)
+    assert (plan.micro_batch, plan.grad_accum, plan.examples_per_step) == expected
+    assert plan.scaling == "weak"
+    assert plan.lr_scale == pytest.approx((expected[2] / 8) ** 0.5, rel=1e-6)  # the recipe's global batch is 8
+    strong = resolve_plan(apply_overrides(Phi2Config(), {"train.profile": profile}), cuda=True, quantized=True,
+                          free_gib=140.0, world_size=world)  # fmt: skip
+    assert (strong.scaling, strong.lr_scale, strong.examples_per_step) == ("strong", 1.0, 8)
+
+
+def test_per_gpu_batch_learning_rate_reaches_the_trainer():
+    from phi2cli.models.loading import resolve_precision
+    from phi2cli.training.engine import _training_arguments
+
+    config = apply_overrides(Phi2Config(), {"train.per_gpu_batch": 16, "train.learning_rate": 1e-4,
+                                            "model.quantization": "none"})  # fmt: skip
+    plan = resolve_plan(config, cuda=False, quantized=False, free_gib=None, world_size=2)
+    args = _training_arguments(config, plan, resolve_precision(config.model), has_eval=False)
+    assert args.learning_rate == pytest.approx(1e-4 * 2.0)  # global 32 = 4 x the recipe's 8: x sqrt(4)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (16, 1)
+
+
 def test_auto_profile_follows_free_memory():
     config = Phi2Config()
     assert resolve_plan(config, cuda=True, quantized=True, free_gib=140.0).profile == "speed"

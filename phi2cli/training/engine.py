@@ -80,7 +80,7 @@ def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, ha
         gradient_accumulation_steps=plan.grad_accum,
         num_train_epochs=train.epochs,
         max_steps=train.max_steps,
-        learning_rate=train.learning_rate,
+        learning_rate=train.learning_rate * plan.lr_scale,  # 1 unless --per-gpu-batch grows the global batch
         lr_scheduler_type=train.lr_scheduler,
         warmup_steps=train.warmup_steps,
         weight_decay=train.weight_decay,

@@ -38,6 +38,8 @@ class EnginePlan:
     fused_qkv: bool = False  # q/k/v and their LoRA updates as batched products (lora_fast.FusedQKV)
     cuda_graphs: bool = False  # each micro-batch's forward + backward replayed from a CUDA graph (graphs.py)
     note: str | None = None
+    scaling: str = "strong"  # strong: the recipe's global batch split over GPUs; weak: --per-gpu-batch on each
+    lr_scale: float = 1.0  # weak scaling: sqrt(global batch / the recipe's), applied to --lr
 
     @property
     def examples_per_step(self) -> int:
@@ -47,9 +49,23 @@ class EnginePlan:
         return asdict(self)
 
 
-def examples_per_step(config: Phi2Config) -> int:
-    """The global batch the recipe asks for: per-device batch x grad-accum (8 by default)."""
+def examples_per_step(config: Phi2Config, world_size: int = 1) -> int:
+    """The global batch: the recipe's per-device batch x grad-accum (8 by default), or with
+    --per-gpu-batch N (weak scaling) N x the number of GPUs."""
+    if config.train.per_gpu_batch:
+        return config.train.per_gpu_batch * world_size
     return config.train.batch_size * config.train.grad_accum
+
+
+def learning_rate_scale(config: Phi2Config, world_size: int = 1) -> float:
+    """Square-root rule for a larger global batch (weak scaling): lr x sqrt(global / recipe's global).
+
+    Adam-type optimizers keep their dynamics under the square-root rule (Malladi et al., 2022,
+    "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms"); the linear rule is SGD's.
+    Strong scaling keeps the recipe's global batch, so its learning rate.
+    """
+    recipe = config.train.batch_size * config.train.grad_accum
+    return (examples_per_step(config, world_size) / recipe) ** 0.5
 
 
 def split_global_batch(total: int, world_size: int, micro_batch: int) -> tuple[int, int]:
@@ -75,7 +91,9 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
     autocast and its loss scaling).
     """
     train = config.train
-    total = examples_per_step(config)
+    total = examples_per_step(config, world_size)
+    scaling = {"scaling": "weak" if train.per_gpu_batch else "strong",
+               "lr_scale": round(learning_rate_scale(config, world_size), 6)}  # fmt: skip
     profile = train.profile
     note = None
     if profile == "auto":
@@ -93,14 +111,14 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
     if profile == "reference":
         micro, accum = split_global_batch(total, world_size, train.batch_size)
         return EnginePlan("reference", micro, accum, world_size, False, train.gradient_checkpointing,
-                          False, False, optimizer, note)  # fmt: skip
+                          False, False, optimizer, note=note, **scaling)  # fmt: skip
     micro, accum = split_global_batch(total, world_size, total)
     lean = {"autocast": not (cuda and bf16), "fused_kernels": True,
             "flat_optimizer": cuda and optimizer in FLAT_OPTIMIZERS}  # fmt: skip
     if profile == "memory-saver":
         # No torch.compile here: bitsandbytes' 4-bit layers break the graphs and it ran slower (measured).
         return EnginePlan("memory-saver", micro, accum, world_size, True, True, False, True, optimizer, note=note,
-                          **lean)  # fmt: skip
+                          **lean, **scaling)  # fmt: skip
     compiled = cuda and train.compile
     # Batched q/k/v saves kernel launches when layers run eagerly; compiled, separate products measured faster.
     # CUDA graphs need bf16 without a loss scaler (fp16 keeps autocast and its GradScaler, eagerly).
@@ -111,7 +129,8 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
         note = note or (f"{free_gib:.1f} GiB free on the GPU (CUDA graphs need ~{graph_need:.0f}): "
                         f"training without CUDA graphs")  # fmt: skip
     return EnginePlan("speed", micro, accum, world_size, True, False, quantized and cuda, True, optimizer,
-                      compile=compiled, note=note, fused_qkv=not compiled, cuda_graphs=graphs, **lean)  # fmt: skip
+                      compile=compiled, note=note, fused_qkv=not compiled, cuda_graphs=graphs, **lean,
+                      **scaling)  # fmt: skip
 
 
 def speed_memory_gib(examples_per_device: int, max_length: int, graphs: bool = False) -> float:
