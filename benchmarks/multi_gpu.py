@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, environment, write_json  # noqa: E402
+from common import ROOT, default_data_dir, environment, write_json  # noqa: E402
 
 XSUM_TRAIN_ARTICLES = 204_045
 SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", default="1,2", help="GPU counts to run, comma-separated (1 is always run)")
     parser.add_argument("--model", type=Path, default=Path("/tmp/phi2-random"))
-    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "xsum")
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     parser.add_argument("--strong-steps", type=int, default=120, help="steps of the global-batch-8 runs")
     parser.add_argument("--weak-steps", type=int, default=60, help="steps of the --per-gpu-batch runs")
     parser.add_argument("--per-gpu", type=int, default=8, help="examples per GPU in weak scaling")
