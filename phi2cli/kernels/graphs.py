@@ -53,8 +53,9 @@ class GraphedTrainStep:
     same value and gradient as the eager step.
     """
 
-    def __init__(self, model: Any, warmup: int = 2) -> None:
+    def __init__(self, model: Any, warmup: int = 2, bucket: int = REUSE_TOKENS) -> None:
         self.model = model
+        self.bucket = bucket  # a new shape is recorded rounded up to this many tokens; shorter batches reuse it
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
@@ -119,6 +120,7 @@ class GraphedTrainStep:
         elif recording is None:
             torch.cuda.synchronize()  # time the recording, not the queued work before it
             started = time.perf_counter()
+            key, batch = self.bucketed(key, batch, real_tokens)
             recording = self.recordings[key] = self._record(batch)
             self.record_each.append(time.perf_counter() - started)
             self.record_seconds += self.record_each[-1]
@@ -135,9 +137,32 @@ class GraphedTrainStep:
             return None
         tokens, labels, sequences, longest = key
         fits = [k for k in self.recordings
-                if k[2:] == (sequences, longest) and tokens < k[0] <= tokens + REUSE_TOKENS
+                if k[2:] == (sequences, longest) and tokens < k[0] <= tokens + max(self.bucket, REUSE_TOKENS)
                 and k[0] - real_tokens <= longest and k[1] >= labels]  # fmt: skip
         return min(fits) if fits else None
+
+    def bucketed(self, key: tuple[int, ...], batch: dict[str, Any],
+                 real_tokens: int | None) -> tuple[tuple[int, ...], dict[str, Any]]:  # fmt: skip
+        """The shape to record for a batch: tokens rounded up to the bucket (the pad sequence kept within
+        the attention bound), label positions to a multiple of 256 with a bucket of 256 or more."""
+        tokens, labels, sequences, longest = key
+        if real_tokens is None:
+            return key, batch
+        width = max(tokens, -(-tokens // self.bucket) * self.bucket)
+        if width - real_tokens > longest:  # the pad sequence may grow to at most the attention bound
+            width = tokens
+        label_step = 256 if self.bucket >= 256 else labels or 1
+        label_width = max(labels, -(-labels // label_step) * label_step)
+        if (width, label_width) == (tokens, labels):
+            return key, batch
+        static = {name: batch[name] for name in STATIC_KEYS}
+        like = {"input_ids": (1, width), "labels": (1, width), "position_ids": (1, width),
+                "cu_seq_lens_q": tuple(batch["cu_seq_lens_q"].shape), "label_positions": (label_width,)}  # fmt: skip
+        # zeros: token id 0 in the grown pad sequence (any real id keeps it finite)
+        padded = {name: torch.zeros(like[name], dtype=static[name].dtype, device=static[name].device)
+                  for name in STATIC_KEYS}  # fmt: skip
+        self._pad_into(padded, batch)
+        return (width, label_width, sequences, longest), {**batch, **padded}
 
     @staticmethod
     def _pad_into(static: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:

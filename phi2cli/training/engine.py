@@ -300,7 +300,7 @@ def train(
     trainer = Phi2Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                           data_collator=collator, processing_class=tokenizer, callbacks=extra,
                           selective_head=plan.selective_head, flat_optimizer=plan.flat_optimizer,
-                          cuda_graphs=plan.cuda_graphs)  # fmt: skip
+                          cuda_graphs=plan.cuda_graphs, graph_bucket=plan.graph_bucket)  # fmt: skip
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)

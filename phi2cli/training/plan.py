@@ -40,6 +40,7 @@ class EnginePlan:
     note: str | None = None
     scaling: str = "strong"  # strong: the recipe's global batch split over GPUs; weak: --per-gpu-batch on each
     lr_scale: float = 1.0  # weak scaling: sqrt(global batch / the recipe's), applied to --lr
+    graph_bucket: int = 128  # CUDA graphs: tokens per recorded-shape step (graph_bucket_tokens)
 
     @property
     def examples_per_step(self) -> int:
@@ -128,9 +129,34 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
         graphs = False
         note = note or (f"{free_gib:.1f} GiB free on the GPU (CUDA graphs need ~{graph_need:.0f}): "
                         f"training without CUDA graphs")  # fmt: skip
+    bucket = graph_bucket_tokens(planned_steps(config, total), config.data.max_length)
     return EnginePlan("speed", micro, accum, world_size, True, False, quantized and cuda, True, optimizer,
                       compile=compiled, note=note, fused_qkv=not compiled, cuda_graphs=graphs, **lean,
-                      **scaling)  # fmt: skip
+                      **scaling, graph_bucket=bucket)  # fmt: skip
+
+
+# Recording a new shape costs ~1.2 s (H200: 31 shapes in 30-42 s); padding a step by b/2 tokens on
+# average costs b / (2 x ~3,440 tokens) of a ~0.094 s step. Over a range of ~2,500 tokens per step,
+# range/b x 1.2 + steps x 0.094 x b / 6,880 is least at b = sqrt(2.2e8 / steps): ~600 for the
+# 625-step seed job, ~100 for a full XSUM epoch (25,500 steps).
+GRAPH_BUCKETS = (512, 256, 128)
+
+
+def graph_bucket_tokens(steps: int, max_length: int) -> int:
+    """Token granularity of recorded CUDA-graph shapes: coarse for short runs (few recordings),
+    fine for long ones (little padding); never above max_length (the pad sequence's bound)."""
+    best = (2.2e8 / max(steps, 1)) ** 0.5
+    bucket = next((b for b in GRAPH_BUCKETS if b <= best), GRAPH_BUCKETS[-1])
+    while bucket > 128 and bucket > max_length:
+        bucket //= 2
+    return bucket
+
+
+def planned_steps(config: Phi2Config, examples_per_step: int) -> int:
+    """Optimizer steps the run will take: --max-steps, else epochs over the train samples."""
+    if config.train.max_steps > 0:
+        return config.train.max_steps
+    return max(1, int(-(-config.data.samples * config.train.epochs // examples_per_step)))
 
 
 def speed_memory_gib(examples_per_device: int, max_length: int, graphs: bool = False) -> float:

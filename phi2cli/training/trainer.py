@@ -97,8 +97,9 @@ class Phi2Trainer(Trainer):
     """Trainer with the fast engine's loss and a count of real (non-pad) tokens seen."""
 
     def __init__(self, *args: Any, selective_head: bool = False, flat_optimizer: bool = False,
-                 cuda_graphs: bool = False, **kwargs: Any) -> None:  # fmt: skip
+                 cuda_graphs: bool = False, graph_bucket: int = 128, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
+        self.graph_bucket = graph_bucket  # tokens: recorded shapes are rounded up to this (graphs.py)
         self.selective_head = selective_head
         self.flat_optimizer = flat_optimizer
         self.cuda_graphs = cuda_graphs and selective_head  # the recorded step is the selective-head loss
@@ -173,7 +174,7 @@ class Phi2Trainer(Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         if self.graphed is None:
-            self.graphed = GraphedTrainStep(self.accelerator.unwrap_model(model))
+            self.graphed = GraphedTrainStep(self.accelerator.unwrap_model(model), bucket=self.graph_bucket)
         try:
             loss = self.graphed(inputs, num_items_in_batch, self._loss_scale(num_items_in_batch), tokens)
         except GraphCaptureError as error:
