@@ -164,3 +164,21 @@ def test_summarize_and_evaluate_report_load_time_apart_from_work(final, sample_d
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(Path("out/metrics.json").read_text())["timings"]
     assert f"load {metrics['load_seconds']:.1f} s, loss {metrics['loss_seconds']:.1f} s" in evaluated.output
+
+
+def test_compiled_kernels_are_cached_in_the_users_cache_directory(monkeypatch, tmp_path):
+    import os
+
+    from phi2cli.training.engine import use_compile_cache
+
+    monkeypatch.setattr(os, "environ", {**os.environ})  # what the function sets goes when the test ends
+    for name in ("PHI2_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        os.environ.pop(name, None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert use_compile_cache() == tmp_path / "xdg" / "phi2cli"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "phi2cli" / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "xdg" / "phi2cli" / "triton")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("PHI2_CACHE_DIR", str(tmp_path / "phi2"))
+    assert use_compile_cache() == tmp_path / "phi2"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")  # the user's own setting wins

@@ -200,9 +200,22 @@ def build_model(config: Phi2Config, plan: EnginePlan, precision: Any) -> Any:
     return model
 
 
+def use_compile_cache() -> Path:
+    """Keep compiled kernels in the user's cache directory (PHI2_CACHE_DIR, else $XDG_CACHE_HOME or
+    ~/.cache, /phi2cli), so they survive reboots and /tmp cleaning; TORCHINDUCTOR_CACHE_DIR and
+    TRITON_CACHE_DIR, when set, win."""
+    root = Path(os.environ.get("PHI2_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "phi2cli")  # fmt: skip
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))  # read at each compile, not import
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+    return root
+
+
 def compile_layers(model: Any) -> None:
     """torch.compile every decoder layer: one compiled graph serves all 32 (same code, dynamic length)."""
     import torch
+
+    use_compile_cache()
 
     for module in model.modules():
         if type(module).__name__.endswith("DecoderLayer"):
