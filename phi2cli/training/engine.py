@@ -170,14 +170,65 @@ def dequantize_base(model: Any) -> int:
     return replaced
 
 
+def round_to_nf4(model: Any, double_quant: bool = True) -> int:
+    """Give every linear layer but the output head the weights 4-bit NF4 loading would give it,
+    dequantized, without building the 4-bit model first (what dequantize_base returns, in one pass).
+
+    Uses bitsandbytes' public quantize_4bit / dequantize_4bit with Linear4bit's settings (NF4,
+    block 64, double quant as configured), on each weight as loaded in the compute dtype.
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    head = model.get_output_embeddings()
+    rounded = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module) is not torch.nn.Linear or module is head:
+                continue
+            weight = module.weight.data
+            packed, state = bnb.functional.quantize_4bit(weight, blocksize=NF4_BLOCKSIZE, quant_type="nf4",
+                                                         compress_statistics=double_quant, quant_storage=torch.uint8)  # fmt: skip
+            weight.copy_(bnb.functional.dequantize_4bit(packed, state).to(weight.dtype))
+            rounded += 1
+    return rounded
+
+
+NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit default
+
+
+def stored_dtype(model: str) -> str | None:
+    """The dtype a local model directory's weights are stored in (config.json), else None."""
+    import json
+
+    from phi2cli.models.loading import split_gguf
+
+    location, gguf_file = split_gguf(model)
+    path = Path(location) / "config.json"
+    if gguf_file or not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("dtype") or config.get("torch_dtype")
+
+
 def build_model(config: Phi2Config, plan: EnginePlan, precision: Any) -> Any:
     """Base model (4-bit NF4 by default) + LoRA, laid out as the plan says."""
     from phi2cli.kernels import attention
     from phi2cli.models.loading import attach_lora, load_base_model
 
-    model = load_base_model(config.model, precision, for_training=True)
+    stored = stored_dtype(config.model.model)
+    if plan.dequantize_base and precision.quantization == "4bit" and stored == precision.compute_dtype:
+        # the speed profile wants bf16 values: load them and round to NF4 in place (no 4-bit model first);
+        # only where the checkpoint is stored in the compute dtype, so NF4 sees the very values it sees today
+        model = load_base_model(config.model, dataclasses.replace(precision, quantization="none"), for_training=True)
+        round_to_nf4(model, config.model.double_quant)
+    else:
+        model = load_base_model(config.model, precision, for_training=True)
     if plan.dequantize_base:
-        dequantize_base(model)
+        dequantize_base(model)  # no-op after round_to_nf4 (no 4-bit layers left)
         for param in model.parameters():
             param.requires_grad_(False)
     head_dim = model.config.hidden_size // model.config.num_attention_heads
