@@ -12,7 +12,7 @@ def test_rounding_gives_what_a_4bit_layer_dequantizes_to_and_leaves_the_head(tin
     bnb = pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    from phi2cli.training.engine import round_to_nf4
+    from phi2cli.models.dequantized import round_to_nf4
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_phi_dir), dtype=torch.bfloat16)
     before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -31,7 +31,7 @@ def test_rounding_gives_what_a_4bit_layer_dequantizes_to_and_leaves_the_head(tin
 
 
 def test_the_direct_path_is_taken_only_where_the_stored_dtype_is_the_compute_dtype(tiny_phi_dir, tmp_path):
-    from phi2cli.training.engine import stored_dtype
+    from phi2cli.models.dequantized import stored_dtype
 
     assert stored_dtype(str(tiny_phi_dir)) == json.loads((tiny_phi_dir / "config.json").read_text())["dtype"]
     assert stored_dtype("microsoft/phi-2") is None  # not a local directory: the 4-bit path as before
@@ -45,7 +45,7 @@ def test_direct_rounding_matches_loading_in_4bit_then_dequantizing_bit_for_bit(t
 
     from phi2cli.config import ModelConfig
     from phi2cli.models.loading import Precision, load_base_model
-    from phi2cli.training.engine import dequantize_base, round_to_nf4
+    from phi2cli.models.dequantized import dequantize_base, round_to_nf4
 
     bf16_dir = tmp_path / "bf16"
     AutoModelForCausalLM.from_pretrained(str(tiny_phi_dir), dtype=torch.bfloat16).save_pretrained(str(bf16_dir))

@@ -24,7 +24,7 @@ class Clock:
 def test_slow_evaluation_and_save_stay_out_of_every_rate(monkeypatch):
     """Steps of 0.1 s with 1,000 tokens each; at step 10 an evaluation of 5 s and a save of 3 s,
     at the last step (20) the same again: rates stay 10,000 tokens/s and the phases add up."""
-    from phi2cli.training.trainer import ThroughputMeter
+    from phi2cli.training.timing import ThroughputMeter
 
     clock = Clock()
     monkeypatch.setattr("phi2cli.training.trainer.time.perf_counter", clock)
@@ -61,7 +61,7 @@ def test_slow_evaluation_and_save_stay_out_of_every_rate(monkeypatch):
 
 
 def test_save_without_evaluation_and_logs_between_steps_are_billed_right(monkeypatch):
-    from phi2cli.training.trainer import ThroughputMeter
+    from phi2cli.training.timing import ThroughputMeter
 
     clock = Clock()
     monkeypatch.setattr("phi2cli.training.trainer.time.perf_counter", clock)
@@ -87,7 +87,7 @@ def test_save_without_evaluation_and_logs_between_steps_are_billed_right(monkeyp
 
 
 def test_time_split_takes_recording_out_of_the_training_steps():
-    from phi2cli.training.engine import finish_timing, time_split
+    from phi2cli.training.timing import finish_timing, time_split
     from phi2cli.training.plan import resolve_plan
 
     plan = resolve_plan(Phi2Config(), cuda=True, quantized=True, free_gib=140.0)

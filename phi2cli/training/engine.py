@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from phi2cli.config import Phi2Config, save_run_config
 from phi2cli.errors import DeviceError, RunError, TrainingInterrupted
+from phi2cli.models.dequantized import dequantize_base, load_dequantized_base  # noqa: F401 (callers import them from here)
 from phi2cli.training.plan import EnginePlan, resolve_plan
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -140,97 +141,17 @@ def _free_gib() -> float | None:
     return free / 2**30
 
 
-def dequantize_base(model: Any) -> int:
-    """Replace every 4-bit linear layer by a frozen bf16 one holding the same (dequantized NF4) weights.
-
-    The 4-bit path dequantizes each weight in every forward and backward; doing it once keeps
-    the values bit for bit and leaves only the bf16 matrix products.
-    """
-    import bitsandbytes as bnb
-    import torch
-
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if not isinstance(child, bnb.nn.Linear4bit):
-                continue
-            weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
-            dtype = child.compute_dtype or torch.bfloat16
-            linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                     device=weight.device, dtype=dtype)  # fmt: skip
-            linear.weight.data.copy_(weight.to(dtype))
-            if child.bias is not None:
-                linear.bias.data.copy_(child.bias.data.to(dtype))
-            linear.requires_grad_(False)
-            setattr(module, child_name, linear)
-            replaced += 1
-    model.is_loaded_in_4bit = False
-    model.is_quantized = False
-    setattr(model, "hf_quantizer", None)
-    return replaced
-
-
-def round_to_nf4(model: Any, double_quant: bool = True) -> int:
-    """Give every linear layer but the output head the weights 4-bit NF4 loading would give it,
-    dequantized, without building the 4-bit model first (what dequantize_base returns, in one pass).
-
-    Uses bitsandbytes' public quantize_4bit / dequantize_4bit with Linear4bit's settings (NF4,
-    block 64, double quant as configured), on each weight as loaded in the compute dtype.
-    """
-    import bitsandbytes as bnb
-    import torch
-
-    head = model.get_output_embeddings()
-    rounded = 0
-    with torch.no_grad():
-        for module in model.modules():
-            if type(module) is not torch.nn.Linear or module is head:
-                continue
-            weight = module.weight.data
-            packed, state = bnb.functional.quantize_4bit(weight, blocksize=NF4_BLOCKSIZE, quant_type="nf4",
-                                                         compress_statistics=double_quant, quant_storage=torch.uint8)  # fmt: skip
-            weight.copy_(bnb.functional.dequantize_4bit(packed, state).to(weight.dtype))
-            rounded += 1
-    return rounded
-
-
-NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit default
-
-
-def stored_dtype(model: str) -> str | None:
-    """The dtype a local model directory's weights are stored in (config.json), else None."""
-    import json
-
-    from phi2cli.models.loading import split_gguf
-
-    location, gguf_file = split_gguf(model)
-    path = Path(location) / "config.json"
-    if gguf_file or not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return config.get("dtype") or config.get("torch_dtype")
-
-
 def build_model(config: Phi2Config, plan: EnginePlan, precision: Any) -> Any:
     """Base model (4-bit NF4 by default) + LoRA, laid out as the plan says."""
     from phi2cli.kernels import attention
     from phi2cli.models.loading import attach_lora, load_base_model
 
-    stored = stored_dtype(config.model.model)
-    if plan.dequantize_base and precision.quantization == "4bit" and stored == precision.compute_dtype:
-        # the speed profile wants bf16 values: load them and round to NF4 in place (no 4-bit model first);
-        # only where the checkpoint is stored in the compute dtype, so NF4 sees the very values it sees today
-        model = load_base_model(config.model, dataclasses.replace(precision, quantization="none"), for_training=True)
-        round_to_nf4(model, config.model.double_quant)
-    else:
-        model = load_base_model(config.model, precision, for_training=True)
     if plan.dequantize_base:
-        dequantize_base(model)  # no-op after round_to_nf4 (no 4-bit layers left)
+        model = load_dequantized_base(config.model, precision, for_training=True)
         for param in model.parameters():
             param.requires_grad_(False)
+    else:
+        model = load_base_model(config.model, precision, for_training=True)
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     if plan.packed and attention.register(head_dim):
         model.set_attn_implementation(attention.NAME)
@@ -306,6 +227,7 @@ def train(
     from phi2cli.data import prepare as data_mod
     from phi2cli.models.loading import load_tokenizer, memory_report, resolve_precision
     from phi2cli.training.trainer import EvaluateAtEnd, Phi2Trainer, ProgressCallback, StopOnSignal, ThroughputMeter
+    from phi2cli.training.timing import finish_timing, time_split
 
     from accelerate import PartialState
 
@@ -411,42 +333,6 @@ def train(
                        notes, timing)  # fmt: skip
 
 
-def time_split(throughput: dict[str, Any], plan: EnginePlan, load_seconds: float,
-               data_seconds: float) -> dict[str, float]:  # fmt: skip
-    """Where the training loop's time went, from the meter's phases (seconds; the final save added later).
-
-    compile_record: recording CUDA graphs (the first also compiles), else the first step of
-    compiled layers. train_steps: the rest of the training clock; the rate is over it alone.
-    """
-    graphs = throughput.get("cuda_graphs") or {}
-    train_clock = float(throughput.get("train_steps_seconds", 0.0))
-    if graphs:
-        compile_record = float(graphs.get("record_seconds", 0.0))
-    else:
-        compile_record = float(throughput.get("first_step_seconds", 0.0)) if plan.compile else 0.0
-    compile_record = min(compile_record, train_clock)
-    steps_seconds = train_clock - compile_record
-    timing = {"load_s": round(load_seconds, 2), "data_s": round(data_seconds, 2),
-              "compile_record_s": round(compile_record, 2), "train_steps_s": round(steps_seconds, 2),
-              "evaluation_s": round(float(throughput.get("evaluation_seconds", 0.0)), 2),
-              "save_s": round(float(throughput.get("save_seconds", 0.0)), 2)}  # fmt: skip
-    tokens = throughput.get("real_tokens")
-    if tokens and steps_seconds > 0:
-        timing["train_steps_tokens_per_s"] = round(tokens / steps_seconds, 1)
-    return timing
-
-
-def finish_timing(timing: dict[str, float], started: float, final_save_started: float) -> None:
-    """Add the final save and the whole wall time; 'other' is what no phase claims (setup, trainer creation)."""
-    import time
-
-    now = time.perf_counter()
-    timing["save_s"] = round(timing["save_s"] + now - final_save_started, 2)
-    timing["wall_s"] = round(now - started, 2)
-    phases = ("load_s", "data_s", "compile_record_s", "train_steps_s", "evaluation_s", "save_s")
-    timing["other_s"] = round(max(timing["wall_s"] - sum(timing[k] for k in phases), 0.0), 2)
-
-
 def save_final(trainer: Any, tokenizer: Any, config: Phi2Config, final: Path, facts: dict[str, Any],
                timing: dict[str, float] | None = None, started: float = 0.0, clock: float = 0.0) -> None:  # fmt: skip
     """Write the best adapter (loaded at the end of training), tokenizer and run config atomically.
@@ -454,6 +340,7 @@ def save_final(trainer: Any, tokenizer: Any, config: Phi2Config, final: Path, fa
     timing (optional): the run's time split, completed with this save and the wall time before it is recorded.
     """
     from phi2cli.io.files import atomic_directory
+    from phi2cli.training.timing import finish_timing
 
     state = trainer.state
     facts = {**facts, "best_checkpoint": state.best_model_checkpoint, "best_metric": state.best_metric,
