@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -199,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--modes takes strong and/or weak (got {args.modes!r})")
     model = without_dropout(make_random_phi2(args.model))
     prepared = args.work / "prepared"
+    shutil.rmtree(prepared, ignore_errors=True)  # prepared afresh for this model and data
     done, _ = phi2("prepare", "--data-dir", str(args.data_dir), "--model", str(model), "--samples", "1495",
-                   "--val-samples", "64", "--max-length", "512", "--output", str(prepared), "--overwrite")  # fmt: skip
+                   "--val-samples", "64", "--max-length", "512", "--output", str(prepared))  # fmt: skip
     if done.returncode != 0:
         raise SystemExit(done.stdout + done.stderr)
     manifest = json.loads((prepared / "manifest.json").read_text())
