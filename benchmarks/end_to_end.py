@@ -47,7 +47,9 @@ SEED_STEPS = 625
 SEED_JOB = ["--samples", "1495", "--val-samples", "500"]  # with --max-steps SEED_STEPS
 WARMUP_STEPS = 2
 SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-DEFAULT_GGUF = ROOT.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF = next((p for p in (base / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+                                 for base in (ROOT.parent, ROOT)) if p.is_file()),
+                    ROOT.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")  # fmt: skip
 
 
 def parse_parts(text: str) -> list[str]:
