@@ -190,6 +190,8 @@ def test_a_new_shape_is_recorded_rounded_up_to_its_bucket_with_the_same_loss_and
     assert padded["input_ids"].shape == (1, 256) and padded["label_positions"].shape == (256,)
     assert padded["cu_seq_lens_q"].tolist()[-1] == 256 and (padded["labels"][0, 181:] == IGNORE_INDEX).all()
     assert step.bucketed(key, batch, real_tokens=None) == (key, batch)  # unknown real length: as it is
+    same_bucket = PackedCollator(256, pad_multiple=64, label_multiple=32)(features([40, 57, 23, 50], summary=9))
+    assert step.bucket_key(GraphedTrainStep.key(same_bucket), 170) == bucket_key  # replays that recording
     narrow = GraphedTrainStep.__new__(GraphedTrainStep)
     narrow.bucket = 512
     short = PackedCollator(64, pad_multiple=64, label_multiple=32)(rows)
