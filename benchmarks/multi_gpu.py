@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if done.returncode != 0:
         raise SystemExit(done.stdout + done.stderr)
     manifest = json.loads((prepared / "manifest.json").read_text())
-    mean_tokens = manifest["splits"]["train"]["total"]["mean"]
+    mean_tokens = manifest["splits"]["train"]["tokens"]["total"]["mean"]
 
     results: dict[str, Any] = {}
     for mode in modes:
