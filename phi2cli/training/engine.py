@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from phi2cli.config import Phi2Config, save_run_config
 from phi2cli.errors import DeviceError, RunError, TrainingInterrupted
-from phi2cli.models.dequantized import dequantize_base, load_dequantized_base  # noqa: F401 (callers import them from here)
+from phi2cli.models.dequantized import dequantize_base, load_dequantized_base  # noqa: F401 (re-exported)
 from phi2cli.training.plan import EnginePlan, resolve_plan
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
