@@ -13,6 +13,14 @@ TOKENIZER_DIR = ROOT / "examples" / "tiny-phi-2-tokenizer"  # phi-2's real token
 BF16_PEAK_TFLOPS = 790.0  # a plain bf16 matrix product on an H200 (measured), the MFU denominator
 
 
+def default_data_dir() -> Path:
+    """Real XSUM rows: the shared data folder beside the project (or inside it), else the shipped sample."""
+    for candidate in (ROOT.parent / "shared" / "data" / "xsum", ROOT / "shared" / "data" / "xsum"):
+        if (candidate / "train.jsonl").is_file():
+            return candidate
+    return ROOT / "examples" / "data" / "xsum-sample"
+
+
 def make_random_phi2(out: Path) -> Path:
     """Save a random-weight model of phi-2's exact shape (2.78 B parameters) with its tokenizer."""
     import torch

@@ -155,3 +155,57 @@ def test_steady_rate_starts_after_the_last_new_recording(monkeypatch):
     assert lines[2].startswith("CUDA graphs: 2 batch shapes recorded in 1.9 s")
     assert throughput_lines({"cuda_graphs": {"recordings": 1, "record_seconds": 20.0,
                                              "replays_of_a_longer_shape": 0}})[0].startswith("CUDA graphs")  # fmt: skip
+
+
+def test_recorded_shapes_are_coarse_for_short_runs_and_fine_for_long_ones():
+    from phi2cli.training.plan import graph_bucket_tokens, planned_steps
+
+    assert graph_bucket_tokens(625, 512) == 512  # the seed job: few recordings
+    assert graph_bucket_tokens(2_000, 512) == 256
+    assert graph_bucket_tokens(25_500, 512) == 128  # a full XSUM epoch: little padding
+    assert graph_bucket_tokens(625, 300) == 256 and graph_bucket_tokens(625, 200) == 128  # within max_length
+    config = apply_overrides(Phi2Config(), {"data.samples": 1495, "train.epochs": 2.0})
+    assert planned_steps(config, 8) == 374  # SmolLM2's recipe
+    assert planned_steps(apply_overrides(config, {"train.max_steps": 625}), 8) == 625
+    plan = resolve_plan(apply_overrides(config, {"train.max_steps": 625}), cuda=True, quantized=True, free_gib=140.0)
+    assert plan.graph_bucket == 512
+
+
+def test_a_new_shape_is_recorded_rounded_up_to_its_bucket_with_the_same_loss_and_gradient(tiny_phi_dir):
+    """The padded copy a recording is made from: longer row and label list, same loss and LoRA gradients."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from phi2cli.kernels.graphs import GraphedTrainStep
+    from phi2cli.training.trainer import selective_causal_lm_loss
+
+    step = GraphedTrainStep.__new__(GraphedTrainStep)  # bucketing needs no GPU; recording does
+    step.bucket = 256
+    rows = features([40, 57, 23, 61], summary=9)  # 181 real tokens
+    batch = PackedCollator(256, pad_multiple=64, label_multiple=32)(rows)
+    key = GraphedTrainStep.key(batch)
+    assert key == (192, 64, 6, 256)  # 4 x 9 labels, to a multiple of 32
+    bucket_key, padded = step.bucketed(key, batch, real_tokens=181)
+    assert bucket_key == (256, 256, 6, 256)
+    assert padded["input_ids"].shape == (1, 256) and padded["label_positions"].shape == (256,)
+    assert padded["cu_seq_lens_q"].tolist()[-1] == 256 and (padded["labels"][0, 181:] == IGNORE_INDEX).all()
+    assert step.bucketed(key, batch, real_tokens=None) == (key, batch)  # unknown real length: as it is
+    same_bucket = PackedCollator(256, pad_multiple=64, label_multiple=32)(features([40, 57, 23, 50], summary=9))
+    assert step.bucket_key(GraphedTrainStep.key(same_bucket), 170) == bucket_key  # replays that recording
+    narrow = GraphedTrainStep.__new__(GraphedTrainStep)
+    narrow.bucket = 512
+    short = PackedCollator(64, pad_multiple=64, label_multiple=32)(rows)
+    assert narrow.bucketed(GraphedTrainStep.key(short), short, 181)[0][0] == 192  # pad would exceed the bound
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_phi_dir), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "dense"]))  # fmt: skip
+    results = []
+    for inputs in (batch, {**padded, "cu_seq_lens_k": padded["cu_seq_lens_q"]}):
+        loss, _ = selective_causal_lm_loss(model, model_inputs(dict(inputs)), num_items=4 * 9)
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
+        model.zero_grad(set_to_none=True)
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    assert torch.allclose(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)

@@ -39,6 +39,34 @@ def test_every_profile_keeps_eight_examples_per_step(profile, world, expected):
     assert plan.examples_per_step == 8 and plan.world_size == world
 
 
+@pytest.mark.parametrize("profile, world, per_gpu, expected", [
+    ("speed", 1, 8, (8, 1, 8)), ("speed", 2, 8, (8, 1, 16)), ("speed", 4, 8, (8, 1, 32)),
+    ("speed", 4, 2, (2, 1, 8)), ("reference", 2, 8, (1, 8, 16)), ("memory-saver", 2, 4, (4, 1, 8)),
+])  # fmt: skip
+def test_per_gpu_batch_keeps_each_gpus_batch_and_scales_the_learning_rate_by_the_square_root(
+        profile, world, per_gpu, expected):  # fmt: skip
+    config = apply_overrides(Phi2Config(), {"train.profile": profile, "train.per_gpu_batch": per_gpu})
+    plan = resolve_plan(config, cuda=True, quantized=True, free_gib=140.0, world_size=world)
+    assert (plan.micro_batch, plan.grad_accum, plan.examples_per_step) == expected
+    assert plan.scaling == "weak"
+    assert plan.lr_scale == pytest.approx((expected[2] / 8) ** 0.5, rel=1e-6)  # the recipe's global batch is 8
+    strong = resolve_plan(apply_overrides(Phi2Config(), {"train.profile": profile}), cuda=True, quantized=True,
+                          free_gib=140.0, world_size=world)  # fmt: skip
+    assert (strong.scaling, strong.lr_scale, strong.examples_per_step) == ("strong", 1.0, 8)
+
+
+def test_per_gpu_batch_learning_rate_reaches_the_trainer():
+    from phi2cli.models.loading import resolve_precision
+    from phi2cli.training.engine import _training_arguments
+
+    config = apply_overrides(Phi2Config(), {"train.per_gpu_batch": 16, "train.learning_rate": 1e-4,
+                                            "model.quantization": "none"})  # fmt: skip
+    plan = resolve_plan(config, cuda=False, quantized=False, free_gib=None, world_size=2)
+    args = _training_arguments(config, plan, resolve_precision(config.model), has_eval=False)
+    assert args.learning_rate == pytest.approx(1e-4 * 2.0)  # global 32 = 4 x the recipe's 8: x sqrt(4)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (16, 1)
+
+
 def test_auto_profile_follows_free_memory():
     config = Phi2Config()
     assert resolve_plan(config, cuda=True, quantized=True, free_gib=140.0).profile == "speed"
@@ -209,3 +237,67 @@ def test_several_processes_get_accelerates_shuffle_balanced(tiny_phi_dir, sample
         assert sorted(dealt[8 * step : 8 * step + 8]) == sorted(seeded[8 * step : 8 * step + 8])
     monkeypatch.setattr(type(args), "world_size", property(lambda self: 1))
     assert not isinstance(trainer._get_train_sampler(), BalancedShards)
+
+
+def _torchrun(procs: int, cwd: Path, args: list[str], port: int) -> None:
+    import os
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+               "--master_port", str(port), "-m", "phi2cli", *args]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PHI2_DDP_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("procs, per_gpu, steps_per_epoch", [(2, 8, 2), (4, 0, 4), (4, 2, 4), (4, 4, 2)])
+def test_processes_take_the_batch_each_mode_says(tiny_phi_dir, sample_data_dir, tmp_path, procs, per_gpu,
+                                                 steps_per_epoch):  # fmt: skip
+    """Several processes on the CPU (torchrun, gloo): per-device batch, grad-accum and global batch of
+    strong (--per-gpu-batch 0) and weak scaling, seen in the plan, the epoch the Trainer counts and
+    the learning rate it logs. 32 samples: an epoch is 32 / global batch steps."""
+    import json
+
+    lr = 1e-3
+    args = ["train", "--data-dir", str(sample_data_dir), "--model", str(tiny_phi_dir), "--samples", "32",
+            "--val-samples", "8", "--max-steps", str(steps_per_epoch), "--eval-every", str(steps_per_epoch),
+            "--max-length", "160",
+            "--logging-steps", "1", "--warmup-steps", "0", "--lr-scheduler", "constant", "--lr", str(lr),
+            "--per-gpu-batch", str(per_gpu)]  # fmt: skip
+    _torchrun(procs, tmp_path, args, 29650 + procs + per_gpu)
+    run = json.loads((tmp_path / "phi2-xsum-final" / "phi2_run.json").read_text())
+    plan, global_batch = run["plan"], (per_gpu * procs if per_gpu else 8)
+    assert plan["world_size"] == procs
+    assert (plan["micro_batch"], plan["grad_accum"]) == ((per_gpu or 8 // procs), 1)
+    assert plan["micro_batch"] * plan["grad_accum"] * procs == global_batch == 32 // steps_per_epoch
+    assert plan["scaling"] == ("weak" if per_gpu else "strong")
+    checkpoint = tmp_path / "phi2-xsum-finetuned" / f"checkpoint-{steps_per_epoch}" / "trainer_state.json"
+    history = json.loads(checkpoint.read_text())["log_history"]
+    assert [e["epoch"] for e in history if "loss" in e][-1] == 1.0  # every sample once, none twice
+    logged_lr = [e["learning_rate"] for e in history if "loss" in e]
+    assert logged_lr[0] == pytest.approx(lr * (global_batch / 8) ** 0.5, rel=1e-6)
+    assert run["timing"]["train_steps_s"] > 0 and run["throughput"]["real_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_a_weak_scaling_two_process_run_resumes_to_the_same_losses(tiny_phi_dir, sample_data_dir, tmp_path):
+    import json
+
+    args = ["train", "--data-dir", str(sample_data_dir), "--model", str(tiny_phi_dir), "--samples", "64",
+            "--val-samples", "8", "--max-length", "160", "--eval-every", "2", "--logging-steps", "1",
+            "--lora-dropout", "0", "--per-gpu-batch", "8"]  # fmt: skip
+
+    def losses(cwd: Path) -> dict[int, float]:
+        state = json.loads((cwd / "phi2-xsum-finetuned" / "checkpoint-4" / "trainer_state.json").read_text())
+        return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    whole.mkdir(), resumed.mkdir()
+    _torchrun(2, whole, [*args, "--max-steps", "4"], 29671)
+    first = losses(whole)
+    assert sorted(first) == [1, 2, 3, 4]  # 64 samples / 16 per step
+    _torchrun(2, resumed, [*args, "--max-steps", "2"], 29673)  # stops with checkpoint-2, then continues
+    _torchrun(2, resumed, [*args, "--max-steps", "4", "--resume"], 29674)
+    for step in (3, 4):
+        assert losses(resumed)[step] == pytest.approx(first[step], rel=1e-4), step

@@ -120,6 +120,6 @@ def evaluate_command(
         warn(message)
     console.print(metrics_table(result.metrics))
     timings = result.metrics["timings"]
-    note(f"loss {timings['loss_seconds']:.1f} s, generation {timings['generation_seconds']:.1f} s "
+    note(f"load {timings['load_seconds']:.1f} s, loss {timings['loss_seconds']:.1f} s, generation {timings['generation_seconds']:.1f} s "
          f"({timings['generated_tokens_per_second']:.0f} tokens/s), total {timings['total_seconds']:.1f} s")  # fmt: skip
     console.print(f"Wrote [bold]{result.metrics_path}[/bold] and [bold]{result.predictions_path}[/bold]")

@@ -56,9 +56,12 @@ def summarize_command(
                                gen_batch_size=gen_batch_size)  # fmt: skip
     articles = read_articles(inputs, document_field)
     stream = sys.stdout if len(articles) == 1 and not as_json and sys.stdout.isatty() else None
-    results, notes = summarize(articles, adapter, base_only, overrides, gen_batch_size, stream=stream)
+    timings: dict[str, float] = {}
+    results, notes = summarize(articles, adapter, base_only, overrides, gen_batch_size, stream=stream,
+                               timings=timings)  # fmt: skip
     for message in notes:
         note(message)
+    note(f"load {timings['load_seconds']:.1f} s, generation {timings['generation_seconds']:.1f} s")
     if as_json:
         typer.echo(results_json(results))
     elif len(results) == 1:

@@ -47,6 +47,7 @@ def train_command(
     warmup_steps: Annotated[Optional[int], opt("train.warmup_steps", "--warmup-steps")] = None,
     batch_size: Annotated[Optional[int], opt("train.batch_size", "--batch-size")] = None,
     grad_accum: Annotated[Optional[int], opt("train.grad_accum", "--grad-accum")] = None,
+    per_gpu_batch: Annotated[Optional[int], opt("train.per_gpu_batch", "--per-gpu-batch")] = None,
     epochs: Annotated[Optional[float], opt("train.epochs", "--epochs")] = None,
     max_steps: Annotated[Optional[int], opt("train.max_steps", "--max-steps")] = None,
     eval_every: Annotated[Optional[int], opt("train.eval_every", "--eval-every")] = None,
@@ -63,7 +64,7 @@ def train_command(
     final_dir: Annotated[Optional[str], opt("train.final_dir", "--final-dir")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its newest checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an earlier run in the output directories first.")] = False,
-    gpus: Annotated[int, typer.Option("--gpus", help="Data-parallel GPUs (DDP via accelerate); the global batch stays 8 examples per step.")] = 1,
+    gpus: Annotated[int, typer.Option("--gpus", help="Data-parallel GPUs (DDP via accelerate); the global batch stays 8 examples per step unless --per-gpu-batch.")] = 1,
 ) -> None:  # fmt: skip
     """Fine-tune the model on XSUM with QLoRA (4-bit NF4 base + LoRA adapters).
 
@@ -91,7 +92,8 @@ def train_command(
     overrides.update({
         "lora.r": lora_r, "lora.alpha": lora_alpha, "lora.dropout": lora_dropout, "lora.targets": lora_targets,
         "train.learning_rate": learning_rate, "train.lr_scheduler": lr_scheduler, "train.warmup_steps": warmup_steps,
-        "train.batch_size": batch_size, "train.grad_accum": grad_accum, "train.epochs": epochs,
+        "train.batch_size": batch_size, "train.grad_accum": grad_accum, "train.per_gpu_batch": per_gpu_batch,
+        "train.epochs": epochs,
         "train.max_steps": max_steps, "train.eval_every": eval_every, "train.logging_steps": logging_steps,
         "train.eval_batch_size": eval_batch_size, "train.optimizer": optimizer,
         "train.gradient_checkpointing": gradient_checkpointing, "train.profile": profile, "train.compile": compile_layers,
@@ -113,8 +115,12 @@ def train_command(
         warn(message)
     note(f"engine profile: {result.plan.profile} ({result.plan.micro_batch} x {result.plan.grad_accum} "
          f"x {result.plan.world_size} GPU(s) = {result.plan.examples_per_step} examples per step)")  # fmt: skip
+    if result.plan.scaling == "weak":
+        note(f"weak scaling: learning rate x {result.plan.lr_scale:.3f} (square root of the global batch's growth)")
     if result.best_checkpoint:
         console.print(f"Best checkpoint: [bold]{result.best_checkpoint}[/bold] (eval loss {result.best_metric:.4f})")
+    if result.timing:
+        console.print(timing_line(result.timing))
     for line in throughput_lines(result.throughput):
         console.print(line)
     if result.memory:
@@ -122,6 +128,17 @@ def train_command(
                       f"{result.memory['peak_reserved_gib']:.2f} GiB reserved")  # fmt: skip
     console.print(f"Adapter saved to [bold]{result.final_dir}[/bold] after {result.global_step} steps. "
                   f"Next: phi2 evaluate, phi2 summarize ARTICLE.txt, phi2 report")  # fmt: skip
+
+
+def timing_line(timing: dict[str, Any]) -> str:
+    """Where the wall time went, and the rate over training steps alone (no evaluation, saving or recording)."""
+    parts = [("load", "load_s"), ("data", "data_s"), ("compile/record", "compile_record_s"),
+             ("train steps", "train_steps_s"), ("evaluation", "evaluation_s"), ("save", "save_s"), ("other", "other_s")]  # fmt: skip
+    split = ", ".join(f"{label} {timing[key]:.1f}" for label, key in parts if key in timing)
+    line = f"Time: {timing.get('wall_s', 0.0):.1f} s ({split})"
+    if "train_steps_tokens_per_s" in timing:
+        line += f"; training steps alone: {timing['train_steps_tokens_per_s']:,.0f} real tokens/s"
+    return line
 
 
 def throughput_lines(throughput: dict[str, Any]) -> list[str]:

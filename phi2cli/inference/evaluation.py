@@ -335,7 +335,8 @@ class SummaryResult:
 
 def summarize(articles: Sequence[Article], adapter_dir: str | Path = DEFAULT_ADAPTER, base_only: bool = False,
               overrides: Mapping[str, Any] | None = None, gen_batch_size: int | None = None,
-              stream: Any = None) -> tuple[list[SummaryResult], list[str]]:  # fmt: skip
+              stream: Any = None, timings: dict[str, float] | None = None,
+              ) -> tuple[list[SummaryResult], list[str]]:  # fmt: skip
     """Summarize articles with the run's adapter (or the base model), prompted as in training.
 
     Args:
@@ -345,15 +346,20 @@ def summarize(articles: Sequence[Article], adapter_dir: str | Path = DEFAULT_ADA
         overrides: dotted config keys from flags (model, generation settings).
         gen_batch_size: articles per batch; None picks one for the device.
         stream: a text stream to write a single article's summary to while it is generated.
+        timings: filled with load_seconds (config, model, adapter) and generation_seconds.
     Returns:
         (one SummaryResult per article in order, notes for the user)
     """
     from phi2cli.inference.generate import default_batch_size, generate, load_model
 
+    started = time.perf_counter()
     config = resolve_config(adapter_dir, overrides or {}, base_only)
     loaded = load_model(config, None if base_only else adapter_dir)
+    loaded_at = time.perf_counter()
     generated = generate(loaded, [a.text for a in articles], config.generation,
                          default_batch_size(loaded, gen_batch_size, config.generation), stream=stream)  # fmt: skip
+    if timings is not None:
+        timings.update(load_seconds=loaded_at - started, generation_seconds=time.perf_counter() - loaded_at)
     room = config.data.max_length - config.generation.max_new_tokens - loaded.fmt.fixed_tokens
     why = f"truncated to {room} tokens to fit max_length {config.data.max_length} minus --max-new-tokens " \
           f"{config.generation.max_new_tokens}"  # fmt: skip

@@ -108,12 +108,13 @@ def load_model(config: Phi2Config, adapter_dir: str | Path | None = None) -> Loa
     precision = resolve_precision(config.model)
     tokenizer = load_tokenizer(_tokenizer_source(config, adapter_path))
     fmt = PromptFormat.create(config.data.template, tokenizer)
-    base = load_base_model(config.model, precision, for_training=False)
-    notes = [precision.note] if precision.note and precision.device == "cuda" else []
     if precision.device == "cuda" and precision.quantization == "4bit":
-        from phi2cli.models.loading import dequantize_base
+        from phi2cli.models.dequantized import load_dequantized_base
 
-        dequantize_base(base)  # once, instead of in every matmul of every decoding step
+        base = load_dequantized_base(config.model, precision, for_training=False)  # NF4 values, bf16 matmuls
+    else:
+        base = load_base_model(config.model, precision, for_training=False)
+    notes = [precision.note] if precision.note and precision.device == "cuda" else []
     if precision.device == "cuda":
         from phi2cli.kernels.lora import fuse_gelu
 

@@ -7,6 +7,8 @@ compilation off for every layer, which then run eagerly, and is recorded with it
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 COMPILE_SETTINGS = {"cache_size_limit": 64}  # every layer instance may add an entry for the shared code
@@ -46,8 +48,20 @@ class GuardedForward:
         return self.eager(*args, **kwargs)
 
 
+def use_compile_cache() -> Path:
+    """Keep compiled kernels in the user's cache directory (PHI2_CACHE_DIR, else $XDG_CACHE_HOME or
+    ~/.cache, /phi2cli), so they survive reboots and /tmp cleaning; TORCHINDUCTOR_CACHE_DIR and
+    TRITON_CACHE_DIR, when set, win."""
+    root = Path(os.environ.get("PHI2_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "phi2cli")  # fmt: skip
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))  # read at each compile, not import
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+    return root
+
+
 def compile_layers(model: Any, layer_classes: tuple[str, ...], on_failure: Callable[[BaseException], None]) -> int:
     """Compile every decoder layer whose class is in `layer_classes`; returns how many."""
+    use_compile_cache()
     state = CompileState(on_failure)
     count = 0
     for module in model.modules():

@@ -75,8 +75,9 @@ class GraphedTrainStep:
     same value and gradient as the eager step.
     """
 
-    def __init__(self, model: Any, warmup: int = 2) -> None:
+    def __init__(self, model: Any, warmup: int = 2, bucket: int = REUSE_TOKENS) -> None:
         self.model = model
+        self.bucket = bucket  # a new shape is recorded rounded up to this many tokens; shorter batches reuse it
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
@@ -134,17 +135,20 @@ class GraphedTrainStep:
             self._scale_value = scale
         key = self.key(batch)
         recording = self.recordings.get(key)
-        if recording is None and (larger := self._larger(key, real_tokens)) is not None:
-            recording = self.recordings[larger]
-            self._pad_into(recording.inputs, batch)
-            self.reused += 1
-        elif recording is None:
+        if recording is None:  # a longer recorded shape, or its bucket's, when one was recorded
+            found = self._larger(key, real_tokens) or self.bucket_key(key, real_tokens)
+            if found in self.recordings:
+                recording = self.recordings[found]
+                self._pad_into(recording.inputs, batch)
+                self.reused += 1
+        if recording is None:
             torch.cuda.synchronize()  # time the recording, not the queued work before it
             started = time.perf_counter()
+            key, batch = self.bucketed(key, batch, real_tokens)
             recording = self.recordings[key] = self._record(batch)
             self.record_each.append(time.perf_counter() - started)
             self.record_seconds += self.record_each[-1]
-        else:
+        elif recording is self.recordings.get(key):
             for name, static in recording.inputs.items():
                 static.copy_(batch[name], non_blocking=True)
         recording.graph.replay()
@@ -157,9 +161,37 @@ class GraphedTrainStep:
             return None
         tokens, labels, sequences, longest = key
         fits = [k for k in self.recordings
-                if k[2:] == (sequences, longest) and tokens < k[0] <= tokens + REUSE_TOKENS
+                if k[2:] == (sequences, longest) and tokens < k[0] <= tokens + max(self.bucket, REUSE_TOKENS)
                 and k[0] - real_tokens <= longest and k[1] >= labels]  # fmt: skip
         return min(fits) if fits else None
+
+    def bucket_key(self, key: tuple[int, ...], real_tokens: int | None) -> tuple[int, ...]:
+        """A batch's shape rounded up to its bucket (itself when the real length is unknown)."""
+        tokens, labels, sequences, longest = key
+        if real_tokens is None:
+            return key
+        width = max(tokens, -(-tokens // self.bucket) * self.bucket)
+        if width - real_tokens > longest:  # the pad sequence may grow to at most the attention bound
+            width = tokens
+        label_step = 256 if self.bucket >= 256 else labels or 1
+        return (width, max(labels, -(-labels // label_step) * label_step), sequences, longest)
+
+    def bucketed(self, key: tuple[int, ...], batch: dict[str, Any],
+                 real_tokens: int | None) -> tuple[tuple[int, ...], dict[str, Any]]:  # fmt: skip
+        """The shape to record for a batch: tokens rounded up to the bucket (the pad sequence kept within
+        the attention bound), label positions to a multiple of 256 with a bucket of 256 or more."""
+        bucket = self.bucket_key(key, real_tokens)
+        if bucket == key:
+            return key, batch
+        width, label_width = bucket[:2]
+        static = {name: batch[name] for name in STATIC_KEYS}
+        like = {"input_ids": (1, width), "labels": (1, width), "position_ids": (1, width),
+                "cu_seq_lens_q": tuple(batch["cu_seq_lens_q"].shape), "label_positions": (label_width,)}  # fmt: skip
+        # zeros: token id 0 in the grown pad sequence (any real id keeps it finite)
+        padded = {name: torch.zeros(like[name], dtype=static[name].dtype, device=static[name].device)
+                  for name in STATIC_KEYS}  # fmt: skip
+        self._pad_into(padded, batch)
+        return bucket, {**batch, **padded}
 
     @staticmethod
     def _pad_into(static: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:

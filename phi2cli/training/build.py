@@ -14,14 +14,18 @@ def build_model(config: Phi2Config, plan: EnginePlan, precision: Any, paths: Any
     from phi2cli.kernels import attention
     from phi2cli.kernels.fast_paths import FastPaths
     from phi2cli.models.families import attention_shape, family_of, varlen_refusal
-    from phi2cli.models.loading import attach_lora, dequantize_base, load_base_model
+    from phi2cli.models.dequantized import load_dequantized_base
+    from phi2cli.models.loading import attach_lora, load_base_model
 
     paths = paths if paths is not None else FastPaths()
-    model = load_base_model(config.model, precision, for_training=True)
-    spec = family_of(getattr(model.config, "model_type", None))
     if plan.dequantize_base:
-        dequantize_base(model)
+        model = load_dequantized_base(config.model, precision, for_training=True)
+        for param in model.parameters():
+            param.requires_grad_(False)
         paths.active("dequantized_base")
+    else:
+        model = load_base_model(config.model, precision, for_training=True)
+    spec = family_of(getattr(model.config, "model_type", None))
     if plan.packed:
         shape = attention_shape(model.config)
         refusal = varlen_refusal(shape) if spec else "not one of the engine's families"

@@ -32,6 +32,7 @@ class TrainResult:
     memory: dict[str, float] = field(default_factory=dict)
     throughput: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
@@ -80,7 +81,7 @@ def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, ha
         gradient_accumulation_steps=plan.grad_accum,
         num_train_epochs=train.epochs,
         max_steps=train.max_steps,
-        learning_rate=train.learning_rate,
+        learning_rate=train.learning_rate * plan.lr_scale,  # 1 unless --per-gpu-batch grows the global batch
         lr_scheduler_type=train.lr_scheduler,
         warmup_steps=train.warmup_steps,
         weight_decay=train.weight_decay,
@@ -165,16 +166,21 @@ def train(
     Raises:
         RunError, DataError, ModelError, DeviceError, TrainingInterrupted (checkpoint saved).
     """
+    import time
+
     import torch
 
+    started = time.perf_counter()  # wall time from here; importing the libraries counts as loading
     from phi2cli.data import prepare as data_mod
     from phi2cli.models.loading import load_tokenizer, memory_report, resolve_precision
     from phi2cli.training.trainer import EvaluateAtEnd, Phi2Trainer, ProgressCallback, StopOnSignal, ThroughputMeter
+    from phi2cli.training.timing import finish_timing, time_split
 
     from accelerate import PartialState
 
     from phi2cli.config import with_absolute_paths
 
+    imported = time.perf_counter()
     config = with_absolute_paths(config)
 
     # One process, or one of N under a distributed launcher (accelerate launch, torchrun).
@@ -193,7 +199,10 @@ def train(
                         shape=model_shape(model_config))  # fmt: skip
     plan, family_note = family_plan(plan, getattr(model_config, "model_type", None))
     notes = [n for n in (precision.note, plan.note, family_note) if n]
+    clock = time.perf_counter()
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
+    load_seconds = time.perf_counter() - clock + imported - started
+    clock = time.perf_counter()
     out = Path(config.train.output_dir)
     with state.main_process_first():
         if prepared_dir is None:
@@ -207,6 +216,7 @@ def train(
     if prepared_with is not None:  # the run config records the data as it was prepared
         config = dataclasses.replace(config, data=prepared_with)
     train_set, eval_set = dataset["train"], dataset["validation"] if "validation" in dataset else None
+    data_seconds = time.perf_counter() - clock
 
     run_facts = {"precision": precision.__dict__, "plan": plan.to_dict(), "prepared_dir": str(prepared_dir),
                  "tokenizer": config.model.tokenizer or config.model.model, "template": config.data.template,
@@ -214,6 +224,7 @@ def train(
     if is_main:
         save_run_config(config, out, run_facts)
 
+    clock = time.perf_counter()
     from phi2cli.kernels.fast_paths import FastPaths
 
     paths = FastPaths()
@@ -221,6 +232,7 @@ def train(
         model = build_model(config, plan, precision, paths)
     except torch.cuda.OutOfMemoryError:
         raise DeviceError(out_of_memory_advice()) from None
+    load_seconds += time.perf_counter() - clock
     config = with_adapted_targets(config, model)
     collator = make_collator(config, plan, tokenizer)
     args = _training_arguments(config, plan, precision, has_eval=eval_set is not None)
@@ -229,7 +241,7 @@ def train(
     trainer = Phi2Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                           data_collator=collator, processing_class=tokenizer, callbacks=extra,
                           selective_head=plan.selective_head, flat_optimizer=plan.flat_optimizer,
-                          cuda_graphs=plan.cuda_graphs)  # fmt: skip
+                          cuda_graphs=plan.cuda_graphs, graph_bucket=plan.graph_bucket)  # fmt: skip
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
@@ -261,21 +273,30 @@ def train(
     throughput = dict(meter.result)
     if trainer.graphed is not None:
         throughput["cuda_graphs"] = trainer.graphed.summary()
+    timing = time_split(throughput, plan, load_seconds, data_seconds)
     record_trainer_paths(paths, plan, trainer)
     notes += paths.fallback_notes()
     run_facts.update(throughput=throughput, memory=memory, train_metrics=dict(result.metrics),
-                     fast_paths=paths.to_dict())  # fmt: skip
+                     fast_paths=paths.to_dict(), timing=timing)  # fmt: skip
+    clock = time.perf_counter()
     if is_main:
-        save_final(trainer, tokenizer, config, final, run_facts)
-    state.wait_for_everyone()
+        save_final(trainer, tokenizer, config, final, run_facts, timing=timing, started=started, clock=clock)
+    state.wait_for_everyone()  # the other processes wait here once, while the main one writes the adapter
+    if not is_main:
+        finish_timing(timing, started, clock)
     return TrainResult(out, final, trainer_state.best_model_checkpoint, trainer_state.best_metric,
                        trainer_state.global_step, plan, dict(result.metrics), memory, throughput,
-                       notes)  # fmt: skip
+                       notes, timing)  # fmt: skip
 
 
-def save_final(trainer: Any, tokenizer: Any, config: Phi2Config, final: Path, facts: dict[str, Any]) -> None:
-    """Write the best adapter (loaded at the end of training), tokenizer and run config atomically."""
+def save_final(trainer: Any, tokenizer: Any, config: Phi2Config, final: Path, facts: dict[str, Any],
+               timing: dict[str, float] | None = None, started: float = 0.0, clock: float = 0.0) -> None:  # fmt: skip
+    """Write the best adapter (loaded at the end of training), tokenizer and run config atomically.
+
+    timing (optional): the run's time split, completed with this save and the wall time before it is recorded.
+    """
     from phi2cli.io.files import atomic_directory
+    from phi2cli.training.timing import finish_timing
 
     state = trainer.state
     facts = {**facts, "best_checkpoint": state.best_model_checkpoint, "best_metric": state.best_metric,
@@ -283,6 +304,8 @@ def save_final(trainer: Any, tokenizer: Any, config: Phi2Config, final: Path, fa
     with atomic_directory(final) as tmp:
         trainer.model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        if timing is not None:  # the run config written last holds the whole run's time
+            finish_timing(timing, started, clock)
         save_run_config(config, tmp, facts)
     save_run_config(config, config.train.output_dir, facts)
 

@@ -38,6 +38,9 @@ class EnginePlan:
     fused_qkv: bool = False  # q/k/v and their LoRA updates as batched products (lora_fast.FusedQKV)
     cuda_graphs: bool = False  # each micro-batch's forward + backward replayed from a CUDA graph (graphs.py)
     note: str | None = None
+    scaling: str = "strong"  # strong: the recipe's global batch split over GPUs; weak: --per-gpu-batch on each
+    lr_scale: float = 1.0  # weak scaling: sqrt(global batch / the recipe's), applied to --lr
+    graph_bucket: int = 128  # CUDA graphs: tokens per recorded-shape step (graph_bucket_tokens)
 
     @property
     def examples_per_step(self) -> int:
@@ -47,9 +50,23 @@ class EnginePlan:
         return asdict(self)
 
 
-def examples_per_step(config: Phi2Config) -> int:
-    """The global batch the recipe asks for: per-device batch x grad-accum (8 by default)."""
+def examples_per_step(config: Phi2Config, world_size: int = 1) -> int:
+    """The global batch: the recipe's per-device batch x grad-accum (8 by default), or with
+    --per-gpu-batch N (weak scaling) N x the number of GPUs."""
+    if config.train.per_gpu_batch:
+        return config.train.per_gpu_batch * world_size
     return config.train.batch_size * config.train.grad_accum
+
+
+def learning_rate_scale(config: Phi2Config, world_size: int = 1) -> float:
+    """Square-root rule for a larger global batch (weak scaling): lr x sqrt(global / recipe's global).
+
+    Adam-type optimizers keep their dynamics under the square-root rule (Malladi et al., 2022,
+    "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms"); the linear rule is SGD's.
+    Strong scaling keeps the recipe's global batch, so its learning rate.
+    """
+    recipe = config.train.batch_size * config.train.grad_accum
+    return (examples_per_step(config, world_size) / recipe) ** 0.5
 
 
 def split_global_batch(total: int, world_size: int, micro_batch: int) -> tuple[int, int]:
@@ -76,7 +93,9 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
     the memory estimates scale with.
     """
     train = config.train
-    total = examples_per_step(config)
+    total = examples_per_step(config, world_size)
+    scaling = {"scaling": "weak" if train.per_gpu_batch else "strong",
+               "lr_scale": round(learning_rate_scale(config, world_size), 6)}  # fmt: skip
     profile = train.profile
     note = None
     if profile == "auto":
@@ -94,14 +113,14 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
     if profile == "reference":
         micro, accum = split_global_batch(total, world_size, train.batch_size)
         return EnginePlan("reference", micro, accum, world_size, False, train.gradient_checkpointing,
-                          False, False, optimizer, note)  # fmt: skip
+                          False, False, optimizer, note=note, **scaling)  # fmt: skip
     micro, accum = split_global_batch(total, world_size, total)
     lean = {"autocast": not (cuda and bf16), "fused_kernels": True,
             "flat_optimizer": cuda and optimizer in FLAT_OPTIMIZERS}  # fmt: skip
     if profile == "memory-saver":
         # No torch.compile here: bitsandbytes' 4-bit layers break the graphs and it ran slower (measured).
         return EnginePlan("memory-saver", micro, accum, world_size, True, True, False, True, optimizer, note=note,
-                          **lean)  # fmt: skip
+                          **lean, **scaling)  # fmt: skip
     compiled = cuda and train.compile
     # Batched q/k/v saves kernel launches when layers run eagerly; compiled, separate products measured faster.
     # CUDA graphs need bf16 without a loss scaler (fp16 keeps autocast and its GradScaler, eagerly).
@@ -112,8 +131,34 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
         graphs = False
         note = note or (f"{free_gib:.1f} GiB free on the GPU (CUDA graphs need ~{graph_need:.0f}): "
                         f"training without CUDA graphs")  # fmt: skip
+    bucket = graph_bucket_tokens(planned_steps(config, total), config.data.max_length)
     return EnginePlan("speed", micro, accum, world_size, True, False, quantized and cuda, True, optimizer,
-                      compile=compiled, note=note, fused_qkv=not compiled, cuda_graphs=graphs, **lean)  # fmt: skip
+                      compile=compiled, note=note, fused_qkv=not compiled, cuda_graphs=graphs, **lean,
+                      **scaling, graph_bucket=bucket)  # fmt: skip
+
+
+# Recording a new shape costs ~1.2 s (H200: 31 shapes in 30-42 s); padding a step by b/2 tokens on
+# average costs b / (2 x ~3,440 tokens) of a ~0.094 s step. Over a range of ~2,500 tokens per step,
+# range/b x 1.2 + steps x 0.094 x b / 6,880 is least at b = sqrt(2.2e8 / steps): ~600 for the
+# 625-step seed job, ~100 for a full XSUM epoch (25,500 steps).
+GRAPH_BUCKETS = (512, 256, 128)
+
+
+def graph_bucket_tokens(steps: int, max_length: int) -> int:
+    """Token granularity of recorded CUDA-graph shapes: coarse for short runs (few recordings),
+    fine for long ones (little padding); never above max_length (the pad sequence's bound)."""
+    best = (2.2e8 / max(steps, 1)) ** 0.5
+    bucket = next((b for b in GRAPH_BUCKETS if b <= best), GRAPH_BUCKETS[-1])
+    while bucket > 128 and bucket > max_length:
+        bucket //= 2
+    return bucket
+
+
+def planned_steps(config: Phi2Config, examples_per_step: int) -> int:
+    """Optimizer steps the run will take: --max-steps, else epochs over the train samples."""
+    if config.train.max_steps > 0:
+        return config.train.max_steps
+    return max(1, int(-(-config.data.samples * config.train.epochs // examples_per_step)))
 
 
 def speed_memory_gib(examples_per_device: int, max_length: int, graphs: bool = False, shape: Any = None) -> float:

@@ -12,6 +12,7 @@ from transformers import Trainer, TrainerCallback
 from phi2cli.compat import require
 from phi2cli.data.collate import model_inputs, real_tokens, sequence_lengths
 from phi2cli.kernels.loss import selective_causal_lm_loss
+from phi2cli.training.timing import ThroughputMeter  # noqa: F401 (the engine's meter, importable from here)
 
 require("transformers.trainer")  # Phi2Trainer overrides _get_train_sampler and calls _prepare_inputs
 
@@ -74,8 +75,9 @@ class Phi2Trainer(Trainer):
     """Trainer with the fast engine's loss and a count of real (non-pad) tokens seen."""
 
     def __init__(self, *args: Any, selective_head: bool = False, flat_optimizer: bool = False,
-                 cuda_graphs: bool = False, **kwargs: Any) -> None:  # fmt: skip
+                 cuda_graphs: bool = False, graph_bucket: int = 128, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
+        self.graph_bucket = graph_bucket  # tokens: recorded shapes are rounded up to this (graphs.py)
         self.selective_head = selective_head
         self.flat_optimizer = flat_optimizer
         self.cuda_graphs = cuda_graphs and selective_head  # the recorded step is the selective-head loss
@@ -150,7 +152,7 @@ class Phi2Trainer(Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         if self.graphed is None:
-            self.graphed = GraphedTrainStep(self.accelerator.unwrap_model(model))
+            self.graphed = GraphedTrainStep(self.accelerator.unwrap_model(model), bucket=self.graph_bucket)
         try:
             loss = self.graphed(inputs, num_items_in_batch, self._loss_scale(num_items_in_batch), tokens)
         except GraphCaptureError as error:
@@ -289,59 +291,4 @@ class ProgressCallback(TrainerCallback):
         self.display("end", {"step": state.global_step})
 
 
-class ThroughputMeter(TrainerCallback):
-    """Real tokens per second over all processes, after `skip` warm-up steps (compile, allocator).
-
-    `recordings` (CUDA graphs recorded so far in this process) adds a steady-state figure: the
-    rate between the last log after which no process recorded a new graph and the end. Logs are
-    points where every process has waited for its GPU (the logged loss is read back), so those
-    times are exact.
-    """
-
-    def __init__(self, tokens: Callable[[], int], skip: int = 2, recordings: Callable[[], int] | None = None) -> None:
-        self.tokens = tokens
-        self.skip = skip
-        self.recordings = recordings
-        self.start: tuple[float, int, int] | None = None
-        self.marks: list[tuple[float, int, int, int]] = []  # time, tokens, step, recordings at each log
-        self.result: dict[str, float] = {}
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step - self._first == self.skip:
-            self.start = (time.perf_counter(), self.tokens(), state.global_step)
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._first = state.global_step
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-        if self.recordings is not None and logs and "loss" in logs:
-            self.marks.append((time.perf_counter(), self.tokens(), state.global_step, self.recordings()))
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.start is None or state.global_step <= self.start[2]:
-            return
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        seconds = now - self.start[0]
-        counts = [float(self.tokens() - self.start[1])]
-        counts += [float(self.tokens() - tokens) for _, tokens, _, _ in self.marks]
-        counts += [float(recorded) for *_, recorded in self.marks]
-        counts.append(float(self.recordings() if self.recordings is not None else 0))
-        totals = torch.tensor(counts, dtype=torch.float64)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            totals = totals.to(args.device)
-            torch.distributed.all_reduce(totals)
-            totals = totals.cpu()
-        steps = state.global_step - self.start[2]
-        self.result = {"tokens_per_s": round(float(totals[0]) / seconds, 1), "timed_steps": steps,
-                       "seconds_per_step": round(seconds / steps, 4), "warmup_steps": self.skip}  # fmt: skip
-        marks = len(self.marks)
-        recorded = totals[1 + marks:].tolist()
-        for index in range(marks):
-            mark_time, _, mark_step, _ = self.marks[index]
-            if recorded[index] == recorded[-1] and state.global_step - mark_step >= 5:  # no new graph since then
-                self.result.update(steady_tokens_per_s=round(float(totals[1 + index]) / (now - mark_time), 1),
-                                   steady_from_step=mark_step,
-                                   steady_seconds_per_step=round((now - mark_time) / (state.global_step - mark_step), 4))  # fmt: skip
-                break
+#END

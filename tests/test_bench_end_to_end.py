@@ -1,0 +1,73 @@
+"""benchmarks/end_to_end.py on the CPU: its parts, the TRL configuration, and a small run of the CLI parts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from test_bench_multi_gpu import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("end_to_end")
+
+
+def test_parts_expand_groups_in_run_order_and_refuse_unknown_names(bench):
+    assert bench.parse_parts("ours") == ["seed", "evaluate", "summarize", "report", "smollm2"]
+    assert bench.parse_parts("peers") == ["reference", "trl", "profiles"]
+    assert bench.parse_parts("trl,seed,trl") == ["seed", "trl"]
+    assert bench.parse_parts("all") == list(bench.PARTS)
+    with pytest.raises(SystemExit, match="unknown part 'tlr'"):
+        bench.parse_parts("tlr")
+
+
+def test_cold_and_warm_runs_point_every_compile_cache_at_one_folder(bench, tmp_path):
+    env = bench.cache_env(tmp_path / "c")
+    assert env == {"PHI2_CACHE_DIR": str(tmp_path / "c"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "c" / "inductor"),
+                   "TRITON_CACHE_DIR": str(tmp_path / "c" / "triton")}  # fmt: skip
+
+
+def test_ratios_are_the_targets_same_run_quotients(bench):
+    results = {"train_seed_job_s_cold": 50.0, "reference_seed_job_s": 2500.0,
+               "speed": {"tokens_per_s": 50_000.0, "peak_gib": 30.0}, "trl_plain": {"tokens_per_s": 10_000.0},
+               "memory_saver": {"tokens_per_s": 9_000.0, "peak_gib": 3.0},
+               "trl_gc": {"tokens_per_s": 6_000.0, "peak_gib": 4.6}}  # fmt: skip
+    assert bench.ratios(results) == {"seed_job_vs_reference": 50.0, "speed_vs_trl_plain": 5.0,
+                                     "memory_saver_vs_trl_gc": 1.5, "memory_saver_peak_le_trl_gc": True}  # fmt: skip
+    assert bench.ratios({})["speed_vs_trl_plain"] is None
+
+
+def test_trl_is_configured_as_the_peer_job(bench, tmp_path):
+    pytest.importorskip("trl")
+    config = bench.trl_config(tmp_path, steps=25, gradient_checkpointing=True, cuda=False)
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps, config.max_length) == (8, 1, 512)
+    assert config.completion_only_loss is True and config.padding_free is False and config.packing is False
+    assert config.gradient_checkpointing is True and config.max_steps == 25
+
+
+@pytest.mark.slow
+def test_trl_child_trains_with_completion_only_loss_on_the_cpu(bench, tiny_phi_dir, sample_data_dir, tmp_path):
+    pytest.importorskip("trl")
+    ctx = {"work": tmp_path, "model": tiny_phi_dir, "data_dir": sample_data_dir, "trl_steps": 4}
+    result = bench.child_trl(ctx, gradient_checkpointing=False)
+    assert result["tokens_per_s"] > 0 and result["timed_steps"] == 2
+    assert result["completion_only_loss"] is True
+
+
+@pytest.mark.slow
+def test_cli_parts_time_each_command_and_merge_into_one_file(bench, tiny_phi_dir, sample_data_dir, tmp_path):
+    """seed (2 steps here), evaluate, summarize and report as subprocesses; a second command adds to the file."""
+    out = tmp_path / "e2e.json"
+    common = ["--model", str(tiny_phi_dir), "--data-dir", str(sample_data_dir), "--work", str(tmp_path / "w"),
+              "--out", str(out), "--seed-steps", "2"]  # fmt: skip
+    assert bench.main(["--parts", "seed,summarize", *common]) == 0
+    assert bench.main(["--parts", "report", *common]) == 0
+    result = json.loads(out.read_text())
+    for key in ("train_seed_job_s_cold", "train_seed_job_s_warm", "summarize_one_s", "report_s"):
+        assert result[key] is not None and result[key] > 0, (key, result.get(key.replace("_s", "")))
+    assert result["seed_job_cold"]["timing"]["train_steps_s"] > 0
+    assert set(result["commands"]) == {"seed,summarize", "report"}
+    assert result["environment"]["torch"]
