@@ -193,7 +193,7 @@ def test_a_kill_between_the_two_renames_never_leaves_nothing(folder):
     assert len(moved_aside) == 1 and not final.exists()  # what the dead process left
 
     actions = fileio.recover_directory(final)  # what the next writer (or a resumed run) does first
-    assert actions == [f"restored {final} from {moved_aside[0]}: a replacement was interrupted"]
+    assert actions[-1] == f"restored {final} from {moved_aside[0]}: a replacement was interrupted"
     assert (final / "adapter_model.safetensors").read_text() == "v1"
     assert names(folder) == ["phi2-xsum-final"]
 
