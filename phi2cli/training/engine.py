@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ from typing import Any, Callable
 
 from phi2cli.config import Phi2Config, save_run_config
 from phi2cli.errors import DeviceError, RunError, TrainingInterrupted
+from phi2cli.training.checkpoints import ResumePoint, publish_final_from
 from phi2cli.training.plan import EnginePlan, resolve_plan
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -31,6 +33,7 @@ class TrainResult:
     memory: dict[str, float] = field(default_factory=dict)
     throughput: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    already_finished: bool = False  # --resume of a run that had finished: nothing was changed
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
@@ -42,9 +45,16 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def check_output_dirs(config: Phi2Config, resume: bool, overwrite: bool) -> None:
-    """Never clobber an earlier run silently: refuse unless --resume or --overwrite."""
-    from phi2cli.io.files import check_writable_dir
+def check_output_dirs(config: Phi2Config, resume: bool, overwrite: bool,
+                      is_main: bool = True) -> ResumePoint | None:  # fmt: skip
+    """Never clobber an earlier run silently: refuse unless --resume or --overwrite.
+
+    On --resume, returns the newest complete checkpoint (after undoing what a killed run left half
+    done: a staged checkpoint, a half-replaced final directory).
+    """
+    from phi2cli.io.files import check_writable_dir, recover_directory
+    from phi2cli.io.lock import LOCK_NAME
+    from phi2cli.training.checkpoints import remove_staged, resume_point
 
     out, final = Path(config.train.output_dir), Path(config.train.final_dir)
     for path in (out, final):
@@ -55,15 +65,31 @@ def check_output_dirs(config: Phi2Config, resume: bool, overwrite: bool) -> None
     if resume:
         if not checkpoints(out):
             raise RunError(f"nothing to resume: {out} has no checkpoint-N; start without --resume")
-        return
+        if is_main:  # only the main process cleans up; the others read the result
+            remove_staged(out)
+            recover_directory(final)
+        point = resume_point(out, checkpoints(out))
+        if point is None:
+            raise RunError(f"nothing to resume: no checkpoint in {out} is complete "
+                           f"({resume_point_problems(out)}); start again with --overwrite")  # fmt: skip
+        return point
     if has_run and not overwrite:
         raise RunError(
             f"{out} already holds a run; pass --resume to continue it or --overwrite to start over "
             f"(or choose another --output-dir)"
         )
     if overwrite:
-        for path in (out, final):
-            shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        for path in out.iterdir() if out.is_dir() else ():
+            if path.name != LOCK_NAME:  # this run's lock stays while the run goes on
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return None
+
+
+def resume_point_problems(out: Path) -> str:
+    from phi2cli.training.checkpoints import checkpoint_problem
+
+    return "; ".join(f"{p.name}: {checkpoint_problem(p)}" for p in checkpoints(out)[-3:])
 
 
 def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, has_eval: bool) -> Any:
@@ -210,7 +236,30 @@ def compile_layers(model: Any) -> None:
     torch._dynamo.config.suppress_errors = True  # a layer that cannot compile here runs eagerly instead
 
 
-def train(
+def train(config: Phi2Config, **kwargs: Any) -> TrainResult:
+    """Fine-tune with QLoRA; return where the best adapter is (one run per output directory).
+
+    Takes the same keyword arguments as `train_locked`. Raises: RunError when another process
+    trains into the same output directory, and whatever `train_locked` raises.
+    """
+    from phi2cli.io.files import check_writable_dir
+    from phi2cli.io.lock import RunLock
+
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # the main process holds the lock for all
+        return train_locked(config, **kwargs)
+    check_writable_dir(config.train.output_dir)
+    lock = RunLock(config.train.output_dir)
+    taken_over = lock.acquire()
+    try:
+        result = train_locked(config, **kwargs)
+    finally:
+        lock.release()
+    if taken_over:
+        result.notes.insert(0, taken_over)
+    return result
+
+
+def train_locked(
     config: Phi2Config,
     *,
     prepared_dir: str | Path | None = None,
@@ -237,7 +286,9 @@ def train(
 
     from phi2cli.data import prepare as data_mod
     from phi2cli.models.loading import load_tokenizer, memory_report, resolve_precision
-    from phi2cli.training.trainer import EvaluateAtEnd, Phi2Trainer, ProgressCallback, StopOnSignal, ThroughputMeter
+    from phi2cli.training.trainer import (
+        ContinueLogWindow, EvaluateAtEnd, Phi2Trainer, ProgressCallback, StopOnSignal, ThroughputMeter,
+    )  # fmt: skip
 
     from accelerate import PartialState
 
@@ -250,15 +301,19 @@ def train(
     state = PartialState(cpu=not torch.cuda.is_available(), backend=os.environ.get("PHI2_DDP_BACKEND") or None)
     is_main = state.is_main_process
     with state.main_process_first():  # the main process checks, cleans and prepares; the others then read
-        check_output_dirs(config, resume, overwrite and is_main)
+        point = check_output_dirs(config, resume, overwrite and is_main, is_main)
     precision = resolve_precision(config.model)
     world_size = state.num_processes
     plan = resolve_plan(config, cuda=precision.device == "cuda", quantized=precision.quantization == "4bit",
                         free_gib=_free_gib(), world_size=world_size,
                         bf16=precision.compute_dtype == "bfloat16")  # fmt: skip
     notes = [n for n in (precision.note, plan.note) if n]
+    if point is not None:
+        notes += [f"{skipped}: resuming from {point.checkpoint.name}" for skipped in point.skipped]
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
     out = Path(config.train.output_dir)
+    if point is not None and point.step >= (config.train.max_steps if config.train.max_steps > 0 else point.planned_steps):
+        return finished_run(config, plan, point, tokenizer, notes, is_main)
     with state.main_process_first():
         if prepared_dir is None:
             prepared_dir = out / "prepared"
@@ -278,6 +333,9 @@ def train(
     if is_main:
         save_run_config(config, out, run_facts)
 
+    from phi2cli.training.host_memory import check_host_memory
+
+    check_host_memory(config, plan, precision, train_set)
     try:
         model = build_model(config, plan, precision)
     except torch.cuda.OutOfMemoryError:
@@ -296,6 +354,8 @@ def train(
     meter = ThroughputMeter(lambda: trainer.real_tokens_seen,
                             recordings=(lambda: len(trainer.graphed.recordings) if trainer.graphed else 0))
     trainer.add_callback(meter)
+    if point is not None:
+        trainer.add_callback(ContinueLogWindow(trainer, point.checkpoint))
     if display is not None and is_main:
         waiting = COMPILE_NOTE if plan.compile else ""
         trainer.add_callback(ProgressCallback(display, lambda: trainer.real_tokens_seen, waiting))
@@ -303,7 +363,7 @@ def train(
         torch.cuda.reset_peak_memory_stats()
     stopper.install()
     try:
-        result = trainer.train(resume_from_checkpoint=True if resume else None)
+        result = trainer.train(resume_from_checkpoint=str(point.checkpoint) if point is not None else None)
     except torch.cuda.OutOfMemoryError:
         raise DeviceError(out_of_memory_advice()) from None
     finally:
@@ -344,6 +404,36 @@ def save_final(trainer: Any, tokenizer: Any, config: Phi2Config, final: Path, fa
         tokenizer.save_pretrained(str(tmp))
         save_run_config(config, tmp, facts)
     save_run_config(config, config.train.output_dir, facts)
+
+
+def finished_run(config: Phi2Config, plan: EnginePlan, point: ResumePoint, tokenizer: Any, notes: list[str],
+                 is_main: bool) -> TrainResult:  # fmt: skip
+    """--resume of a run whose training had reached its steps: change nothing when its final adapter
+    is saved, else save it from the best (or last) checkpoint, as the run would have at its end."""
+    from phi2cli.config import RUN_CONFIG_NAME
+
+    final = Path(config.train.final_dir)
+    saved = {}
+    if (final / "adapter_config.json").is_file() and (final / RUN_CONFIG_NAME).is_file():
+        saved = json.loads((final / RUN_CONFIG_NAME).read_text(encoding="utf-8"))
+    best = str(point.best_checkpoint) if point.best_checkpoint else None
+    if saved.get("global_step") == point.step:
+        return TrainResult(Path(config.train.output_dir), final, saved.get("best_checkpoint"), saved.get("best_metric"),
+                           point.step, plan, notes=notes, already_finished=True)  # fmt: skip
+    state = json.loads((point.checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    facts = {"plan": plan.to_dict(), "best_checkpoint": best, "best_metric": state.get("best_metric"),
+             "global_step": point.step, "saved_from_checkpoint": str(point.best_checkpoint or point.checkpoint)}  # fmt: skip
+    if is_main:
+        def write_extra(directory: Path) -> None:
+            tokenizer.save_pretrained(str(directory))
+            save_run_config(config, directory, facts)
+
+        publish_final_from(point, final, write_extra)
+        save_run_config(config, config.train.output_dir, facts)
+    notes.append(f"training had ended at step {point.step}; saved the final adapter from "
+                 f"{(point.best_checkpoint or point.checkpoint).name}")  # fmt: skip
+    return TrainResult(Path(config.train.output_dir), final, best, state.get("best_metric"), point.step, plan,
+                       notes=notes)  # fmt: skip
 
 
 def resume_hint(config: Phi2Config) -> str:
