@@ -23,6 +23,7 @@ class RunLock:
     def __init__(self, directory: str | Path) -> None:
         self.path = Path(directory) / LOCK_NAME
         self.fd: int | None = None
+        self.made_directory = False  # removed again on release if still empty (a refused run leaves nothing)
 
     def acquire(self) -> str | None:
         """Take the lock; returns a note when a dead process's lock was taken over.
@@ -30,7 +31,9 @@ class RunLock:
         Raises:
             RunError naming the process (PID, host) that trains into the directory now.
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.made_directory = True
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -66,6 +69,11 @@ class RunLock:
         finally:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
+        if self.made_directory:
+            try:
+                self.path.parent.rmdir()
+            except OSError:  # the run wrote something: keep it
+                pass
 
 
 def _read_owner(fd: int) -> dict:

@@ -52,6 +52,7 @@ def check_output_dirs(config: Phi2Config, resume: bool, overwrite: bool,
     On --resume, returns the newest complete checkpoint (after undoing what a killed run left half
     done: a staged checkpoint, a half-replaced final directory).
     """
+    from phi2cli.config import RUN_CONFIG_NAME
     from phi2cli.io.files import check_writable_dir, recover_directory
     from phi2cli.io.lock import LOCK_NAME
     from phi2cli.training.checkpoints import remove_staged, resume_point
@@ -63,11 +64,13 @@ def check_output_dirs(config: Phi2Config, resume: bool, overwrite: bool,
         check_writable_dir(path)  # before the slow part, not after it
     has_run = bool(checkpoints(out)) or (out / "trainer_state.json").exists() or (final / "adapter_config.json").exists()
     if resume:
-        if not checkpoints(out):
-            raise RunError(f"nothing to resume: {out} has no checkpoint-N; start without --resume")
         if is_main:  # only the main process cleans up; the others read the result
             remove_staged(out)
             recover_directory(final)
+        if not checkpoints(out):
+            if (out / RUN_CONFIG_NAME).is_file() and not (final / "adapter_config.json").exists():
+                return None  # a run that stopped before its first checkpoint starts again from step 0
+            raise RunError(f"nothing to resume: {out} has no checkpoint-N; start without --resume")
         point = resume_point(out, checkpoints(out))
         if point is None:
             raise RunError(f"nothing to resume: no checkpoint in {out} is complete "
@@ -310,6 +313,8 @@ def train_locked(
     notes = [n for n in (precision.note, plan.note) if n]
     if point is not None:
         notes += [f"{skipped}: resuming from {point.checkpoint.name}" for skipped in point.skipped]
+    elif resume:
+        notes.append("the run had stopped before its first checkpoint: it starts again from step 0")
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
     out = Path(config.train.output_dir)
     if point is not None and point.step >= (config.train.max_steps if config.train.max_steps > 0 else point.planned_steps):
