@@ -97,7 +97,7 @@ def trial(index: int, rng: random.Random, work: Path, model: Path, data: Path, r
     folder.mkdir(parents=True)
     args = train_args(model, data)
     from_training = index % 2 == 0  # even trials aim at the training steps and checkpoint writes
-    delay = rng.uniform(0.0, (total_s - startup_s) if from_training else total_s)
+    delay = rng.uniform(0.0, 0.9 * ((total_s - startup_s) if from_training else total_s))
     process = start(args, folder)
     began = time.monotonic()
     while process.poll() is None and from_training and not training_started(process.pid):
@@ -122,7 +122,7 @@ def trial(index: int, rng: random.Random, work: Path, model: Path, data: Path, r
         output, _ = resumed.communicate()
         record["resumes"].append({"exit": resumed.returncode,
                                   "notes": [line for line in output.splitlines()
-                                            if line.startswith(("Warning", "Error", "The run"))]})  # fmt: skip
+                                            if line.startswith(("Warning", "Error", "The run")) and "no CUDA GPU" not in line]})  # fmt: skip
         if resumed.returncode == 0:
             break
     after = complete_checkpoints(run)

@@ -2,8 +2,9 @@
 
 Without it a run that cannot fit is killed by the kernel (exit 137, no message) after loading.
 The estimate: weights (parameters x bytes), plus the activations one micro-batch keeps for the
-backward pass (per token and layer about 17 x hidden values plus the attention scores, as in
-Korthikanti et al. 2022), plus the logits the loss builds, plus a fixed 1 GiB for the runtime.
+backward pass (per token and layer about 17 x hidden values, as in Korthikanti et al. 2022, plus
+the attention scores where eager attention stores them), plus the logits the loss builds, plus a
+fixed 1 GiB for the runtime.
 """
 
 from __future__ import annotations
@@ -46,13 +47,13 @@ def parameter_count(model_config: Any) -> int:
 
 
 def training_bytes(model_config: Any, parameters: int, dtype_bytes: int, tokens: int, longest: int,
-                   labelled: int, checkpointing: bool) -> int:  # fmt: skip
+                   labelled: int, checkpointing: bool, eager_attention: bool = False) -> int:  # fmt: skip
     """Rough peak host memory of training: weights + one micro-batch's activations + logits."""
     hidden = model_config.hidden_size
     heads = model_config.num_attention_heads
     layers = model_config.num_hidden_layers
     vocab = model_config.vocab_size
-    per_layer = tokens * 17 * hidden + 2.5 * heads * tokens * longest  # values kept for backward
+    per_layer = tokens * 17 * hidden + (2.5 * heads * tokens * longest if eager_attention else 0)
     kept_layers = 1 + (layers if not checkpointing else 0)
     activations = (per_layer * kept_layers + (tokens * hidden * layers if checkpointing else 0)) * dtype_bytes
     logits = labelled * vocab * 4 * 3  # fp32 logits, their softmax and its gradient
@@ -90,7 +91,7 @@ def check_host_memory(config: Any, plan: Any, precision: Any, train_set: Any) ->
     tokens = sum(n for n, _ in batch) if plan.packed else longest * len(batch)
     labelled = sum(s for _, s in batch) if plan.selective_head else tokens
     need = training_bytes(model_config, parameter_count(model_config), dtype_bytes, tokens, longest, labelled,
-                          plan.gradient_checkpointing)  # fmt: skip
+                          plan.gradient_checkpointing, config.model.attn_implementation == "eager")  # fmt: skip
     if need > available:
         raise DeviceError(
             f"training on the CPU needs about {need / GIB:.0f} GiB of memory ({len(batch)} examples, "
