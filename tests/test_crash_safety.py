@@ -1,5 +1,8 @@
 """Crash safety of `phi2 train`: finished runs, half-written checkpoints, two runs at once, host memory,
-and the logged losses of a resumed run. One tiny CPU run is trained once and copied per test."""
+and the logged losses of a resumed run.
+
+The default run reuses the session's tiny trained run (conftest `trained`) and trains nothing itself;
+the tests that train (marked slow) share one 4-step run, copied per test."""
 
 from __future__ import annotations
 
@@ -50,6 +53,18 @@ def finished(tmp_path_factory, tiny_phi_dir, sample_data_dir) -> Path:
     return root
 
 
+TRAINED_ARGS = ["--samples", "16", "--val-samples", "8", "--max-steps", "2", "--eval-every", "2",
+                "--max-length", "256", "--warmup-steps", "0", "--lr", "0.01"]  # conftest's `trained` run
+
+
+@pytest.fixture
+def trained_copy(trained, isolated_env, tiny_phi_dir, sample_data_dir) -> tuple[Path, list[str]]:
+    """A copy of the session's finished 2-step run and the command that made it."""
+    for name in ("phi2-xsum-finetuned", "phi2-xsum-final"):
+        shutil.copytree(trained / name, isolated_env / name)
+    return isolated_env, ["train", "--data-dir", str(sample_data_dir), "--model", str(tiny_phi_dir), *TRAINED_ARGS]
+
+
 @pytest.fixture
 def run(finished, isolated_env) -> Path:
     """This test's own copy of the finished run, in its working directory."""
@@ -74,18 +89,32 @@ def same_adapter(a: Path, b: Path) -> bool:
     return left.keys() == right.keys() and all(float((left[k] - right[k]).abs().max()) <= 1e-5 for k in left)
 
 
-def test_resume_of_a_finished_run_changes_nothing(run, tiny_phi_dir, sample_data_dir):
+def test_resume_of_a_finished_run_changes_nothing(trained_copy):
+    run, command = trained_copy
     (run / "phi2-xsum-final" / "metrics.json").write_text('{"rouge1": 1.0}\n')  # what phi2 evaluate added
     (run / "phi2-xsum-final" / "predictions.jsonl").write_text('{"id": "1"}\n')
     before = snapshot(run)
-    for max_steps in ("4", "2"):
-        result = invoke(train_args(tiny_phi_dir, sample_data_dir, "--max-steps", max_steps, "--resume"))
+    for max_steps in ("2", "1"):
+        result = invoke([*command, "--max-steps", max_steps, "--resume"])
         assert result.exit_code == 0, result.output
-        assert "had already finished at step 4" in " ".join(result.output.split()), result.output
-        assert "nothing changed" in result.output
+        assert (f"The run in phi2-xsum-finetuned had already finished at step 2 (adapter in phi2-xsum-final); "
+                f"nothing changed. A larger --max-steps with --resume trains further.") in result.output  # fmt: skip
         assert snapshot(run) == before
 
 
+def test_resume_after_the_last_checkpoint_saves_the_missing_final_adapter(trained_copy, trained):
+    run, command = trained_copy
+    shutil.rmtree(run / "phi2-xsum-final")  # killed after checkpoint-2, before the final adapter was saved
+    result = invoke([*command, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "Warning: training had ended at step 2; saved the final adapter from checkpoint-2" in result.output
+    assert sorted(p.name for p in (run / "phi2-xsum-finetuned").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert same_adapter(run / "phi2-xsum-final", trained / "phi2-xsum-final")
+    saved = json.loads((run / "phi2-xsum-final" / "phi2_run.json").read_text())
+    assert saved["global_step"] == 2 and saved["best_checkpoint"].endswith("checkpoint-2")
+
+
+@pytest.mark.slow
 def test_resume_with_a_larger_max_steps_trains_on(run, tiny_phi_dir, sample_data_dir):
     result = invoke(train_args(tiny_phi_dir, sample_data_dir, "--max-steps", "6", "--resume"))
     assert result.exit_code == 0, result.output
@@ -95,6 +124,7 @@ def test_resume_with_a_larger_max_steps_trains_on(run, tiny_phi_dir, sample_data
     assert json.loads((run / "phi2-xsum-final" / "phi2_run.json").read_text())["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_a_half_written_checkpoint_is_skipped_with_a_note(run, finished, tiny_phi_dir, sample_data_dir):
     newest = run / "phi2-xsum-finetuned" / "checkpoint-4"
     optimizer = (newest / "optimizer.pt").read_bytes()
@@ -107,6 +137,7 @@ def test_a_half_written_checkpoint_is_skipped_with_a_note(run, finished, tiny_ph
     assert same_adapter(run / "phi2-xsum-final", finished / "phi2-xsum-final")
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_write_leaves_no_checkpoint_dir(tiny_phi_dir, sample_data_dir, monkeypatch, isolated_env):
     from transformers import Trainer
 
@@ -129,6 +160,7 @@ def test_a_failed_checkpoint_write_leaves_no_checkpoint_dir(tiny_phi_dir, sample
         ["checkpoint-2", "checkpoint-4"]  # the staged leftover is gone  # fmt: skip
 
 
+@pytest.mark.slow
 def test_resumed_run_logs_the_same_losses_across_a_cut_logging_window(run, finished, tiny_phi_dir, sample_data_dir):
     shutil.rmtree(run / "phi2-xsum-finetuned" / "checkpoint-4")
     shutil.rmtree(run / "phi2-xsum-final")
@@ -150,29 +182,33 @@ def hold_lock(directory: Path) -> subprocess.Popen:
     return process
 
 
-def test_a_second_run_into_the_same_output_dir_refuses_in_one_line(run, tiny_phi_dir, sample_data_dir):
+def test_a_second_run_into_the_same_output_dir_refuses_in_one_line(trained_copy):
+    run, command = trained_copy
     other = hold_lock(run / "phi2-xsum-finetuned")
     try:
-        before = snapshot(run / "phi2-xsum-finetuned")
-        result = invoke(train_args(tiny_phi_dir, sample_data_dir, "--max-steps", "6", "--resume"))
+        before = snapshot(run)
+        for extra in ([], ["--max-steps", "4", "--resume"], ["--overwrite"]):
+            result = invoke([*command, *extra])
+            assert result.exit_code == 1, result.output
+            assert result.output.strip() == (
+                f"Error: another phi2 train (PID {other.pid} on {socket.gethostname()}) is writing to "
+                f"phi2-xsum-finetuned; wait for it to finish or choose another --output-dir")  # fmt: skip
+            assert snapshot(run) == before
     finally:
         other.kill()
         other.wait()
-    assert result.exit_code == 1
-    assert " ".join(result.output.split()) == (
-        f"Error: another phi2 train (PID {other.pid} on {socket.gethostname()}) is writing to "
-        f"{run / 'phi2-xsum-finetuned'}; wait for it to finish or choose another --output-dir")
-    assert snapshot(run / "phi2-xsum-finetuned") == before
 
 
-def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_note(run, tiny_phi_dir, sample_data_dir):
+def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_note(trained_copy):
+    run, command = trained_copy
     other = hold_lock(run / "phi2-xsum-finetuned")
     other.kill()  # kill -9: the lock file stays, its flock is gone
     other.wait()
     assert (run / "phi2-xsum-finetuned" / ".phi2-train.lock").is_file()
-    result = invoke(train_args(tiny_phi_dir, sample_data_dir, "--resume"))
+    result = invoke([*command, "--resume"])
     assert result.exit_code == 0, result.output
-    assert f"took over the lock of PID {other.pid} on {socket.gethostname()}" in " ".join(result.output.split())
+    assert (f"Warning: took over the lock of PID {other.pid} on {socket.gethostname()} in phi2-xsum-finetuned: "
+            f"that run had ended without releasing it") in result.output.splitlines()  # fmt: skip
     assert not (run / "phi2-xsum-finetuned" / ".phi2-train.lock").exists()  # released at the end
 
 
