@@ -90,13 +90,20 @@ def reference_run(work: Path, model: Path, data: Path) -> tuple[Path, float, flo
     return work / "phi2-xsum-final", time.monotonic() - began, started or 0.0
 
 
+def resume_in_subprocess(folder: Path, args: list[str]) -> tuple[int, str]:
+    process = start(args, folder)
+    output, _ = process.communicate()
+    return process.returncode, output
+
+
 def trial(index: int, rng: random.Random, work: Path, model: Path, data: Path, reference: Path,
-          total_s: float, startup_s: float, max_resumes: int = 4) -> dict[str, Any]:  # fmt: skip
-    """One kill at a random moment and the resumes after it; returns what happened."""
+          total_s: float, startup_s: float, resume: Any = resume_in_subprocess, only_training: bool = False,
+          max_resumes: int = 4) -> dict[str, Any]:  # fmt: skip
+    """One kill at a random moment and the resumes after it (`resume(folder, args)` -> (exit, output))."""
     folder = work / f"trial-{index:02d}"
     folder.mkdir(parents=True)
     args = train_args(model, data)
-    from_training = index % 2 == 0  # even trials aim at the training steps and checkpoint writes
+    from_training = only_training or index % 2 == 0  # even trials aim at the steps and checkpoint writes
     delay = rng.uniform(0.0, 0.9 * ((total_s - startup_s) if from_training else total_s))
     process = start(args, folder)
     began = time.monotonic()
@@ -118,12 +125,11 @@ def trial(index: int, rng: random.Random, work: Path, model: Path, data: Path, r
         "final_existed": (folder / "phi2-xsum-final").exists(), "resumes": [],
     }  # fmt: skip
     for _ in range(max_resumes):
-        resumed = start([*args, "--resume"], folder)
-        output, _ = resumed.communicate()
-        record["resumes"].append({"exit": resumed.returncode,
+        code, output = resume(folder, [*args, "--resume"])
+        record["resumes"].append({"exit": code,
                                   "notes": [line for line in output.splitlines()
                                             if line.startswith(("Warning", "Error", "The run")) and "no CUDA GPU" not in line]})  # fmt: skip
-        if resumed.returncode == 0:
+        if code == 0:
             break
     after = complete_checkpoints(run)
     final = folder / "phi2-xsum-final"
@@ -139,12 +145,14 @@ def trial(index: int, rng: random.Random, work: Path, model: Path, data: Path, r
     return record
 
 
-def run_trials(trials: int, work: Path, model: Path, data: Path, seed: int = 0, log: Any = None) -> dict[str, Any]:
+def run_trials(trials: int, work: Path, model: Path, data: Path, seed: int = 0, log: Any = None,
+               **options: Any) -> dict[str, Any]:  # fmt: skip
+    """The uninterrupted reference run, then `trials` trials; `options` go to `trial`."""
     reference, total_s, startup_s = reference_run(work / "reference", model, data)
     rng = random.Random(seed)
     results = []
     for index in range(trials):
-        results.append(trial(index, rng, work, model, data, reference, total_s, startup_s))
+        results.append(trial(index, rng, work, model, data, reference, total_s, startup_s, **options))
         if log:
             log(json.dumps(results[-1]))
     return {"trials": trials, "passed": sum(r["passed"] for r in results), "steps": STEPS, "seed": seed,

@@ -52,7 +52,6 @@ def check_output_dirs(config: Phi2Config, resume: bool, overwrite: bool,
     On --resume, returns the newest complete checkpoint (after undoing what a killed run left half
     done: a staged checkpoint, a half-replaced final directory).
     """
-    from phi2cli.config import RUN_CONFIG_NAME
     from phi2cli.io.files import check_writable_dir, recover_directory
     from phi2cli.io.lock import LOCK_NAME
     from phi2cli.training.checkpoints import remove_staged, resume_point
@@ -68,7 +67,7 @@ def check_output_dirs(config: Phi2Config, resume: bool, overwrite: bool,
             remove_staged(out)
             recover_directory(final)
         if not checkpoints(out):
-            if (out / RUN_CONFIG_NAME).is_file() and not (final / "adapter_config.json").exists():
+            if out.is_dir() and not (final / "adapter_config.json").exists():
                 return None  # a run that stopped before its first checkpoint starts again from step 0
             raise RunError(f"nothing to resume: {out} has no checkpoint-N; start without --resume")
         point = resume_point(out, checkpoints(out))
@@ -253,6 +252,9 @@ def train(config: Phi2Config, **kwargs: Any) -> TrainResult:
     check_writable_dir(config.train.output_dir)
     lock = RunLock(config.train.output_dir)
     taken_over = lock.acquire()
+    if kwargs.get("resume") and lock.made_directory:  # no run was ever started there
+        lock.release()
+        raise RunError(f"nothing to resume: {config.train.output_dir} has no checkpoint-N; start without --resume")
     try:
         result = train_locked(config, **kwargs)
     finally:
