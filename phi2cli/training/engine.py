@@ -247,7 +247,7 @@ def train(config: Phi2Config, **kwargs: Any) -> TrainResult:
     from phi2cli.io.files import check_writable_dir
     from phi2cli.io.lock import RunLock
 
-    if os.environ.get("LOCAL_RANK", "0") != "0":  # the main process holds the lock for all
+    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0":  # the main process locks for all
         return train_locked(config, **kwargs)
     check_writable_dir(config.train.output_dir)
     lock = RunLock(config.train.output_dir)

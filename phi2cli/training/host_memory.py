@@ -94,7 +94,7 @@ def check_host_memory(config: Any, plan: Any, precision: Any, train_set: Any) ->
                           plan.gradient_checkpointing, config.model.attn_implementation == "eager")  # fmt: skip
     if need > available:
         raise DeviceError(
-            f"training on the CPU needs about {need / GIB:.0f} GiB of memory ({len(batch)} examples, "
+            f"training on the CPU needs about {need / GIB:.0f} GiB of memory ({len(batch):,} examples, "
             f"{tokens:,} tokens per micro-batch) but {available / GIB:.1f} GiB is available; use a smaller "
             f"--batch-size x --grad-accum, a shorter --max-length, or a GPU"
         )
