@@ -145,17 +145,24 @@ def trial(index: int, rng: random.Random, work: Path, model: Path, data: Path, r
     return record
 
 
-def run_trials(trials: int, work: Path, model: Path, data: Path, seed: int = 0, log: Any = None,
+def run_trials(trials: int, work: Path, model: Path, data: Path, seed: int = 0, log: Any = None, jobs: int = 1,
                **options: Any) -> dict[str, Any]:  # fmt: skip
-    """The uninterrupted reference run, then `trials` trials; `options` go to `trial`."""
+    """The uninterrupted reference run, then `trials` trials (`jobs` at a time); `options` go to `trial`."""
+    from concurrent.futures import ThreadPoolExecutor
+
     reference, total_s, startup_s = reference_run(work / "reference", model, data)
-    rng = random.Random(seed)
-    results = []
-    for index in range(trials):
-        results.append(trial(index, rng, work, model, data, reference, total_s, startup_s, **options))
+
+    def one(index: int) -> dict[str, Any]:
+        rng = random.Random(seed * 1000 + index)  # each trial's own draw, whatever the order trials end in
+        record = trial(index, rng, work, model, data, reference, total_s, startup_s, **options)
         if log:
-            log(json.dumps(results[-1]))
+            log(json.dumps(record))
+        return record
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(one, range(trials)))
     return {"trials": trials, "passed": sum(r["passed"] for r in results), "steps": STEPS, "seed": seed,
+            "jobs": jobs,
             "uninterrupted_s": round(total_s, 1), "startup_s": round(startup_s, 1), "tolerance": 1e-5,
             "command": "phi2 " + " ".join(train_args(Path("TINY_MODEL"), Path("DATA"))), "results": results}  # fmt: skip
 
@@ -164,10 +171,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="trials run at the same time (each is its own run)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "chaos.json")
     args = parser.parse_args()
-    if args.trials < 1:
-        parser.error("--trials must be at least 1")
+    if args.trials < 1 or args.jobs < 1:
+        parser.error("--trials and --jobs must be at least 1")
     import importlib.util
 
     work = Path(tempfile.mkdtemp(prefix="phi2-chaos-"))
@@ -176,7 +184,7 @@ def main() -> None:
     spec.loader.exec_module(module)
     module.main(work / "tiny-phi")
     summary = run_trials(args.trials, work, work / "tiny-phi", ROOT / "examples" / "data" / "xsum-sample",
-                         seed=args.seed, log=print)  # fmt: skip
+                         seed=args.seed, log=lambda line: print(line, flush=True), jobs=args.jobs)  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{summary['passed']}/{summary['trials']} trials passed; written to {args.out}")
