@@ -172,3 +172,41 @@ def publish_final_from(point: ResumePoint, final: Path, write_extra: Any) -> Pat
                 shutil.copy2(source / name, tmp / name)
         write_extra(tmp)
     return source
+
+
+def resume_point_problems(out: Path) -> str:
+    """Why the newest (up to three) checkpoints cannot be resumed from, in one line."""
+    from phi2cli.training.engine import checkpoints
+
+    return "; ".join(f"{p.name}: {checkpoint_problem(p)}" for p in checkpoints(out)[-3:])
+
+
+def finished_run(config: Any, plan: Any, point: ResumePoint, tokenizer: Any, notes: list[str],
+                 is_main: bool) -> Any:  # fmt: skip
+    """--resume of a run whose training had reached its steps: change nothing when its final adapter
+    is saved, else save it from the best (or last) checkpoint, as the run would have at its end."""
+    from phi2cli.config import RUN_CONFIG_NAME, save_run_config
+    from phi2cli.training.engine import TrainResult
+
+    final = Path(config.train.final_dir)
+    saved = {}
+    if (final / "adapter_config.json").is_file() and (final / RUN_CONFIG_NAME).is_file():
+        saved = json.loads((final / RUN_CONFIG_NAME).read_text(encoding="utf-8"))
+    best = str(point.best_checkpoint) if point.best_checkpoint else None
+    if saved.get("global_step") == point.step:
+        return TrainResult(Path(config.train.output_dir), final, saved.get("best_checkpoint"), saved.get("best_metric"),
+                           point.step, plan, notes=notes, already_finished=True)  # fmt: skip
+    state = json.loads((point.checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    facts = {"plan": plan.to_dict(), "best_checkpoint": best, "best_metric": state.get("best_metric"),
+             "global_step": point.step, "saved_from_checkpoint": str(point.best_checkpoint or point.checkpoint)}  # fmt: skip
+    if is_main:
+        def write_extra(directory: Path) -> None:
+            tokenizer.save_pretrained(str(directory))
+            save_run_config(config, directory, facts)
+
+        publish_final_from(point, final, write_extra)
+        save_run_config(config, config.train.output_dir, facts)
+    notes.append(f"training had ended at step {point.step}; saved the final adapter from "
+                 f"{(point.best_checkpoint or point.checkpoint).name}")  # fmt: skip
+    return TrainResult(Path(config.train.output_dir), final, best, state.get("best_metric"), point.step, plan,
+                       notes=notes)  # fmt: skip

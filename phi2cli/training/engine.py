@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -13,7 +12,7 @@ from typing import Any, Callable
 
 from phi2cli.config import Phi2Config, save_run_config
 from phi2cli.errors import DeviceError, RunError, TrainingInterrupted
-from phi2cli.training.checkpoints import ResumePoint, publish_final_from
+from phi2cli.training.checkpoints import ResumePoint, finished_run, resume_point_problems
 from phi2cli.training.plan import EnginePlan, resolve_plan
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -86,12 +85,6 @@ def check_output_dirs(config: Phi2Config, resume: bool, overwrite: bool,
             if path.name != LOCK_NAME:  # this run's lock stays while the run goes on
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     return None
-
-
-def resume_point_problems(out: Path) -> str:
-    from phi2cli.training.checkpoints import checkpoint_problem
-
-    return "; ".join(f"{p.name}: {checkpoint_problem(p)}" for p in checkpoints(out)[-3:])
 
 
 def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, has_eval: bool) -> Any:
@@ -411,36 +404,6 @@ def save_final(trainer: Any, tokenizer: Any, config: Phi2Config, final: Path, fa
         tokenizer.save_pretrained(str(tmp))
         save_run_config(config, tmp, facts)
     save_run_config(config, config.train.output_dir, facts)
-
-
-def finished_run(config: Phi2Config, plan: EnginePlan, point: ResumePoint, tokenizer: Any, notes: list[str],
-                 is_main: bool) -> TrainResult:  # fmt: skip
-    """--resume of a run whose training had reached its steps: change nothing when its final adapter
-    is saved, else save it from the best (or last) checkpoint, as the run would have at its end."""
-    from phi2cli.config import RUN_CONFIG_NAME
-
-    final = Path(config.train.final_dir)
-    saved = {}
-    if (final / "adapter_config.json").is_file() and (final / RUN_CONFIG_NAME).is_file():
-        saved = json.loads((final / RUN_CONFIG_NAME).read_text(encoding="utf-8"))
-    best = str(point.best_checkpoint) if point.best_checkpoint else None
-    if saved.get("global_step") == point.step:
-        return TrainResult(Path(config.train.output_dir), final, saved.get("best_checkpoint"), saved.get("best_metric"),
-                           point.step, plan, notes=notes, already_finished=True)  # fmt: skip
-    state = json.loads((point.checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-    facts = {"plan": plan.to_dict(), "best_checkpoint": best, "best_metric": state.get("best_metric"),
-             "global_step": point.step, "saved_from_checkpoint": str(point.best_checkpoint or point.checkpoint)}  # fmt: skip
-    if is_main:
-        def write_extra(directory: Path) -> None:
-            tokenizer.save_pretrained(str(directory))
-            save_run_config(config, directory, facts)
-
-        publish_final_from(point, final, write_extra)
-        save_run_config(config, config.train.output_dir, facts)
-    notes.append(f"training had ended at step {point.step}; saved the final adapter from "
-                 f"{(point.best_checkpoint or point.checkpoint).name}")  # fmt: skip
-    return TrainResult(Path(config.train.output_dir), final, best, state.get("best_metric"), point.step, plan,
-                       notes=notes)  # fmt: skip
 
 
 def resume_hint(config: Phi2Config) -> str:
