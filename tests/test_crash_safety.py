@@ -247,3 +247,38 @@ def test_the_host_memory_estimate_passes_an_ordinary_cpu_run(tiny_phi_dir, sampl
     monkeypatch.setattr(host_memory, "available_bytes", lambda: host_memory.GIB)  # the runtime alone is 1 GiB
     with pytest.raises(Exception, match="needs about 1 GiB of memory .* but 1.0 GiB is available"):
         host_memory.check_host_memory(config, plan, precision, Rows(rows))
+
+
+@pytest.mark.slow
+def test_a_second_train_while_one_trains_refuses_and_takes_over_after_a_kill(tiny_phi_dir, sample_data_dir,
+                                                                             isolated_env):  # fmt: skip
+    import signal
+
+    args = train_args(tiny_phi_dir, sample_data_dir, "--eval-every", "1")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "300"}
+    first = subprocess.Popen([sys.executable, "-m", "phi2cli", *args], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while first.poll() is None and not sigterm_handled(first.pid):  # training has started
+            assert time.monotonic() < deadline, "training did not start in time"
+            time.sleep(0.05)
+        second = invoke(args)
+        assert second.exit_code == 1
+        assert second.output.strip() == (
+            f"Error: another phi2 train (PID {first.pid} on {socket.gethostname()}) is writing to "
+            f"phi2-xsum-finetuned; wait for it to finish or choose another --output-dir")  # fmt: skip
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    resumed = invoke([*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"Warning: took over the lock of PID {first.pid} on {socket.gethostname()}" in resumed.output
+    assert "Adapter saved to phi2-xsum-final after 4 steps" in resumed.output
+
+
+def sigterm_handled(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> 14 & 1)  # bit 15 - 1: SIGTERM
+    return False
