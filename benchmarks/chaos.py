@@ -127,8 +127,8 @@ def trial(index: int, rng: random.Random, work: Path, model: Path, data: Path, r
     for _ in range(max_resumes):
         code, output = resume(folder, [*args, "--resume"])
         record["resumes"].append({"exit": code,
-                                  "notes": [line for line in output.splitlines()
-                                            if line.startswith(("Warning", "Error", "The run")) and "no CUDA GPU" not in line]})  # fmt: skip
+                                  "notes": [line for line in output.splitlines() if "no CUDA GPU" not in line
+                                            and line.startswith(("Warning", "Error", "The run"))]})  # fmt: skip
         if code == 0:
             break
     after = complete_checkpoints(run)

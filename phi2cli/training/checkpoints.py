@@ -194,8 +194,8 @@ def finished_run(config: Any, plan: Any, point: ResumePoint, tokenizer: Any, not
         saved = json.loads((final / RUN_CONFIG_NAME).read_text(encoding="utf-8"))
     best = str(point.best_checkpoint) if point.best_checkpoint else None
     if saved.get("global_step") == point.step:
-        return TrainResult(Path(config.train.output_dir), final, saved.get("best_checkpoint"), saved.get("best_metric"),
-                           point.step, plan, notes=notes, already_finished=True)  # fmt: skip
+        return TrainResult(Path(config.train.output_dir), final, saved.get("best_checkpoint"),
+                           saved.get("best_metric"), point.step, plan, notes=notes, already_finished=True)  # fmt: skip
     state = json.loads((point.checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     facts = {"plan": plan.to_dict(), "best_checkpoint": best, "best_metric": state.get("best_metric"),
              "global_step": point.step, "saved_from_checkpoint": str(point.best_checkpoint or point.checkpoint)}  # fmt: skip

@@ -312,7 +312,8 @@ def train_locked(
         notes.append("the run had stopped before its first checkpoint: it starts again from step 0")
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
     out = Path(config.train.output_dir)
-    if point is not None and point.step >= (config.train.max_steps if config.train.max_steps > 0 else point.planned_steps):
+    target_steps = config.train.max_steps if config.train.max_steps > 0 else point.planned_steps if point else 0
+    if point is not None and point.step >= target_steps:  # resuming would train past the end
         return finished_run(config, plan, point, tokenizer, notes, is_main)
     with state.main_process_first():
         if prepared_dir is None:
