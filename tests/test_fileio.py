@@ -154,3 +154,72 @@ def test_interrupted_prepare_keeps_the_previous_dataset(folder, monkeypatch, phi
     dataset, manifest = data.load_prepared(target)
     assert manifest == json.loads(json.dumps(first.manifest)) and len(dataset["train"]) == 4
     assert names(folder) == ["prepared"]
+
+
+def crash_inside_a_replacement(final: Path, text: str, when: str) -> int:
+    """Run make_version in a child process that dies (no clean-up of any kind) at `when`:
+    'between-renames' (previous version moved aside, new one not in) or 'sigterm' (while writing).
+    Returns the child's exit status."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        from pathlib import Path
+        from phi2cli.io import files
+        final = Path({str(final)!r})
+        real_replace = os.replace
+        def replace(src, dst):
+            if {when!r} == "between-renames" and Path(src).name.endswith(".partial"):
+                os._exit(9)  # as kill -9 would: the previous version is aside, the new one not in
+            return real_replace(src, dst)
+        files.os.replace = replace
+        with files.atomic_directory(final) as tmp:
+            (tmp / "adapter_model.safetensors").write_text({text!r})
+            if {when!r} == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)  # default action: the process ends at once
+    """)  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run([sys.executable, "-c", code], env=env).returncode
+
+
+def test_a_kill_between_the_two_renames_never_leaves_nothing(folder):
+    final = folder / "phi2-xsum-final"
+    make_version(final, "v1")
+    assert crash_inside_a_replacement(final, "v2", "between-renames") == 9
+    moved_aside = [n for n in names(folder) if ".old-" in n]
+    assert len(moved_aside) == 1 and not final.exists()  # what the dead process left
+
+    actions = fileio.recover_directory(final)  # what the next writer (or a resumed run) does first
+    assert actions[-1] == f"restored {final} from {moved_aside[0]}: a replacement was interrupted"
+    assert (final / "adapter_model.safetensors").read_text() == "v1"
+    assert names(folder) == ["phi2-xsum-final"]
+
+
+def test_the_next_write_finishes_a_replacement_that_had_renamed_the_new_version_in(folder):
+    final = folder / "phi2-xsum-final"
+    make_version(final, "v2")
+    (folder / ".phi2-xsum-final.old-999999999").mkdir()  # a dead process's previous version, already replaced
+    make_version(final, "v3")
+    assert (final / "adapter_model.safetensors").read_text() == "v3"
+    assert names(folder) == ["phi2-xsum-final"]
+
+
+def test_sigterm_while_writing_leaves_no_hidden_directory_after_the_next_write(folder):
+    final = folder / "prepared"
+    make_version(final, "v1")
+    assert crash_inside_a_replacement(final, "half of v2", "sigterm") == -15
+    assert any(n.endswith(".partial") for n in names(folder))  # the dead process could not clean up
+    make_version(final, "v3")
+    assert (final / "adapter_model.safetensors").read_text() == "v3"
+    assert names(folder) == ["prepared"]
+
+
+def test_a_live_process_temp_directory_is_left_alone(folder):
+    final = folder / "prepared"
+    busy = folder / f".prepared.{os.getppid()}.abc.partial"  # the parent of this test: alive
+    busy.mkdir()
+    assert fileio.recover_directory(final) == []
+    assert busy.is_dir()

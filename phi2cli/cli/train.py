@@ -113,6 +113,10 @@ def train_command(
         return
     for message in result.notes:
         warn(message)
+    if result.already_finished:
+        console.print(f"The run in {result.output_dir} had already finished at step {result.global_step} (adapter in "
+                      f"{result.final_dir}); nothing changed. A larger --max-steps with --resume trains further.")  # fmt: skip
+        return
     note(f"engine profile: {result.plan.profile} ({result.plan.micro_batch} x {result.plan.grad_accum} "
          f"x {result.plan.world_size} GPU(s) = {result.plan.examples_per_step} examples per step)")  # fmt: skip
     if result.plan.scaling == "weak":

@@ -98,25 +98,84 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[Any]) -> Path:
     return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def pid_alive(pid: int) -> bool:
+    """True while a process with this id runs on this machine (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def _owner_pid(name: str, final_name: str) -> int | None:
+    """The process id in '.NAME.PID.xxx.partial' or '.NAME.old-PID'; None for other names."""
+    if name.startswith(f".{final_name}.old-"):
+        rest = name[len(final_name) + 6 :]
+    elif name.startswith(f".{final_name}.") and name.endswith(".partial"):
+        rest = name[len(final_name) + 2 :].split(".", 1)[0]
+    else:
+        return None
+    return int(rest) if rest.isdigit() else None
+
+
+def recover_directory(final: str | Path) -> list[str]:
+    """Finish or undo a replacement of `final` that a dead process left half done.
+
+    A moved-aside previous version ('.NAME.old-PID') is put back when `final` is missing (undo)
+    and removed when `final` is there (the replacement had finished); temp directories
+    ('.NAME.PID.*.partial') of processes that no longer run are removed. Directories of live
+    processes are left alone. Returns one line per action.
+    """
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    actions = []
+    for entry in sorted(final.parent.iterdir(), key=lambda p: p.name):
+        pid = _owner_pid(entry.name, final.name)
+        if pid is None or pid_alive(pid) and pid != os.getpid():
+            continue
+        if entry.name.endswith(".partial"):
+            shutil.rmtree(entry, ignore_errors=True)
+            actions.append(f"removed {entry.name}, left unfinished by an interrupted process")
+        elif not final.exists():
+            os.replace(entry, final)
+            actions.append(f"restored {final} from {entry.name}: a replacement was interrupted")
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+            actions.append(f"removed {entry.name}, the previous version of {final.name}")
+    return actions
+
+
 @contextmanager
 def atomic_directory(final: str | Path) -> Iterator[Path]:
-    """Yield a temp directory beside `final`; on success it replaces `final` in one rename.
+    """Yield a temp directory beside `final`; on success it replaces `final`.
 
-    On error or interruption the temp directory is removed and `final` is left as it was.
+    The previous version is renamed aside, the new one renamed in, then the previous one
+    removed; the names carry this process's id, so a process killed between two renames
+    leaves what `recover_directory` (called here first) finishes or undoes. On an error or
+    interruption the temp directory is removed and `final` is left as it was.
     """
     final = Path(final)
     ensure_writable_dir(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    recover_directory(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes 0700
     old = None
     try:
         yield tmp
+        fsync_tree(tmp)
         if final.exists():
             if not final.is_dir():
                 raise Phi2Error(f"{final} is a file, not a directory; choose another output path")
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
         os.replace(tmp, final)
+        fsync_dir(final.parent)
     except OSError as err:
         _roll_back(tmp, final, old)
         raise _disk_error(final, err) from None
@@ -125,6 +184,27 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a directory's entries (a rename into it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and directory under root, so a rename publishes complete contents."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
 
 
 def _roll_back(tmp: Path, final: Path, old: Path | None) -> None:

@@ -14,6 +14,7 @@ from phi2cli.errors import DeviceError, RunError, TrainingInterrupted
 from phi2cli.io.checkpoints import CHECKPOINT_RE
 from phi2cli.training.build import (build_model, family_plan, model_config_of, record_trainer_paths,
                                     with_adapted_targets)
+from phi2cli.training.checkpoints import ResumePoint, finished_run, resume_point_problems
 from phi2cli.training.plan import EnginePlan, resolve_plan
 
 Display = Callable[[str, dict[str, Any]], None]
@@ -33,6 +34,7 @@ class TrainResult:
     throughput: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
+    already_finished: bool = False  # --resume of a run that had finished: nothing was changed
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
@@ -44,9 +46,16 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def check_output_dirs(config: Phi2Config, resume: bool, overwrite: bool) -> None:
-    """Never clobber an earlier run silently: refuse unless --resume or --overwrite."""
-    from phi2cli.io.files import check_writable_dir
+def check_output_dirs(config: Phi2Config, resume: bool, overwrite: bool,
+                      is_main: bool = True) -> ResumePoint | None:  # fmt: skip
+    """Never clobber an earlier run silently: refuse unless --resume or --overwrite.
+
+    On --resume, returns the newest complete checkpoint (after undoing what a killed run left half
+    done: a staged checkpoint, a half-replaced final directory).
+    """
+    from phi2cli.io.files import check_writable_dir, recover_directory
+    from phi2cli.io.lock import LOCK_NAME
+    from phi2cli.training.checkpoints import remove_staged, resume_point
 
     out, final = Path(config.train.output_dir), Path(config.train.final_dir)
     for path in (out, final):
@@ -55,17 +64,29 @@ def check_output_dirs(config: Phi2Config, resume: bool, overwrite: bool) -> None
         check_writable_dir(path)  # before the slow part, not after it
     has_run = bool(checkpoints(out)) or (out / "trainer_state.json").exists() or (final / "adapter_config.json").exists()
     if resume:
+        if is_main:  # only the main process cleans up; the others read the result
+            remove_staged(out)
+            recover_directory(final)
         if not checkpoints(out):
+            if out.is_dir() and not (final / "adapter_config.json").exists():
+                return None  # a run that stopped before its first checkpoint starts again from step 0
             raise RunError(f"nothing to resume: {out} has no checkpoint-N; start without --resume")
-        return
+        point = resume_point(out, checkpoints(out))
+        if point is None:
+            raise RunError(f"nothing to resume: no checkpoint in {out} is complete "
+                           f"({resume_point_problems(out)}); start again with --overwrite")  # fmt: skip
+        return point
     if has_run and not overwrite:
         raise RunError(
             f"{out} already holds a run; pass --resume to continue it or --overwrite to start over "
             f"(or choose another --output-dir)"
         )
     if overwrite:
-        for path in (out, final):
-            shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        for path in out.iterdir() if out.is_dir() else ():
+            if path.name != LOCK_NAME:  # this run's lock stays while the run goes on
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return None
 
 
 def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, has_eval: bool) -> Any:
@@ -143,7 +164,33 @@ def _free_gib() -> float | None:
     return free / 2**30
 
 
-def train(
+def train(config: Phi2Config, **kwargs: Any) -> TrainResult:
+    """Fine-tune with QLoRA; return where the best adapter is (one run per output directory).
+
+    Takes the same keyword arguments as `train_locked`. Raises: RunError when another process
+    trains into the same output directory, and whatever `train_locked` raises.
+    """
+    from phi2cli.io.files import check_writable_dir
+    from phi2cli.io.lock import RunLock
+
+    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0":  # the main process locks for all
+        return train_locked(config, **kwargs)
+    check_writable_dir(config.train.output_dir)
+    lock = RunLock(config.train.output_dir)
+    taken_over = lock.acquire()
+    if kwargs.get("resume") and lock.made_directory:  # no run was ever started there
+        lock.release()
+        raise RunError(f"nothing to resume: {config.train.output_dir} has no checkpoint-N; start without --resume")
+    try:
+        result = train_locked(config, **kwargs)
+    finally:
+        lock.release()
+    if taken_over:
+        result.notes.insert(0, taken_over)
+    return result
+
+
+def train_locked(
     config: Phi2Config,
     *,
     prepared_dir: str | Path | None = None,
@@ -173,7 +220,9 @@ def train(
     started = time.perf_counter()  # wall time from here; importing the libraries counts as loading
     from phi2cli.data import prepare as data_mod
     from phi2cli.models.loading import load_tokenizer, memory_report, resolve_precision
-    from phi2cli.training.trainer import EvaluateAtEnd, Phi2Trainer, ProgressCallback, StopOnSignal, ThroughputMeter
+    from phi2cli.training.trainer import (
+        ContinueLogWindow, EvaluateAtEnd, Phi2Trainer, ProgressCallback, StopOnSignal, ThroughputMeter,
+    )  # fmt: skip
     from phi2cli.training.timing import finish_timing, time_split
 
     from accelerate import PartialState
@@ -188,7 +237,7 @@ def train(
     state = PartialState(cpu=not torch.cuda.is_available(), backend=os.environ.get("PHI2_DDP_BACKEND") or None)
     is_main = state.is_main_process
     with state.main_process_first():  # the main process checks, cleans and prepares; the others then read
-        check_output_dirs(config, resume, overwrite and is_main)
+        point = check_output_dirs(config, resume, overwrite and is_main, is_main)
     precision = resolve_precision(config.model)
     world_size = state.num_processes
     from phi2cli.models.families import model_shape
@@ -199,11 +248,18 @@ def train(
                         shape=model_shape(model_config))  # fmt: skip
     plan, family_note = family_plan(plan, getattr(model_config, "model_type", None))
     notes = [n for n in (precision.note, plan.note, family_note) if n]
+    if point is not None:
+        notes += [f"{skipped}: resuming from {point.checkpoint.name}" for skipped in point.skipped]
+    elif resume:
+        notes.append("the run had stopped before its first checkpoint: it starts again from step 0")
     clock = time.perf_counter()
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
     load_seconds = time.perf_counter() - clock + imported - started
     clock = time.perf_counter()
     out = Path(config.train.output_dir)
+    target_steps = config.train.max_steps if config.train.max_steps > 0 else point.planned_steps if point else 0
+    if point is not None and point.step >= target_steps:  # resuming would train past the end
+        return finished_run(config, plan, point, tokenizer, notes, is_main)
     with state.main_process_first():
         if prepared_dir is None:
             prepared_dir = out / "prepared"
@@ -223,6 +279,10 @@ def train(
                  "eos_token_id": tokenizer.eos_token_id, "manifest": {k: manifest[k] for k in ("source", "splits")}}  # fmt: skip
     if is_main:
         save_run_config(config, out, run_facts)
+
+    from phi2cli.training.host_memory import check_host_memory
+
+    check_host_memory(config, plan, precision, train_set)
 
     clock = time.perf_counter()
     from phi2cli.kernels.fast_paths import FastPaths
@@ -248,6 +308,8 @@ def train(
     meter = ThroughputMeter(lambda: trainer.real_tokens_seen,
                             recordings=(lambda: len(trainer.graphed.recordings) if trainer.graphed else 0))
     trainer.add_callback(meter)
+    if point is not None:
+        trainer.add_callback(ContinueLogWindow(trainer, point.checkpoint))
     if display is not None and is_main:
         waiting = COMPILE_NOTE if plan.compile else ""
         trainer.add_callback(ProgressCallback(display, lambda: trainer.real_tokens_seen, waiting))
@@ -255,7 +317,7 @@ def train(
         torch.cuda.reset_peak_memory_stats()
     stopper.install()
     try:
-        result = trainer.train(resume_from_checkpoint=True if resume else None)
+        result = trainer.train(resume_from_checkpoint=str(point.checkpoint) if point is not None else None)
     except torch.cuda.OutOfMemoryError:
         raise DeviceError(out_of_memory_advice()) from None
     finally:

@@ -100,6 +100,13 @@ class Phi2Trainer(Trainer):
         finally:
             torch.cuda.current_stream().wait_stream(stream)
 
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """checkpoint-N appears only when complete: written under a hidden name, then renamed in."""
+        from phi2cli.training.checkpoints import staged_checkpoint
+
+        with staged_checkpoint(self):
+            super()._save_checkpoint(model, trial)
+
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         """Several processes with packed batches: the shuffled order accelerate would use, each step's
         examples balanced in tokens over the processes (BalancedShards)."""
@@ -242,6 +249,18 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+class ContinueLogWindow(TrainerCallback):
+    """On resume, the first logged loss averages the same steps as in an uninterrupted run."""
+
+    def __init__(self, trainer: Any, checkpoint: Any) -> None:
+        self.trainer, self.checkpoint = trainer, checkpoint
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from phi2cli.training.checkpoints import restore_log_window
+
+        restore_log_window(self.trainer, self.checkpoint)
 
 
 class EvaluateAtEnd(TrainerCallback):
