@@ -78,7 +78,7 @@ def resolve_config(adapter_dir: str | Path, overrides: Mapping[str, Any], base_o
         except RunError:
             if not overrides.get("model.model"):
                 raise RunError(
-                    f"--base-only needs --model MODEL, or a run in {adapter_dir} (--adapter DIR) to take it from"
+                    f"--base-only needs --model MODEL, or a run in {adapter_dir} to take the base model from"
                 ) from None
             config = Phi2Config()
     if any(overrides.get(key) for key in SOURCE_KEYS):  # a data source flag replaces the run's whole source
@@ -116,6 +116,8 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
 
     if options.samples < 1:
         raise ConfigError(f"--samples must be at least 1 (got {options.samples})")
+    if options.split not in EVAL_SPLITS:  # before the slow part; training data is never scored
+        raise ConfigError(f"--split must be one of {', '.join(EVAL_SPLITS)} (got '{options.split}')")
     started = time.perf_counter()
     config = resolve_config(options.adapter_dir, options.overrides)
     adapter = Path(options.adapter_dir)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from phi2cli.config import Phi2Config, save_run_config
-from phi2cli.errors import DeviceError, RunError, TrainingInterrupted
+from phi2cli.errors import ConfigError, DeviceError, RunError, TrainingInterrupted
 from phi2cli.training.plan import EnginePlan, resolve_plan
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -234,6 +234,10 @@ def train(
         RunError, DataError, ModelError, DeviceError, TrainingInterrupted (checkpoint saved).
     """
     import torch
+
+    if resume and overwrite:  # --overwrite would delete the checkpoint that --resume continues
+        raise ConfigError("--resume continues the run in the output directory and --overwrite deletes it; "
+                          "pass only one of them")  # fmt: skip
 
     from phi2cli.data import prepare as data_mod
     from phi2cli.models.loading import load_tokenizer, memory_report, resolve_precision
