@@ -110,7 +110,8 @@ def train_command(
     if not main_process:
         return
     for message in result.notes:
-        warn(message)
+        if message not in display.shown:
+            warn(message)
     note(f"engine profile: {result.plan.profile} ({result.plan.micro_batch} x {result.plan.grad_accum} "
          f"x {result.plan.world_size} GPU(s) = {result.plan.examples_per_step} examples per step)")  # fmt: skip
     if result.best_checkpoint:

@@ -227,11 +227,12 @@ def train(
         prepared_dir: a dataset from 'phi2 prepare'; None prepares one inside the output directory.
         resume: continue from the newest checkpoint (optimizer, scheduler, RNG, data order).
         overwrite: delete an earlier run in the output directories first.
-        display: receives progress events ('begin', 'step', 'eval', 'end').
+        display: receives progress events ('note', 'begin', 'step', 'eval', 'end').
         progress: iterable wrapper for data preparation progress.
         callbacks: extra TrainerCallbacks.
     Raises:
-        RunError, DataError, ModelError, DeviceError, TrainingInterrupted (checkpoint saved).
+        RunError (also when the loss became NaN/inf), ConfigError, DataError, ModelError, DeviceError,
+        TrainingInterrupted (checkpoint saved).
     """
     import torch
 
@@ -275,6 +276,9 @@ def train(
     if prepared_with is not None:  # the run config records the data as it was prepared
         config = dataclasses.replace(config, data=prepared_with)
     train_set, eval_set = dataset["train"], dataset["validation"] if "validation" in dataset else None
+    if display is not None and is_main:  # warnings about this run belong before it, not after it
+        for message in notes:
+            display("note", {"message": message})
 
     run_facts = {"precision": precision.__dict__, "plan": plan.to_dict(), "prepared_dir": str(prepared_dir),
                  "tokenizer": config.model.tokenizer or config.model.model, "template": config.data.template,
@@ -297,6 +301,10 @@ def train(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
+    from phi2cli.training.guards import StopOnNonFiniteLoss
+
+    guard = StopOnNonFiniteLoss(lambda: trainer.non_finite_losses)
+    trainer.add_callback(guard)  # after EvaluateAtEnd: it takes back that callback's save of a diverged step
     meter = ThroughputMeter(lambda: trainer.real_tokens_seen,
                             recordings=(lambda: len(trainer.graphed.recordings) if trainer.graphed else 0))
     trainer.add_callback(meter)
@@ -320,6 +328,8 @@ def train(
             f"stopped by {stopper.requested} at step {trainer_state.global_step}; checkpoint saved in {where}. "
             f"Resume with: phi2 train --resume {resume_hint(config)}"
         )
+    if guard.stopped_at is not None:
+        raise RunError(diverged_message(guard, config, checkpoints(out)))
     final = Path(config.train.final_dir)
     memory = memory_report()
     throughput = dict(meter.result)
@@ -348,6 +358,13 @@ def save_final(trainer: Any, tokenizer: Any, config: Phi2Config, final: Path, fa
         tokenizer.save_pretrained(str(tmp))
         save_run_config(config, tmp, facts)
     save_run_config(config, config.train.output_dir, facts)
+
+
+def diverged_message(guard: Any, config: Phi2Config, saved: list[Path]) -> str:
+    """What a run whose loss became NaN/inf left behind, and what to change."""
+    kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved before it"
+    return (f"training stopped at step {guard.stopped_at}: {guard.what} became NaN or infinite; {kept} and no "
+            f"adapter was saved. Lower --lr (it was {config.train.learning_rate:g}) and start again with --overwrite")
 
 
 def resume_hint(config: Phi2Config) -> str:
