@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
 import shutil
@@ -318,6 +319,12 @@ def train(
         result = trainer.train(resume_from_checkpoint=True if resume else None)
     except torch.cuda.OutOfMemoryError:
         raise DeviceError(out_of_memory_advice()) from None
+    except Exception as err:  # a checkpoint save that finds the disk full or the directory read-only
+        from phi2cli.io.files import disk_full, storage_error
+
+        if disk_full(err) or getattr(err, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise storage_error(err, out) from None
+        raise
     finally:
         stopper.uninstall()
     trainer_state = trainer.state
