@@ -62,7 +62,7 @@ def evaluate_command(
         "--compare-base", help="Also score the base model (no adapter, same prompts) and show the differences.")
     ] = False,
     output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", help="Where metrics.json and predictions.jsonl go (default: the adapter directory).",
+        "--output", "-o", help="Where the metrics and predictions files go (default: the adapter directory).",
         show_default=False)] = None,
     model: RunModelOpt = None,
     dataset: Annotated[Optional[str], typer.Option(
@@ -89,8 +89,8 @@ def evaluate_command(
 
     Each article gets a summary (greedy by default, first line) scored with ROUGE (F x 100, stemmed).
 
-    Writes metrics.json and predictions.jsonl to the adapter directory (or --output).
-    """
+    Writes metrics-SPLIT.json and predictions-SPLIT.jsonl (with --file: metrics-STEM.json...) to the adapter directory (or --output); each split or file keeps its own, a re-run replaces its own.
+    """  # noqa: E501 (one line per paragraph: --help keeps line breaks)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from phi2cli.inference.evaluation import EvaluateOptions, evaluate
