@@ -189,3 +189,41 @@ def test_unknown_model_offline(tmp_path, sample_data_dir):
     result, out = run("prepare", "--data-dir", str(sample_data_dir), "--model", "no-such-org/no-such-model")
     assert result.exit_code == 1
     assert "could not load tokenizer 'no-such-org/no-such-model' from the Hugging Face hub" in " ".join(out.split())
+
+
+def test_prepare_over_a_prepared_dataset_needs_overwrite(tiny_phi_dir, sample_data_dir):
+    args = ["prepare", "--model", str(tiny_phi_dir), "--data-dir", str(sample_data_dir), "--samples", "4",
+            "--val-samples", "2"]  # fmt: skip
+    result, out = run(*args)
+    assert result.exit_code == 0, out
+    first = json.loads(Path("phi2-xsum-prepared/manifest.json").read_text())
+    result, out = run(*args, "--seed", "7")
+    assert result.exit_code == 1
+    assert ("Error: phi2-xsum-prepared already holds a prepared dataset; pass --overwrite to replace it (a run "
+            "trained on it then refuses --resume), or choose another --output") in out  # fmt: skip
+    assert json.loads(Path("phi2-xsum-prepared/manifest.json").read_text()) == first
+    result, out = run(*args, "--seed", "7", "--overwrite")
+    assert result.exit_code == 0, out
+    second = json.loads(Path("phi2-xsum-prepared/manifest.json").read_text())
+    assert second["seed"] == 7 and second["fingerprint"] != first["fingerprint"]
+    result, out = run(*args, "--seed", "7", "--overwrite")  # the same data again: the same fingerprint
+    assert json.loads(Path("phi2-xsum-prepared/manifest.json").read_text())["fingerprint"] == second["fingerprint"]
+
+
+def test_resume_refuses_data_prepared_again(tiny_phi_dir, sample_data_dir):
+    prep = ["prepare", "--model", str(tiny_phi_dir), "--data-dir", str(sample_data_dir), "--samples", "8",
+            "--val-samples", "0", "--max-length", "160", "-o", "data"]  # fmt: skip
+    train = ["train", "--model", str(tiny_phi_dir), "--prepared", "data", "--eval-every", "1"]
+    assert run(*prep)[0].exit_code == 0
+    result, out = run(*train, "--max-steps", "1")
+    assert result.exit_code == 0, out
+    fingerprint = json.loads(Path("data/manifest.json").read_text())["fingerprint"]
+    run_record = json.loads(Path("phi2-xsum-finetuned/phi2_run.json").read_text())
+    assert run_record["data_fingerprint"] == fingerprint
+    assert run(*prep, "--seed", "3", "--overwrite")[0].exit_code == 0
+    result, out = run(*train, "--max-steps", "2", "--resume")
+    assert result.exit_code == 1
+    assert ("Error: the data in data is not what the run in phi2-xsum-finetuned was trained "
+            f"on (it was prepared again or is another dataset); resume with the run's own data, or start over with "
+            f"--overwrite") in out  # fmt: skip
+    assert sorted(p.name for p in Path("phi2-xsum-finetuned").glob("checkpoint-*")) == ["checkpoint-1"]

@@ -33,6 +33,8 @@ def prepare_command(
     model: ModelOpt = None,
     tokenizer: TokenizerOpt = None,
     output: Annotated[Optional[str], opt("data.prepared_dir", "--output", "-o")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace a prepared dataset already in --output.")] = False,
 ) -> None:
     """Sample XSUM, format prompts, tokenize and save a dataset ready for training.
 
@@ -53,7 +55,7 @@ def prepare_command(
     overrides["data.prepared_dir"] = output
     cfg = load_config(config, overrides)
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.model)
-    prepared = data_mod.prepare(cfg, tok, progress=track)
+    prepared = data_mod.prepare(cfg, tok, progress=track, overwrite=overwrite)
     for message in prepared.warnings:
         warn(message)
     console.print(manifest_table(prepared.manifest))

@@ -270,9 +270,11 @@ def train(
             prepared_dir = out / "prepared"
             if is_main and not (resume and (prepared_dir / data_mod.MANIFEST_NAME).exists()):
                 kwargs = {"progress": progress} if progress else {}
-                notes += data_mod.prepare(config, tokenizer, prepared_dir, **kwargs).warnings
+                notes += data_mod.prepare(config, tokenizer, prepared_dir, overwrite=True, **kwargs).warnings
         dataset, manifest = data_mod.load_prepared(prepared_dir)
     data_mod.check_compatible(manifest, config)
+    if resume:
+        check_same_data(out, prepared_dir, data_mod.data_identity(manifest))
     prepared_with = data_mod.data_config_of(manifest)
     if prepared_with is not None:  # the run config records the data as it was prepared
         config = dataclasses.replace(config, data=prepared_with)
@@ -282,6 +284,7 @@ def train(
             display("note", {"message": message})
 
     run_facts = {"precision": precision.__dict__, "plan": plan.to_dict(), "prepared_dir": str(prepared_dir),
+                 "data_fingerprint": data_mod.data_identity(manifest),
                  "tokenizer": config.model.tokenizer or config.model.model, "template": config.data.template,
                  "eos_token_id": tokenizer.eos_token_id, "manifest": {k: manifest[k] for k in ("source", "splits")}}  # fmt: skip
     if is_main:
@@ -365,6 +368,21 @@ def save_final(trainer: Any, tokenizer: Any, config: Phi2Config, final: Path, fa
         tokenizer.save_pretrained(str(tmp))
         save_run_config(config, tmp, facts)
     save_run_config(config, config.train.output_dir, facts)
+
+
+def check_same_data(output_dir: Path, prepared_dir: str | Path, identity: str | None) -> None:
+    """--resume continues on the data the run started with; refuse data prepared again or another dataset."""
+    from phi2cli.config import load_run_config
+
+    try:
+        _, facts = load_run_config(output_dir)
+    except ConfigError:  # no readable run record: nothing to compare against
+        return
+    recorded = facts.get("data_fingerprint")
+    if recorded and identity and recorded != identity:
+        raise RunError(f"the data in {prepared_dir} is not what the run in {output_dir} was trained on (it was "
+                       f"prepared again or is another dataset); resume with the run's own data, or start over "
+                       f"with --overwrite")  # fmt: skip
 
 
 def diverged_message(guard: Any, config: Phi2Config, saved: list[Path]) -> str:
