@@ -43,6 +43,7 @@ def prepare_command(
     Writes a 'save_to_disk' dataset plus manifest.json with token-length statistics.
     """  # noqa: E501 (one line per paragraph: --help keeps line breaks)
     from phi2cli.data import prepare as data_mod
+    from phi2cli.io.hub import check_hub_access
     from phi2cli.models.loading import load_tokenizer
     from phi2cli.cli.ui import manifest_table, track, warn
 
@@ -54,6 +55,8 @@ def prepare_command(
     )  # fmt: skip
     overrides["data.prepared_dir"] = output
     cfg = load_config(config, overrides)
+    for message in check_hub_access(cfg, model=False, data=True):
+        warn(message)
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.model)
     prepared = data_mod.prepare(cfg, tok, progress=track, overwrite=overwrite)
     for message in prepared.warnings:

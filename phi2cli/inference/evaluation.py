@@ -133,6 +133,10 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
     adapter = Path(options.adapter_dir)
     output_dir = Path(options.output_dir) if options.output_dir else adapter
     ensure_writable_dir(output_dir)  # fail before the slow part, not after it
+    from phi2cli.io.hub import check_hub_access
+
+    own_tokenizer = (adapter / "tokenizer_config.json").is_file() and not options.compare_base
+    check_hub_access(config, tokenizer=not own_tokenizer, data=options.data_file is None)  # every missing item at once
     loaded_rows = load_eval_rows(config, options.split, options.data_file)
     rows = sample_rows(loaded_rows.rows, options.samples, config.data.seed)  # training's --val-samples order
     notes = []

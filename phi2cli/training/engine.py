@@ -235,11 +235,16 @@ def train(
         RunError (also when the loss became NaN/inf), ConfigError, DataError, ModelError, DeviceError,
         TrainingInterrupted (checkpoint saved).
     """
-    import torch
-
     if resume and overwrite:  # --overwrite would delete the checkpoint that --resume continues
         raise ConfigError("--resume continues the run in the output directory and --overwrite deletes it; "
                           "pass only one of them")  # fmt: skip
+    from phi2cli.data.prepare import MANIFEST_NAME
+    from phi2cli.io.hub import check_hub_access
+
+    reuse_prepared = prepared_dir is not None or \
+        (resume and (Path(config.train.output_dir) / "prepared" / MANIFEST_NAME).exists())  # fmt: skip
+    hub_notes = check_hub_access(config, data=not reuse_prepared)  # before the heavy imports: seconds, not retries
+    import torch
 
     from phi2cli.data import prepare as data_mod
     from phi2cli.models.loading import load_tokenizer, memory_report, resolve_precision
@@ -262,9 +267,9 @@ def train(
     plan = resolve_plan(config, cuda=precision.device == "cuda", quantized=precision.quantization == "4bit",
                         free_gib=_free_gib(), world_size=world_size,
                         bf16=precision.compute_dtype == "bfloat16")  # fmt: skip
-    notes = [n for n in (precision.note, plan.note) if n]
-    tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
+    notes = [n for n in (precision.note, plan.note, *hub_notes) if n]
     out = Path(config.train.output_dir)
+    tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
     with state.main_process_first():
         if prepared_dir is None:
             prepared_dir = out / "prepared"
