@@ -279,6 +279,8 @@ def train(
         dataset, manifest = data_mod.load_prepared(prepared_dir)
     data_mod.check_compatible(manifest, config)
     if resume:
+        from phi2cli.training.guards import check_same_data
+
         check_same_data(out, prepared_dir, data_mod.data_identity(manifest))
     prepared_with = data_mod.data_config_of(manifest)
     if prepared_with is not None:  # the run config records the data as it was prepared
@@ -310,7 +312,7 @@ def train(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
-    from phi2cli.training.guards import StopOnNonFiniteLoss
+    from phi2cli.training.guards import StopOnNonFiniteLoss, diverged_message
 
     guard = StopOnNonFiniteLoss(lambda: trainer.non_finite_losses)
     trainer.add_callback(guard)  # after EvaluateAtEnd: it takes back that callback's save of a diverged step
@@ -373,28 +375,6 @@ def save_final(trainer: Any, tokenizer: Any, config: Phi2Config, final: Path, fa
         tokenizer.save_pretrained(str(tmp))
         save_run_config(config, tmp, facts)
     save_run_config(config, config.train.output_dir, facts)
-
-
-def check_same_data(output_dir: Path, prepared_dir: str | Path, identity: str | None) -> None:
-    """--resume continues on the data the run started with; refuse data prepared again or another dataset."""
-    from phi2cli.config import load_run_config
-
-    try:
-        _, facts = load_run_config(output_dir)
-    except ConfigError:  # no readable run record: nothing to compare against
-        return
-    recorded = facts.get("data_fingerprint")
-    if recorded and identity and recorded != identity:
-        raise RunError(f"the data in {prepared_dir} is not what the run in {output_dir} was trained on (it was "
-                       f"prepared again or is another dataset); resume with the run's own data, or start over "
-                       f"with --overwrite")  # fmt: skip
-
-
-def diverged_message(guard: Any, config: Phi2Config, saved: list[Path]) -> str:
-    """What a run whose loss became NaN/inf left behind, and what to change."""
-    kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved before it"
-    return (f"training stopped at step {guard.stopped_at}: {guard.what} became NaN or infinite; {kept} and no "
-            f"adapter was saved. Lower --lr (it was {config.train.learning_rate:g}) and start again with --overwrite")
 
 
 def resume_hint(config: Phi2Config) -> str:

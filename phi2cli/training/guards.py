@@ -1,11 +1,16 @@
-"""Stop a run that has diverged before it saves anything that looks like a result."""
+"""Guards of a run's results: stop a diverged run before it saves anything that looks like a result, and
+refuse to resume on other data than the run started with."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 from transformers import TrainerCallback
+
+from phi2cli.config import Phi2Config, load_run_config
+from phi2cli.errors import ConfigError, RunError
 
 WATCHED = ("loss", "grad_norm", "eval_loss")
 
@@ -59,3 +64,23 @@ class StopOnNonFiniteLoss(TrainerCallback):
         if self.stopped_at is not None:
             self._stop(state, control, self.what)
         return control
+
+
+def check_same_data(output_dir: Path, prepared_dir: str | Path, identity: str | None) -> None:
+    """--resume continues on the data the run started with; refuse data prepared again or another dataset."""
+    try:
+        _, facts = load_run_config(output_dir)
+    except ConfigError:  # no readable run record: nothing to compare against
+        return
+    recorded = facts.get("data_fingerprint")
+    if recorded and identity and recorded != identity:
+        raise RunError(f"the data in {prepared_dir} is not what the run in {output_dir} was trained on (it was "
+                       f"prepared again or is another dataset); resume with the run's own data, or start over "
+                       f"with --overwrite")  # fmt: skip
+
+
+def diverged_message(guard: Any, config: Phi2Config, saved: list[Path]) -> str:
+    """What a run whose loss became NaN/inf left behind, and what to change."""
+    kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved before it"
+    return (f"training stopped at step {guard.stopped_at}: {guard.what} became NaN or infinite; {kept} and no "
+            f"adapter was saved. Lower --lr (it was {config.train.learning_rate:g}) and start again with --overwrite")
