@@ -9,7 +9,8 @@ WORK=${WORK:-runs/tryout}
 mkdir -p "$WORK"
 cd "$WORK"
 python "$ROOT/examples/make_tiny_model.py" tiny-phi-2
-phi2 prepare --data-dir "$ROOT/examples/data/xsum-sample" --model tiny-phi-2 --samples 200 --val-samples 40 --max-length 512
+phi2 prepare --data-dir "$ROOT/examples/data/xsum-sample" --model tiny-phi-2 --samples 200 --val-samples 40 --max-length 512 \
+    --overwrite
 phi2 train --prepared phi2-xsum-prepared --model tiny-phi-2 --max-steps 10 --eval-every 5 \
     --logging-steps 2 --warmup-steps 0 --lr 1e-3 --overwrite
 phi2 evaluate --samples 16 --max-new-tokens 20 --compare-base

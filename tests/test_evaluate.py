@@ -1,4 +1,4 @@
-"""`phi2 evaluate`: the documented metrics.json/predictions.jsonl, training's eval loss, --compare-base."""
+"""`phi2 evaluate`: the documented metrics-SPLIT.json/predictions-SPLIT.jsonl, training's eval loss, --compare-base."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def split_ids(data_dir: Path, split: str) -> list[str]:
 def test_evaluate_writes_the_documented_metrics_and_predictions(final, sample_data_dir):
     result = runner.invoke(app, ["evaluate", "--samples", "5"], env=WIDE)
     assert result.exit_code == 0, result.output
-    metrics = json.loads((final / "metrics.json").read_text())
+    metrics = json.loads((final / "metrics-validation.json").read_text())
     assert {"model", "adapter", "split", "samples", "settings", "timings", "tuned"} <= set(metrics)
     assert "base" not in metrics and "delta" not in metrics
     assert metrics["split"] == "validation" and metrics["samples"] == 5 and metrics["adapter"] == "phi2-xsum-final"
@@ -39,7 +39,7 @@ def test_evaluate_writes_the_documented_metrics_and_predictions(final, sample_da
     assert settings["max_length"] == 256 and settings["adapter_merged"] is True
     assert {"loss_seconds", "generation_seconds", "total_seconds"} <= set(metrics["timings"])
 
-    predictions = read_jsonl(final / "predictions.jsonl")
+    predictions = read_jsonl(final / "predictions-validation.jsonl")
     assert len(predictions) == 5
     assert all(set(p) == {"id", "reference", "prediction"} for p in predictions)
     assert all("\n" not in p["prediction"] for p in predictions)
@@ -48,7 +48,7 @@ def test_evaluate_writes_the_documented_metrics_and_predictions(final, sample_da
     assert len({p["id"] for p in predictions}) == 5
     for key in ("rouge1", "rougeLsum", "perplexity"):
         assert key in result.stdout
-    assert "metrics.json" in result.stdout
+    assert "metrics-validation.json" in result.stdout
 
 
 def test_eval_loss_is_trainings_eval_loss_on_the_same_examples(final):
@@ -56,9 +56,9 @@ def test_eval_loss_is_trainings_eval_loss_on_the_same_examples(final):
     result = runner.invoke(app, ["evaluate", "--samples", "8", "--max-new-tokens", "2", "-o", "out"])
     assert result.exit_code == 0, result.output
     training_eval_loss = json.loads((final / "phi2_run.json").read_text())["best_metric"]
-    metrics = json.loads(Path("out/metrics.json").read_text())
+    metrics = json.loads(Path("out/metrics-validation.json").read_text())
     assert metrics["tuned"]["eval_loss"] == pytest.approx(training_eval_loss, rel=1e-4)
-    assert not (final / "metrics.json").exists()
+    assert not list(final.glob("metrics*.json"))
 
 
 def test_packed_eval_loss_equals_the_per_example_token_weighted_loss(final, sample_data_dir):
@@ -90,14 +90,14 @@ def test_compare_base_scores_both_and_shows_the_differences(final, tmp_path, sam
     result = runner.invoke(app, ["evaluate", "--compare-base", "--file", str(data_file), "--max-new-tokens", "8",
                                  "--output", "cmp"], env=WIDE)  # fmt: skip
     assert result.exit_code == 0, result.output
-    metrics = json.loads(Path("cmp/metrics.json").read_text())
+    metrics = json.loads(Path("cmp/metrics-mine.json").read_text())
     assert metrics["samples"] == 4 and metrics["data"] == str(data_file)
     assert set(metrics["base"]) == set(metrics["delta"]) == METRIC_KEYS
     for key in METRIC_KEYS:
         assert metrics["delta"][key] == pytest.approx(metrics["tuned"][key] - metrics["base"][key])
     assert metrics["tuned"]["eval_loss"] != metrics["base"]["eval_loss"]  # the adapter is really applied
     assert metrics["base"]["perplexity"] == pytest.approx(math.exp(metrics["base"]["eval_loss"]))
-    predictions = read_jsonl(Path("cmp/predictions.jsonl"))
+    predictions = read_jsonl(Path("cmp/predictions-mine.jsonl"))
     assert sorted(p["id"] for p in predictions) == sorted(split_ids(sample_data_dir, "test")[:4])
     assert all({"prediction", "base_prediction"} <= set(p) for p in predictions)
     header = next(line for line in result.stdout.splitlines() if "metric" in line)
@@ -109,8 +109,8 @@ def test_compare_base_scores_both_and_shows_the_differences(final, tmp_path, sam
 def test_all_examples_when_the_split_has_fewer_than_samples(final, sample_data_dir):
     result = runner.invoke(app, ["evaluate", "--split", "test", "--samples", "1000", "--max-new-tokens", "1"])
     assert result.exit_code == 0, result.output
-    metrics = json.loads((final / "metrics.json").read_text())
-    ids = [p["id"] for p in read_jsonl(final / "predictions.jsonl")]
+    metrics = json.loads((final / "metrics-test.json").read_text())
+    ids = [p["id"] for p in read_jsonl(final / "predictions-test.jsonl")]
     assert metrics["split"] == "test" and metrics["samples"] == 40
     assert sorted(ids) == sorted(split_ids(sample_data_dir, "test"))
     assert "using all" in result.output
@@ -218,3 +218,26 @@ def test_articles_are_tokenized_once_for_the_loss_examples_and_the_prompts(final
                                        data.loss_on) for r in rows]  # fmt: skip
     assert examples[2] is None and sum(e is not None for e in examples) == 5
     assert not set(asked) & set(documents) and len(asked) == 6  # only the summaries went to the tokenizer
+
+
+def test_each_split_and_file_keeps_its_own_results_and_a_rerun_replaces_its_own(final, sample_data_dir, tmp_path):
+    base = ["evaluate", "--samples", "2", "--max-new-tokens", "1"]
+    assert runner.invoke(app, [*base, "--compare-base"]).exit_code == 0
+    validation = (final / "metrics-validation.json").read_text()
+    data_file = tmp_path / "my articles.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(sample_data_dir / "test.jsonl")[:2]))
+    for extra in (["--split", "test"], ["--file", str(data_file)]):
+        result = runner.invoke(app, [*base, *extra], env=WIDE)
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in final.glob("*-*.json*")) == [
+        "metrics-my_articles.json", "metrics-test.json", "metrics-validation.json",
+        "predictions-my_articles.jsonl", "predictions-test.jsonl", "predictions-validation.jsonl"]  # fmt: skip
+    assert (final / "metrics-validation.json").read_text() == validation  # the --compare-base run is intact
+    assert json.loads((final / "metrics-test.json").read_text())["split"] == "test"
+    assert json.loads((final / "metrics-my_articles.json").read_text())["data"] == str(data_file)
+    result = runner.invoke(app, [*base, "--samples", "3"])  # the same evaluation again replaces its own files
+    assert result.exit_code == 0, result.output
+    rerun = json.loads((final / "metrics-validation.json").read_text())
+    assert rerun["samples"] == 3 and "base" not in rerun
+    assert len(read_jsonl(final / "predictions-validation.jsonl")) == 3
+    assert len(list(final.glob("metrics*.json"))) == 3

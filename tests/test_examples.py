@@ -36,7 +36,7 @@ def test_offline_tryout_runs_every_command(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     work = tmp_path / "tryout"
     assert (work / "phi2-xsum-final" / "adapter_model.safetensors").is_file()
-    assert (work / "phi2-xsum-final" / "metrics.json").is_file()
+    assert (work / "phi2-xsum-final" / "metrics-validation.json").is_file()
     assert (work / "phi2-xsum-merged" / "model.safetensors").is_file()
     assert (work / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| Step | Training Loss | Learning Rate | Grad Norm | Epoch |" in (work / "report.md").read_text()

@@ -112,14 +112,29 @@ def test_launch_command_runs_one_process_per_gpu_under_accelerate():
         launch_command(1, ["train"])
 
 
-def test_more_gpus_than_the_machine_has_is_a_one_line_error():
+@pytest.mark.parametrize("visible", [0, 1, 3])
+def test_more_gpus_than_the_machine_has_is_a_one_line_error(monkeypatch, visible):
+    """The machine's own GPU count does not matter: it is set here, and no process is ever started."""
+    import subprocess
+
+    import torch
     from typer.testing import CliRunner
 
     from phi2cli.cli import app
 
-    result = CliRunner().invoke(app, ["train", "--gpus", "2", "--samples", "8"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a training run was started")
+
+    monkeypatch.setattr(subprocess, "call", no_launch)
+    wanted = max(visible + 1, 2)
+    result = CliRunner().invoke(app, ["train", "--gpus", str(wanted), "--samples", "8"])
     assert result.exit_code == 1
-    assert "--gpus 2 asks for more GPUs than this machine has (0)" in result.output
+    assert f"--gpus {wanted} asks for more GPUs than this machine has ({visible})" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
 
 
 @pytest.mark.slow

@@ -171,7 +171,8 @@ def test_non_utf8_file_is_named(tmp_path, phi2_tokenizer_dir):
 def test_hub_unreachable_says_how_to_use_local_files(tmp_path, phi2_tokenizer_dir):
     code, out = bad(tmp_path, "--samples", "5", tokenizer=phi2_tokenizer_dir)
     assert code == 1
-    assert "could not load 'EdinburghNLP/xsum' from the Hugging Face hub" in out and "--data-dir" in out
+    assert ("HF_HUB_OFFLINE is set and the local cache lacks: dataset 'EdinburghNLP/xsum' (use --data-dir DIR with "
+            "train.jsonl and validation.jsonl)") in " ".join(out.split())  # fmt: skip
 
 
 def test_numbers_out_of_range_are_usage_errors(tmp_path, phi2_tokenizer_dir, sample_data_dir):
@@ -188,4 +189,43 @@ def test_max_length_shorter_than_prompt(tmp_path, phi2_tokenizer_dir, sample_dat
 def test_unknown_model_offline(tmp_path, sample_data_dir):
     result, out = run("prepare", "--data-dir", str(sample_data_dir), "--model", "no-such-org/no-such-model")
     assert result.exit_code == 1
-    assert "could not load tokenizer 'no-such-org/no-such-model' from the Hugging Face hub" in " ".join(out.split())
+    assert ("HF_HUB_OFFLINE is set and the local cache lacks: tokenizer 'no-such-org/no-such-model' (use --model "
+            "DIR|FILE.gguf, or --tokenizer DIR)") in " ".join(out.split())  # fmt: skip
+
+
+def test_prepare_over_a_prepared_dataset_needs_overwrite(tiny_phi_dir, sample_data_dir):
+    args = ["prepare", "--model", str(tiny_phi_dir), "--data-dir", str(sample_data_dir), "--samples", "4",
+            "--val-samples", "2"]  # fmt: skip
+    result, out = run(*args)
+    assert result.exit_code == 0, out
+    first = json.loads(Path("phi2-xsum-prepared/manifest.json").read_text())
+    result, out = run(*args, "--seed", "7")
+    assert result.exit_code == 1
+    assert ("Error: phi2-xsum-prepared already holds a prepared dataset; pass --overwrite to replace it (a run "
+            "trained on it then refuses --resume), or choose another --output") in out  # fmt: skip
+    assert json.loads(Path("phi2-xsum-prepared/manifest.json").read_text()) == first
+    result, out = run(*args, "--seed", "7", "--overwrite")
+    assert result.exit_code == 0, out
+    second = json.loads(Path("phi2-xsum-prepared/manifest.json").read_text())
+    assert second["seed"] == 7 and second["fingerprint"] != first["fingerprint"]
+    result, out = run(*args, "--seed", "7", "--overwrite")  # the same data again: the same fingerprint
+    assert json.loads(Path("phi2-xsum-prepared/manifest.json").read_text())["fingerprint"] == second["fingerprint"]
+
+
+def test_resume_refuses_data_prepared_again(tiny_phi_dir, sample_data_dir):
+    prep = ["prepare", "--model", str(tiny_phi_dir), "--data-dir", str(sample_data_dir), "--samples", "8",
+            "--val-samples", "0", "--max-length", "160", "-o", "data"]  # fmt: skip
+    train = ["train", "--model", str(tiny_phi_dir), "--prepared", "data", "--eval-every", "1"]
+    assert run(*prep)[0].exit_code == 0
+    result, out = run(*train, "--max-steps", "1")
+    assert result.exit_code == 0, out
+    fingerprint = json.loads(Path("data/manifest.json").read_text())["fingerprint"]
+    run_record = json.loads(Path("phi2-xsum-finetuned/phi2_run.json").read_text())
+    assert run_record["data_fingerprint"] == fingerprint
+    assert run(*prep, "--seed", "3", "--overwrite")[0].exit_code == 0
+    result, out = run(*train, "--max-steps", "2", "--resume")
+    assert result.exit_code == 1
+    assert ("Error: the data in data is not what the run in phi2-xsum-finetuned was trained "
+            f"on (it was prepared again or is another dataset); resume with the run's own data, or start over with "
+            f"--overwrite") in out  # fmt: skip
+    assert sorted(p.name for p in Path("phi2-xsum-finetuned").glob("checkpoint-*")) == ["checkpoint-1"]

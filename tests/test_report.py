@@ -277,6 +277,22 @@ def test_rouge_table_from_final_dir_beside_default_run(isolated_env):
     assert "samples: 200" in out
 
 
+def test_report_shows_the_newest_evaluation_and_names_the_others(isolated_env):
+    import os
+
+    write_state(isolated_env / "phi2-xsum-finetuned" / "checkpoint-4", [train_entry(4, 2.0)])
+    final = isolated_env / "phi2-xsum-final"
+    final.mkdir()
+    (final / "metrics-validation.json").write_text(json.dumps({**METRICS, "split": "validation"}), encoding="utf-8")
+    (final / "metrics-test.json").write_text(json.dumps(METRICS), encoding="utf-8")
+    os.utime(final / "metrics-validation.json", (1_000_000, 1_000_000))  # written long before the test run
+    result, out = run("--format", "markdown")
+    assert result.exit_code == 0, out
+    assert "split: test" in out and "split: validation" not in out
+    assert (f"also in {final.resolve()}: metrics-validation.json (this report shows the newest, metrics-test.json)"
+            in out)  # fmt: skip
+
+
 def test_rouge_table_lenient_and_unreadable_metrics_noted(tmp_path):
     run_dir = write_state(tmp_path / "run", [train_entry(2, 2.0)])
     (run_dir / "metrics.json").write_text(json.dumps({"tuned": {"rougeL": 0.28, "note": "x"}}), encoding="utf-8")

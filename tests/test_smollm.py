@@ -36,7 +36,7 @@ def test_chat_template_training_lowers_eval_loss_of_a_real_model(smollm2, xsum_d
     result = runner.invoke(app, ["evaluate", "--samples", "8", "--compare-base", "--max-new-tokens", "40"],
                            env={"COLUMNS": "200"})  # fmt: skip
     assert result.exit_code == 0, result.output
-    metrics = json.loads(Path("phi2-xsum-final/metrics.json").read_text())
+    metrics = json.loads(Path("phi2-xsum-final/metrics-validation.json").read_text())
     assert metrics["tuned"]["eval_loss"] < metrics["base"]["eval_loss"] - 0.05, metrics
-    predictions = [json.loads(line) for line in Path("phi2-xsum-final/predictions.jsonl").read_text().splitlines()]
+    predictions = [json.loads(line) for line in Path("phi2-xsum-final/predictions-validation.jsonl").read_text().splitlines()]
     assert len(predictions) == 8 and all("<|im_end|>" not in p["prediction"] for p in predictions)

@@ -80,6 +80,11 @@ def command(*args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callabl
             except KeyboardInterrupt:
                 raise fail("interrupted", 130) from None
             except Exception as err:  # an unexpected bug: still one line unless --debug
+                from phi2cli.io.files import disk_full
+
+                if disk_full(err) and not debug:  # a writer we do not wrap ourselves found the disk full
+                    where = getattr(err, "filename", None) or "the output"
+                    raise fail(f"disk full while writing {where}; free space and run the command again") from None
                 if debug:
                     traceback.print_exc()
                     raise fail(f"{type(err).__name__}: {err}") from None

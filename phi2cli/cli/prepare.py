@@ -33,6 +33,8 @@ def prepare_command(
     model: ModelOpt = None,
     tokenizer: TokenizerOpt = None,
     output: Annotated[Optional[str], opt("data.prepared_dir", "--output", "-o")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace a prepared dataset already in --output.")] = False,
 ) -> None:
     """Sample XSUM, format prompts, tokenize and save a dataset ready for training.
 
@@ -41,6 +43,7 @@ def prepare_command(
     Writes a 'save_to_disk' dataset plus manifest.json with token-length statistics.
     """  # noqa: E501 (one line per paragraph: --help keeps line breaks)
     from phi2cli.data import prepare as data_mod
+    from phi2cli.io.hub import check_hub_access
     from phi2cli.models.loading import load_tokenizer
     from phi2cli.cli.ui import manifest_table, track, warn
 
@@ -52,8 +55,10 @@ def prepare_command(
     )  # fmt: skip
     overrides["data.prepared_dir"] = output
     cfg = load_config(config, overrides)
+    for message in check_hub_access(cfg, model=False, data=True):
+        warn(message)
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.model)
-    prepared = data_mod.prepare(cfg, tok, progress=track)
+    prepared = data_mod.prepare(cfg, tok, progress=track, overwrite=overwrite)
     for message in prepared.warnings:
         warn(message)
     console.print(manifest_table(prepared.manifest))

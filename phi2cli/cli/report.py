@@ -53,7 +53,7 @@ def report_command(
 
     Reads PATH or ./phi2-xsum-finetuned (top-level trainer_state.json, else the newest checkpoint-N).
 
-    Adds the ROUGE table of 'phi2 evaluate' when its metrics.json sits beside the run.
+    Adds the ROUGE table of 'phi2 evaluate' when its metrics files sit beside the run (the newest; the others are named).
 
     Example: phi2 report --every 100 --format markdown --plot loss.png
     """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, List
+from typing import Annotated, List, Optional
 
 import typer
 from rich.markup import escape
@@ -14,6 +14,7 @@ from phi2cli.cli.app import (
     data_overrides,
 )  # fmt: skip
 from phi2cli.cli.evaluate import RunModelOpt
+from phi2cli.errors import ConfigError
 from phi2cli.inference.evaluation import DEFAULT_ADAPTER
 
 
@@ -22,8 +23,9 @@ def summarize_command(
     inputs: Annotated[List[str], typer.Argument(
         help="Article .txt files, directories of .txt files, JSONL files, or '-' for standard input.",
         show_default=False)],
-    adapter: Annotated[Path, typer.Option(
-        "--adapter", "-a", help="Adapter directory written by 'phi2 train'.")] = Path(DEFAULT_ADAPTER),
+    adapter: Annotated[Optional[Path], typer.Option(
+        "--adapter", "-a", help=f"Adapter directory written by 'phi2 train' (default: {DEFAULT_ADAPTER}).",
+        show_default=False)] = None,
     base_only: Annotated[bool, typer.Option(
         "--base-only", help="Use the base model without the adapter (from --model or the run's config).")] = False,
     document_field: Annotated[str, typer.Option(
@@ -51,6 +53,10 @@ def summarize_command(
     from phi2cli.inference.evaluation import read_articles, results_json, summarize
     from phi2cli.cli.ui import note
 
+    if base_only and adapter is not None:
+        raise ConfigError(f"--base-only runs the model without an adapter, but --adapter {adapter} was given; "
+                          f"drop one of them (the base model comes from --model or the run's config)")  # fmt: skip
+    adapter = adapter or Path(DEFAULT_ADAPTER)
     overrides = data_overrides(model=model, max_new_tokens=max_new_tokens, num_beams=num_beams,
                                do_sample=do_sample, temperature=temperature, top_p=top_p,
                                gen_batch_size=gen_batch_size)  # fmt: skip

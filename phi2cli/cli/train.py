@@ -112,7 +112,8 @@ def train_command(
     if not main_process:
         return
     for message in result.notes:
-        warn(message)
+        if message not in display.shown:
+            warn(message)
     if result.already_finished:
         console.print(f"The run in {result.output_dir} had already finished at step {result.global_step} (adapter in "
                       f"{result.final_dir}); nothing changed. A larger --max-steps with --resume trains further.")  # fmt: skip

@@ -59,6 +59,7 @@ class TrainingDisplay:
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=out, transient=False,
         )  # fmt: skip
         self.task: Any = None
+        self.shown: list[str] = []  # warnings already printed while training ran
 
     def __enter__(self) -> "TrainingDisplay":
         self.progress.__enter__()
@@ -75,6 +76,9 @@ class TrainingDisplay:
             text = (f"epoch {_fmt(info.get('epoch'), '.2f')}  loss {_fmt(info.get('loss'), '.4f')}  "
                     f"lr {_fmt(info.get('learning_rate'), '.2e')}  {info['tokens_per_s']:,.0f} tok/s")  # fmt: skip
             self.progress.update(self.task, completed=info["step"], info=text)
+        elif event == "note":
+            self.shown.append(info["message"])
+            warn(info["message"])
         elif event == "eval":
             self.progress.console.print(
                 f"  eval @ step {info['step']}: loss {info['eval_loss']:.4f}"

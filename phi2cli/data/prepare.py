@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from phi2cli import __version__
 from phi2cli.config import DataConfig, Phi2Config, _section_dict, resolve_local_path
-from phi2cli.errors import ConfigError, DataError
+from phi2cli.errors import ConfigError, DataError, RunError
 from phi2cli.io.files import atomic_directory, check_writable_dir, write_json_atomic
 from phi2cli.data.prompts import PromptFormat, encode_example
 from phi2cli.data.sources import describe_source, load_split, uses_local_files
@@ -98,6 +98,7 @@ def prepare(
     tokenizer: Any,
     output_dir: str | Path | None = None,
     progress: Progress = _no_progress,
+    overwrite: bool = False,
 ) -> PreparedData:
     """Load, sample, format, tokenize and save the train and validation splits.
 
@@ -106,10 +107,12 @@ def prepare(
         tokenizer: the model's tokenizer (see modeling.load_tokenizer).
         output_dir: where to save; defaults to config.data.prepared_dir.
         progress: wraps iterables to show progress (the CLI passes a rich progress bar).
+        overwrite: replace what `output_dir` holds; without it a non-empty directory is refused.
     Returns:
         PreparedData with the directory, its manifest and any warnings for the user.
     Raises:
-        DataError / HubUnreachableError / ConfigError with a message that says what to do.
+        DataError / HubUnreachableError / ConfigError with a message that says what to do; RunError
+        when `output_dir` is not empty and `overwrite` is off.
     """
     from phi2cli.config import with_absolute_paths
 
@@ -123,6 +126,10 @@ def prepare(
         )
     target = Path(output_dir or data.prepared_dir)
     check_writable_dir(target)  # before the slow part, not after it
+    if not overwrite and target.is_dir() and any(target.iterdir()):
+        what = "a prepared dataset" if (target / MANIFEST_NAME).is_file() else "files"
+        raise RunError(f"{target} already holds {what}; pass --overwrite to replace it (a run trained on it then "
+                       f"refuses --resume), or choose another --output")  # fmt: skip
     wanted = {"train": data.samples, "validation": data.val_samples}
     warnings: list[str] = []
     splits: dict[str, dict[str, list[Any]]] = {}
@@ -168,9 +175,26 @@ def prepare(
         "max_length": data.max_length,
         "data_config": _section_dict(data),  # lets 'phi2 train --prepared' record where the data came from
         "splits": split_stats,
+        "fingerprint": fingerprint(splits),  # what 'phi2 train --resume' checks the data against
     }
     _save(splits, manifest, target)
     return PreparedData(target, manifest, warnings)
+
+
+def fingerprint(splits: dict[str, dict[str, list[Any]]]) -> str:
+    """SHA-256 of every split's examples (ids, tokens, labels): the same data gives the same value."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(splits):
+        digest.update(name.encode())
+        digest.update(json.dumps(splits[name], sort_keys=True, separators=(",", ":")).encode())
+    return digest.hexdigest()
+
+
+def data_identity(manifest: dict[str, Any]) -> str | None:
+    """What identifies a prepared dataset's content: its fingerprint (older manifests: when it was made)."""
+    return manifest.get("fingerprint") or manifest.get("created")
 
 
 def _save(splits: dict[str, dict[str, list[Any]]], manifest: dict[str, Any], target: Path) -> None:

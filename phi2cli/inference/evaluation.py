@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
 DEFAULT_ADAPTER = TrainConfig().final_dir
 DEFAULT_SAMPLES = 500
 EVAL_SPLITS = ("validation", "test")
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.jsonl"
+METRICS_FILE = "metrics-{name}.json"  # name: the split, or the --file's stem; each evaluation keeps its own
+PREDICTIONS_FILE = "predictions-{name}.jsonl"
 METRIC_KEYS = ("eval_loss", "perplexity", "rouge1", "rouge2", "rougeL", "rougeLsum", "mean_summary_words")
 SOURCE_KEYS = ("data.dataset", "data.data_dir", "data.validation_file", "data.test_file")
 LOSS_REDUCTION = "token-weighted mean over every labelled token of the set (training's per-token loss)"
@@ -42,7 +43,7 @@ class EvaluateOptions:
     split: str = "validation"
     samples: int = DEFAULT_SAMPLES  # articles to score (all when the split has fewer)
     data_file: str | None = None  # a JSONL/JSON/CSV/Parquet file used as the split
-    output_dir: str | None = None  # where metrics.json/predictions.jsonl go; the adapter dir if None
+    output_dir: str | None = None  # where metrics-NAME.json/predictions-NAME.jsonl go; the adapter dir if None
     compare_base: bool = False
     gen_batch_size: int | None = None  # None: 256 (greedy Phi) or 128 on a GPU, the config's value on a CPU
     shared_forward: bool = True  # greedy Phi: the eval loss and the summaries' prefill from one forward
@@ -78,13 +79,21 @@ def resolve_config(adapter_dir: str | Path, overrides: Mapping[str, Any], base_o
         except RunError:
             if not overrides.get("model.model"):
                 raise RunError(
-                    f"--base-only needs --model MODEL, or a run in {adapter_dir} (--adapter DIR) to take it from"
+                    f"--base-only needs --model MODEL, or a run in {adapter_dir} to take the base model from"
                 ) from None
             config = Phi2Config()
     if any(overrides.get(key) for key in SOURCE_KEYS):  # a data source flag replaces the run's whole source
         cleared = dataclasses.replace(config.data, data_dir=None, train_file=None, validation_file=None, test_file=None)
         config = dataclasses.replace(config, data=cleared)
     return apply_overrides(config, overrides).validate()
+
+
+def results_name(split: str, data_file: str | None) -> str:
+    """What names an evaluation's files: the split, or the --file's stem (re-running the same one replaces them)."""
+    if not data_file:
+        return split
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(data_file).stem).strip("._") or "file"
+    return stem
 
 
 def load_eval_rows(config: Phi2Config, split: str, data_file: str | None) -> Any:
@@ -106,7 +115,8 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
         options: what to evaluate and how (see EvaluateOptions).
         track: progress tracker for the loss and generation passes.
     Returns:
-        EvaluationResult; metrics.json and predictions.jsonl are written atomically.
+        EvaluationResult; metrics-NAME.json and predictions-NAME.jsonl (NAME: results_name) are written
+        atomically.
     Raises:
         RunError, ModelError, DataError, ConfigError, DeviceError.
     """
@@ -116,11 +126,17 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
 
     if options.samples < 1:
         raise ConfigError(f"--samples must be at least 1 (got {options.samples})")
+    if options.split not in EVAL_SPLITS:  # before the slow part; training data is never scored
+        raise ConfigError(f"--split must be one of {', '.join(EVAL_SPLITS)} (got '{options.split}')")
     started = time.perf_counter()
     config = resolve_config(options.adapter_dir, options.overrides)
     adapter = Path(options.adapter_dir)
     output_dir = Path(options.output_dir) if options.output_dir else adapter
     ensure_writable_dir(output_dir)  # fail before the slow part, not after it
+    from phi2cli.io.hub import check_hub_access
+
+    own_tokenizer = (adapter / "tokenizer_config.json").is_file() and not options.compare_base
+    check_hub_access(config, tokenizer=not own_tokenizer, data=options.data_file is None)  # every missing item at once
     loaded_rows = load_eval_rows(config, options.split, options.data_file)
     rows = sample_rows(loaded_rows.rows, options.samples, config.data.seed)  # training's --val-samples order
     notes = []
@@ -199,9 +215,10 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
     if base_texts is not None:
         for row, text in zip(predictions, base_texts):
             row["base_prediction"] = text
-    # Predictions first: metrics.json, written last, never describes predictions from another run.
-    predictions_path = write_jsonl_atomic(output_dir / PREDICTIONS_FILE, predictions)
-    metrics_path = write_json_atomic(output_dir / METRICS_FILE, metrics)
+    # Predictions first: the metrics file, written last, never describes predictions from another run.
+    name = results_name(options.split, options.data_file)
+    predictions_path = write_jsonl_atomic(output_dir / PREDICTIONS_FILE.format(name=name), predictions)
+    metrics_path = write_json_atomic(output_dir / METRICS_FILE.format(name=name), metrics)
     return EvaluationResult(metrics, predictions, metrics_path, predictions_path, notes)
 
 

@@ -104,7 +104,10 @@ def load_model(config: Phi2Config, adapter_dir: str | Path | None = None) -> Loa
     """
     from phi2cli.models.loading import load_base_model, load_tokenizer, resolve_precision
 
+    from phi2cli.io.hub import check_hub_access
+
     adapter_path = check_adapter_dir(adapter_dir) if adapter_dir is not None else None
+    hub_notes = check_hub_access(config, tokenizer=_tokenizer_source(config, adapter_path) != str(adapter_path))
     precision = resolve_precision(config.model)
     tokenizer = load_tokenizer(_tokenizer_source(config, adapter_path))
     fmt = PromptFormat.create(config.data.template, tokenizer)
@@ -114,7 +117,7 @@ def load_model(config: Phi2Config, adapter_dir: str | Path | None = None) -> Loa
         base = load_dequantized_base(config.model, precision, for_training=False)  # NF4 values, bf16 matmuls
     else:
         base = load_base_model(config.model, precision, for_training=False)
-    notes = [precision.note] if precision.note and precision.device == "cuda" else []
+    notes = hub_notes + ([precision.note] if precision.note and precision.device == "cuda" else [])
     if precision.device == "cuda":
         from phi2cli.kernels.lora import fuse_gelu
 

@@ -80,6 +80,9 @@ def export_merged(adapter_dir: str | Path, output_dir: str | Path = DEFAULT_OUTP
     config, _ = run_config_for(adapter)
     config = apply_overrides(config, {"model.model": model})
     output = check_output(output_dir, overwrite)
+    from phi2cli.io.hub import check_hub_access
+
+    check_hub_access(config, tokenizer=not (adapter / "tokenizer_config.json").is_file())
     model_cfg = dataclasses.replace(config.model, quantization="none", compute_dtype=dtype)
     base = load_base_model(model_cfg, Precision("cpu", "none", dtype), for_training=False)
     tokenizer_source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else \

@@ -14,11 +14,37 @@ from typing import Any, Iterable, Iterator
 from phi2cli.errors import Phi2Error
 
 
+# How writers that are not plain Python I/O say the disk is full: safetensors (Rust), torch.save (C++).
+_DISK_FULL_TEXTS = ("no space left on device", "storagefull", "os error 28", "file write failed",
+                    "disk quota exceeded")  # fmt: skip
+
+
+def disk_full(err: BaseException) -> bool:
+    """True when `err` (an OSError, SafetensorError, torch.save's RuntimeError...) means the disk is full."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not (isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "SafetensorError"):
+        return False
+    return any(text in str(err).lower() for text in _DISK_FULL_TEXTS)
+
+
+def storage_error(err: BaseException, path: str | Path) -> Phi2Error | None:
+    """The one-line error for a failed write under `path`, or None when `err` is not about storage."""
+    if disk_full(err):
+        return Phi2Error(f"disk full while writing {path}; free space and run the command again")
+    if isinstance(err, OSError):
+        return _disk_error(Path(err.filename) if err.filename else Path(path), err)
+    return None
+
+
 def _disk_error(path: Path, err: OSError) -> Phi2Error:
-    if err.errno == errno.ENOSPC:
+    if disk_full(err):
         return Phi2Error(f"disk full while writing {path}; free space and run the command again")
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return Phi2Error(f"cannot write {path}: permission denied; choose a writable output directory")
+    if err.errno == errno.ENOENT and path.parent.is_dir():  # e.g. /proc: the directory takes no new files
+        return Phi2Error(f"cannot write {path}: {path.parent} does not accept new files; "
+                         f"choose a writable output directory")  # fmt: skip
     if err.errno == errno.EISDIR:
         return Phi2Error(f"cannot write {path}: it is a directory; give a file name")
     if err.errno == errno.ENOTDIR:
@@ -73,7 +99,10 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """
     path = Path(path)
     ensure_writable_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _disk_error(path, err) from None
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; written files should read like any other
         with os.fdopen(fd, "wb") as handle:
@@ -163,7 +192,10 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     ensure_writable_dir(final.parent)
     recover_directory(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=final.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=final.parent))
+    except OSError as err:
+        raise _disk_error(final, err) from None
     tmp.chmod(0o755)  # mkdtemp makes 0700
     old = None
     try:
@@ -179,8 +211,13 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     except OSError as err:
         _roll_back(tmp, final, old)
         raise _disk_error(final, err) from None
-    except BaseException:
+    except Phi2Error as err:  # a write inside named the temp directory; the user knows only `final`
         _roll_back(tmp, final, old)
+        raise type(err)(str(err).replace(str(tmp), str(final))) from None
+    except BaseException as err:
+        _roll_back(tmp, final, old)
+        if disk_full(err):  # safetensors and torch.save report a full disk in their own exception types
+            raise Phi2Error(f"disk full while writing {final}; free space and run the command again") from None
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

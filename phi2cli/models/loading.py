@@ -45,7 +45,10 @@ def split_gguf(name_or_path: str) -> tuple[str, str | None]:
 
 def _load_error(kind: str, name: str, err: Exception) -> Exception:
     text = str(err)
-    path = Path(name)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() != ".gguf":
+        return ModelError(f"{name} is a file, not a {kind}: pass a {kind} directory (as saved by save_pretrained), "
+                          f"a .gguf file or a hub id")  # fmt: skip
     if path.exists() and path.is_dir():
         return ModelError(f"{name} holds no loadable {kind} ({text.splitlines()[0][:140] if text else err!r})")
     if name.startswith((".", "/", "~")) or (path.suffix and not path.exists()):

@@ -20,7 +20,7 @@ from phi2cli.report.render import as_number, thin
 from phi2cli.report.render import fmt_fixed, fmt_sci, render_report, rich_report  # noqa: F401 (re-exported)
 
 STATE_FILE = "trainer_state.json"
-METRICS_FILE = "metrics.json"
+METRICS_GLOB = "metrics*.json"  # metrics-SPLIT.json / metrics-STEM.json of `phi2 evaluate` (metrics.json before)
 _CHECKPOINT = CHECKPOINT_RE
 _TRAIN_KEYS = {"loss", "learning_rate", "grad_norm", "epoch", "step"}
 
@@ -157,23 +157,33 @@ def _read_state(file: Path) -> dict[str, Any]:
 
 
 def find_evaluate_metrics(state_file: Path) -> tuple[Optional[dict[str, Any]], list[str]]:
-    """metrics.json of `phi2 evaluate` beside the run, or None; unreadable files become notes."""
+    """The newest metrics file of `phi2 evaluate` beside the run, or None; the others and unreadable ones
+    become notes."""
     state_dir = state_file.resolve().parent
     run_dir = state_dir.parent if _CHECKPOINT.match(state_dir.name) else state_dir
     candidates = [state_dir, state_dir.parent]
     if run_dir.name == TrainConfig().output_dir:  # the default layout keeps the final adapter beside the run
         candidates.append(run_dir.parent / TrainConfig().final_dir)
     for folder in dict.fromkeys(candidates):
-        file = folder / METRICS_FILE
-        if not file.is_file():
+        files = sorted((f for f in folder.glob(METRICS_GLOB) if f.is_file()), key=_modified, reverse=True)
+        if not files:
             continue
+        newest, others = files[0], [f.name for f in files[1:]]
+        also = [f"also in {folder}: {', '.join(others)} (this report shows the newest, {newest.name})"] if others else []
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
+            data = json.loads(newest.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return None, [f"{file} is not readable JSON; ROUGE table skipped"]
+            return None, [f"{newest} is not readable JSON; ROUGE table skipped", *also]
         if isinstance(data, dict) and any(isinstance(data.get(c), dict) for c in ("tuned", "base", "delta")):
-            return {**data, "path": str(file)}, []
+            return {**data, "path": str(newest)}, also
     return None, []
+
+
+def _modified(file: Path) -> float:
+    try:
+        return file.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def summarize_run(state: dict[str, Any], source: str = "", evaluate_metrics: Optional[dict] = None) -> RunSummary:
@@ -257,7 +267,7 @@ def analyze(rows: list[TrainRow], evals: list[EvalRow], best: Optional[Best]) ->
 
 
 def build_report(path: Optional[Path] = None) -> RunSummary:
-    """Load a run (see load_trainer_state), summarise it and attach its metrics.json, if any."""
+    """Load a run (see load_trainer_state), summarise it and attach its newest evaluation metrics, if any."""
     state, state_file = load_trainer_state(path)
     metrics, notes = find_evaluate_metrics(state_file)
     summary = summarize_run(state, str(state_file), metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from phi2cli.config import Phi2Config, save_run_config
-from phi2cli.errors import DeviceError, RunError, TrainingInterrupted
+from phi2cli.errors import ConfigError, DeviceError, RunError, TrainingInterrupted
 from phi2cli.io.checkpoints import CHECKPOINT_RE
 from phi2cli.training.build import (build_model, family_plan, model_config_of, record_trainer_paths,
                                     with_adapted_targets)
@@ -207,14 +208,24 @@ def train_locked(
         prepared_dir: a dataset from 'phi2 prepare'; None prepares one inside the output directory.
         resume: continue from the newest checkpoint (optimizer, scheduler, RNG, data order).
         overwrite: delete an earlier run in the output directories first.
-        display: receives progress events ('begin', 'step', 'eval', 'end').
+        display: receives progress events ('note', 'begin', 'step', 'eval', 'end').
         progress: iterable wrapper for data preparation progress.
         callbacks: extra TrainerCallbacks.
     Raises:
-        RunError, DataError, ModelError, DeviceError, TrainingInterrupted (checkpoint saved).
+        RunError (also when the loss became NaN/inf), ConfigError, DataError, ModelError, DeviceError,
+        TrainingInterrupted (checkpoint saved).
     """
     import time
 
+    if resume and overwrite:  # --overwrite would delete the checkpoint that --resume continues
+        raise ConfigError("--resume continues the run in the output directory and --overwrite deletes it; "
+                          "pass only one of them")  # fmt: skip
+    from phi2cli.data.prepare import MANIFEST_NAME
+    from phi2cli.io.hub import check_hub_access
+
+    reuse_prepared = prepared_dir is not None or \
+        (resume and (Path(config.train.output_dir) / "prepared" / MANIFEST_NAME).exists())  # fmt: skip
+    hub_notes = check_hub_access(config, data=not reuse_prepared)  # before the heavy imports: seconds, not retries
     import torch
 
     started = time.perf_counter()  # wall time from here; importing the libraries counts as loading
@@ -247,7 +258,7 @@ def train_locked(
                         free_gib=_free_gib(), world_size=world_size, bf16=precision.compute_dtype == "bfloat16",
                         shape=model_shape(model_config))  # fmt: skip
     plan, family_note = family_plan(plan, getattr(model_config, "model_type", None))
-    notes = [n for n in (precision.note, plan.note, family_note) if n]
+    notes = [n for n in (precision.note, plan.note, family_note, *hub_notes) if n]
     if point is not None:
         notes += [f"{skipped}: resuming from {point.checkpoint.name}" for skipped in point.skipped]
     elif resume:
@@ -265,16 +276,24 @@ def train_locked(
             prepared_dir = out / "prepared"
             if is_main and not (resume and (prepared_dir / data_mod.MANIFEST_NAME).exists()):
                 kwargs = {"progress": progress} if progress else {}
-                notes += data_mod.prepare(config, tokenizer, prepared_dir, **kwargs).warnings
+                notes += data_mod.prepare(config, tokenizer, prepared_dir, overwrite=True, **kwargs).warnings
         dataset, manifest = data_mod.load_prepared(prepared_dir)
     data_mod.check_compatible(manifest, config)
+    if resume:
+        from phi2cli.training.guards import check_same_data
+
+        check_same_data(out, prepared_dir, data_mod.data_identity(manifest))
     prepared_with = data_mod.data_config_of(manifest)
     if prepared_with is not None:  # the run config records the data as it was prepared
         config = dataclasses.replace(config, data=prepared_with)
     train_set, eval_set = dataset["train"], dataset["validation"] if "validation" in dataset else None
     data_seconds = time.perf_counter() - clock
+    if display is not None and is_main:  # warnings about this run belong before it, not after it
+        for message in notes:
+            display("note", {"message": message})
 
     run_facts = {"precision": precision.__dict__, "plan": plan.to_dict(), "prepared_dir": str(prepared_dir),
+                 "data_fingerprint": data_mod.data_identity(manifest),
                  "tokenizer": config.model.tokenizer or config.model.model, "template": config.data.template,
                  "eos_token_id": tokenizer.eos_token_id, "manifest": {k: manifest[k] for k in ("source", "splits")}}  # fmt: skip
     if is_main:
@@ -305,6 +324,10 @@ def train_locked(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
+    from phi2cli.training.guards import StopOnNonFiniteLoss, diverged_message
+
+    guard = StopOnNonFiniteLoss(lambda: trainer.non_finite_losses)
+    trainer.add_callback(guard)  # after EvaluateAtEnd: it takes back that callback's save of a diverged step
     meter = ThroughputMeter(lambda: trainer.real_tokens_seen,
                             recordings=(lambda: len(trainer.graphed.recordings) if trainer.graphed else 0))
     trainer.add_callback(meter)
@@ -320,6 +343,12 @@ def train_locked(
         result = trainer.train(resume_from_checkpoint=str(point.checkpoint) if point is not None else None)
     except torch.cuda.OutOfMemoryError:
         raise DeviceError(out_of_memory_advice()) from None
+    except Exception as err:  # a checkpoint save that finds the disk full or the directory read-only
+        from phi2cli.io.files import disk_full, storage_error
+
+        if disk_full(err) or getattr(err, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise storage_error(err, out) from None
+        raise
     finally:
         stopper.uninstall()
     trainer_state = trainer.state
@@ -330,6 +359,8 @@ def train_locked(
             f"stopped by {stopper.requested} at step {trainer_state.global_step}; checkpoint saved in {where}. "
             f"Resume with: phi2 train --resume {resume_hint(config)}"
         )
+    if guard.stopped_at is not None:
+        raise RunError(diverged_message(guard, config, checkpoints(out)))
     final = Path(config.train.final_dir)
     memory = memory_report()
     throughput = dict(meter.result)

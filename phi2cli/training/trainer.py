@@ -84,6 +84,7 @@ class Phi2Trainer(Trainer):
         self.graphed: Any = None  # graphs.GraphedTrainStep, made at the first step
         self.graph_note: str | None = None
         self.real_tokens_seen = 0
+        self.non_finite_losses: Any = None  # a device tensor: micro-batches whose loss was NaN or inf
         self.squared_lengths_seen = 0  # sum of L^2 over examples: the attention share of the FLOPs
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
@@ -140,8 +141,14 @@ class Phi2Trainer(Trainer):
         if self.cuda_graphs:
             loss = self._graphed_step(model, inputs, num_items_in_batch, tokens)
             if loss is not None:
-                return loss
-        return super().training_step(model, inputs, num_items_in_batch)
+                return self._count_non_finite(loss)
+        return self._count_non_finite(super().training_step(model, inputs, num_items_in_batch))
+
+    def _count_non_finite(self, loss: torch.Tensor) -> torch.Tensor:
+        """Counts NaN/inf micro-batch losses on the device: no wait for the GPU (guards.StopOnNonFiniteLoss reads it)."""
+        bad = (~torch.isfinite(loss.detach())).sum()
+        self.non_finite_losses = bad if self.non_finite_losses is None else self.non_finite_losses + bad
+        return loss
 
     def _loss_scale(self, num_items_in_batch: Any) -> float:
         """What compute_loss and training_step multiply the loss by, so both paths give the same gradient."""
@@ -303,6 +310,7 @@ class ProgressCallback(TrainerCallback):
         if "loss" in logs:
             self.last = {"loss": logs["loss"], "learning_rate": logs.get("learning_rate"),
                          "grad_norm": logs.get("grad_norm")}  # fmt: skip
+            self.on_step_end(args, state, control)  # the Trainer logs after step end: show this step's values now
         if "eval_loss" in logs:
             self.display("eval", {"step": state.global_step, **logs})
 
