@@ -177,6 +177,7 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
             "temperature": g.temperature, "top_p": g.top_p, "gen_batch_size": batch_size,
             "max_length": data.max_length, "loss_on": data.loss_on, "template": data.template, "seed": data.seed,
             "loss_reduction": LOSS_REDUCTION, "rouge": "F-measure x 100, Porter stemming, mean over articles",
+            "rouge_sentence_splitter": SENTENCE_SPLITTER,
             "device": loaded.device, "dtype": loaded.dtype, "quantization": config.model.quantization,
             "adapter_merged": loaded.merged, "shared_forward_articles": shared["tuned"],
             "timings_note": SHARED_TIMINGS if shared["tuned"] else SEPARATE_TIMINGS,
