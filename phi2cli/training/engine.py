@@ -275,6 +275,8 @@ def train(
     run_facts = {"precision": precision.__dict__, "plan": plan.to_dict(), "prepared_dir": str(prepared_dir),
                  "tokenizer": config.model.tokenizer or config.model.model, "template": config.data.template,
                  "eos_token_id": tokenizer.eos_token_id, "manifest": {k: manifest[k] for k in ("source", "splits")}}  # fmt: skip
+    if precision.device == "cuda":
+        run_facts["gpu"] = torch.cuda.get_device_name()  # the Run section of 'phi2 report'
     if is_main:
         save_run_config(config, out, run_facts)
 
