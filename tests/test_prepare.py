@@ -201,7 +201,8 @@ def test_prepared_directory_loads_with_datasets_load_from_disk(sample_data_dir, 
     assert result.exit_code == 0, out
     plain = datasets.load_from_disk("prepared")  # the directory itself, as the datasets docs load one
     ours, manifest = load_prepared("prepared")
-    assert sorted(plain) == ["train", "validation"] and (plain["train"].num_rows, plain["validation"].num_rows) == (12, 4)
+    assert sorted(plain) == ["train", "validation"]
+    assert (plain["train"].num_rows, plain["validation"].num_rows) == (12, 4)
     assert plain["train"]["input_ids"] == ours["train"]["input_ids"] and manifest["splits"]["train"]["examples"] == 12
     # the older layout (the DatasetDict in data/) still loads
     Path("older/data").mkdir(parents=True)
