@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from phi2cli.config import Phi2Config, save_run_config
-from phi2cli.errors import DeviceError, RunError, TrainingInterrupted
+from phi2cli.errors import ConfigError, DeviceError, RunError, TrainingInterrupted
 from phi2cli.training.plan import EnginePlan, resolve_plan
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -98,7 +98,7 @@ def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, ha
         use_cpu=not on_gpu,
         gradient_checkpointing=False,  # enabled on the model itself before LoRA is attached
         remove_unused_columns=False,
-        report_to=[],
+        report_to=report_targets(train.report_to),
         disable_tqdm=True,
         seed=train.seed,
         data_seed=config.data.seed,
@@ -114,6 +114,27 @@ def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, ha
         # multi-GPU machine, which cannot split packed rows. Several GPUs go through --gpus (DDP).
         args._n_gpu = min(args._n_gpu, 1)
     return args
+
+
+# The package each --report-to backend needs (the Trainer's own integration callbacks use them).
+REPORT_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+
+def report_targets(report_to: str) -> list[str]:
+    """The Trainer's report_to for --report-to.
+
+    Raises:
+        ConfigError: the backend's package is not installed.
+    """
+    if report_to == "none":
+        return []
+    import importlib.util
+
+    packages = REPORT_PACKAGES[report_to]
+    if not any(importlib.util.find_spec(name) for name in packages):
+        raise ConfigError(f"--report-to {report_to} needs the '{packages[0]}' package, which is not installed; "
+                          f"run 'pip install {packages[0]}' or pass --report-to none")  # fmt: skip
+    return [report_to]
 
 
 def make_collator(config: Phi2Config, plan: EnginePlan, tokenizer: Any) -> Any:
@@ -251,6 +272,7 @@ def train(
     is_main = state.is_main_process
     with state.main_process_first():  # the main process checks, cleans and prepares; the others then read
         check_output_dirs(config, resume, overwrite and is_main)
+    report_targets(config.train.report_to)  # a missing logging backend fails before anything loads
     precision = resolve_precision(config.model)
     world_size = state.num_processes
     plan = resolve_plan(config, cuda=precision.device == "cuda", quantized=precision.quantization == "4bit",
