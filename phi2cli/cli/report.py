@@ -34,7 +34,7 @@ def report_command(
     ] = ReportFormat.table,
     every: Annotated[
         Optional[int],
-        typer.Option("--every", min=1, show_default=False,
+        typer.Option("--every", min=1, show_default=False, metavar="N",
                      help="Show the training steps that are multiples of N (default: about ten evenly spaced "
                      "rows, first and last included; json: all). The analysis always uses every row."),  # fmt: skip
     ] = None,
