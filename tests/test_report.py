@@ -175,7 +175,8 @@ RUN_FILE = {"config": {"train": {"output_dir": "x"}}, "gpu": "NVIDIA H200",
             "plan": {"profile": "speed", "world_size": 2, "micro_batch": 8},
             "memory": {"peak_allocated_gib": 6.445, "peak_reserved_gib": 7.293},
             "throughput": {"tokens_per_s": 12825.4, "steady_tokens_per_s": 13001.9, "timed_steps": 372},
-            "timing": {"load_model_s": 12.25, "train_seconds": 3725.0, "steps": 625, "note": "text"}}  # fmt: skip
+            "timing": {"load_model_s": 12.25, "train_seconds": 3725.0, "steps": 625, "note": "text",
+                       "eval": {"loss_s": 3.5, "tags": ["x"]}}}  # fmt: skip
 
 
 def test_run_section_from_phi2_run_json(tmp_path):
@@ -188,11 +189,13 @@ def test_run_section_from_phi2_run_json(tmp_path):
     assert lines[start:lines.index("", start)] == [
         "|---|---|", "| GPU | NVIDIA H200 × 2 |", "| Profile | speed |", "| Precision | 4bit, bfloat16 |",
         "| Peak GPU memory | 6.45 GiB (7.29 GiB reserved) |", "| Tokens/s | 12,825 (steady 13,002) |",
-        "| Time: load model | 0m 12s (12.2 s) |", "| Time: train | 1h 02m 05s (3725.0 s) |", "| Time: steps | 625 |"]
+        "| Time: load model | 0m 12s (12.2 s) |", "| Time: train | 1h 02m 05s (3725.0 s) |", "| Time: steps | 625 |",
+        "| Time: eval / loss | 0m 04s (3.5 s) |"]
     assert report_json(run_dir)["run"] == {
         "gpu": "NVIDIA H200", "device": "cuda", "processes": 2, "profile": "speed", "quantization": "4bit",
         "compute_dtype": "bfloat16", "peak_allocated_gib": 6.445, "peak_reserved_gib": 7.293, "tokens_per_s": 12825.4,
-        "steady_tokens_per_s": 13001.9, "timing": {"load_model_s": 12.25, "train_seconds": 3725.0, "steps": 625}}
+        "steady_tokens_per_s": 13001.9,
+        "timing": {"load_model_s": 12.25, "train_seconds": 3725.0, "steps": 625, "eval": {"loss_s": 3.5}}}
     # a checkpoint's report finds the run's phi2_run.json one level up
     write_state(run_dir / "checkpoint-4", [train_entry(2, 2.0), train_entry(4, 1.5)])
     assert report_json(run_dir / "checkpoint-4")["run"]["profile"] == "speed"

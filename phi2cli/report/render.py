@@ -166,11 +166,22 @@ def _run_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
         steady = run.get("steady_tokens_per_s")
         steady_text = "" if steady is None else f" (steady {steady:,.0f})"
         rows.append(("Tokens/s", f"{run['tokens_per_s']:,.0f}{steady_text}"))
-    for key, value in (run.get("timing") or {}).items():
+    for key, value in _flat(run.get("timing") or {}):
         seconds = key.endswith(("_s", "seconds"))
         name = key.removesuffix("_seconds").removesuffix("_s").replace("_", " ")
         rows.append((f"Time: {name}", fmt_duration(value) + f" ({value:.1f} s)" if seconds else f"{value:g}"))
     return rows
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, number) pairs of a nested dict of numbers, in its order."""
+    pairs: list[tuple[str, float]] = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            pairs += _flat(value, f"{prefix}{key} / ")
+        else:
+            pairs.append((f"{prefix}{key}", float(value)))
+    return pairs
 
 
 def _analysis_rows(a: Analysis) -> list[tuple[str, str]]:

@@ -206,7 +206,7 @@ def run_facts(body: dict[str, Any]) -> dict[str, Any]:
         return value if isinstance(value, dict) else {}
 
     precision, plan, memory, throughput = part("precision"), part("plan"), part("memory"), part("throughput")
-    timing = {k: v for k, v in part("timing").items() if as_number(v) is not None}
+    timing = _numbers(part("timing"))
     facts = {"gpu": body.get("gpu") if isinstance(body.get("gpu"), str) else None,
              "device": precision.get("device"), "processes": _int(plan.get("world_size")),
              "profile": plan.get("profile"), "quantization": precision.get("quantization"),
@@ -306,6 +306,18 @@ def build_report(path: Optional[Path] = None) -> RunSummary:
     summary.run, run_notes = find_run_facts(state_file)
     summary.notes.extend(notes + run_notes)
     return summary
+
+
+def _numbers(values: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of a dict, nested dicts kept (their numbers only); text and lists dropped."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            if inner := _numbers(value):
+                out[key] = inner
+        elif as_number(value) is not None:
+            out[key] = value
+    return out
 
 
 def _int(value: Any) -> Optional[int]:
