@@ -270,9 +270,9 @@ def train(
     # PHI2_DDP_BACKEND picks the process-group backend (e.g. gloo where NCCL cannot run); default: accelerate's
     state = PartialState(cpu=not torch.cuda.is_available(), backend=os.environ.get("PHI2_DDP_BACKEND") or None)
     is_main = state.is_main_process
+    report_targets(config.train.report_to)  # a missing logging backend fails before anything is loaded or deleted
     with state.main_process_first():  # the main process checks, cleans and prepares; the others then read
         check_output_dirs(config, resume, overwrite and is_main)
-    report_targets(config.train.report_to)  # a missing logging backend fails before anything loads
     precision = resolve_precision(config.model)
     world_size = state.num_processes
     plan = resolve_plan(config, cuda=precision.device == "cuda", quantized=precision.quantization == "4bit",
