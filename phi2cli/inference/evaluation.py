@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from phi2cli.config import GenerationConfig, Phi2Config, TrainConfig, apply_overrides
 from phi2cli.errors import ConfigError, DataError, RunError
-from phi2cli.report.metrics import summary_metrics
+from phi2cli.report.metrics import SENTENCE_SPLITTER, summary_metrics
 
 if TYPE_CHECKING:
     from phi2cli.inference.generate import LoadedModel
