@@ -102,6 +102,17 @@ def test_markdown_reproduces_reference_layout():
     assert "| Train–eval gap at step 500 | -0.0919 (eval 2.1183 − train 2.2102) |" in lines
 
 
+def test_readme_example_is_the_real_output():
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"`phi2 report --format markdown` on the published reference run.*?```\n(.+?)```", readme, re.S)
+    result, out = run(str(FIXTURE), "--format", "markdown")
+    assert result.exit_code == 0, out
+    shown = [line for line in block.group(1).splitlines() if line]
+    assert len(shown) == 16 and all(line in out.splitlines() for line in shown)
+
+
 def test_json_carries_raw_numbers_that_round_trip():
     data = report_json(FIXTURE)
     raw = [e for e in reference()["log_history"] if "loss" in e]
