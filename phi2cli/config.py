@@ -22,6 +22,7 @@ QUANTIZATIONS = ("auto", "4bit", "8bit", "none")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOSS_ON = ("summary", "all")
 PROFILES = ("auto", "speed", "memory-saver", "reference")
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 
 
 def _f(default: Any, reason: str, **kwargs: Any) -> Any:
@@ -93,6 +94,7 @@ class TrainConfig:
     compile: bool = _f(True, "torch.compile the decoder layers (CUDA, speed profile): ~2x faster steps after a one-time compile of about a minute (cached on disk for later runs).")
     cuda_graphs: bool = _f(True, "Replay each training step from a CUDA graph (CUDA, bf16, speed profile): the CPU stops being the bottleneck; each new batch shape is recorded once (about a second).")
     seed: int = _f(42, "Seed for LoRA init, dropout and data order: same seed, same run.")
+    report_to: str = _f("none", "Also log loss, learning rate and eval to: tensorboard, wandb, mlflow or none.")
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,7 @@ def validation_problems(config: Phi2Config) -> list[str]:
     need(t.eval_batch_size >= 1, f"--eval-batch-size must be at least 1 (got {t.eval_batch_size})")
     need(t.max_grad_norm > 0, f"--max-grad-norm must be positive (got {t.max_grad_norm})")
     need(t.profile in PROFILES, f"--profile must be one of {', '.join(PROFILES)} (got '{t.profile}')")
+    need(t.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)} (got '{t.report_to}')")
     need(g.max_new_tokens >= 1, f"--max-new-tokens must be at least 1 (got {g.max_new_tokens})")
     need(g.num_beams >= 1, f"--num-beams must be at least 1 (got {g.num_beams})")
     need(g.temperature > 0, f"--temperature must be positive (got {g.temperature})")

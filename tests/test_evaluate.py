@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from phi2cli.cli import app
+from phi2cli.report.metrics import rouge
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200"}
@@ -37,6 +38,7 @@ def test_evaluate_writes_the_documented_metrics_and_predictions(final, sample_da
     settings = metrics["settings"]
     assert (settings["max_new_tokens"], settings["num_beams"], settings["do_sample"]) == (60, 1, False)
     assert settings["max_length"] == 256 and settings["adapter_merged"] is True
+    assert settings["rouge_sentence_splitter"] == "phi2cli.report.metrics.regex_sentences"
     assert {"loss_seconds", "generation_seconds", "total_seconds"} <= set(metrics["timings"])
 
     predictions = read_jsonl(final / "predictions-validation.jsonl")
@@ -46,6 +48,8 @@ def test_evaluate_writes_the_documented_metrics_and_predictions(final, sample_da
     references = {r["id"]: r["summary"] for r in read_jsonl(sample_data_dir / "validation.jsonl")}
     assert all(references[p["id"]] == p["reference"] for p in predictions)
     assert len({p["id"] for p in predictions}) == 5
+    rescored = rouge([p["prediction"] for p in predictions], [p["reference"] for p in predictions])
+    assert metrics["tuned"]["rougeLsum"] == pytest.approx(rescored["rougeLsum"])  # the recorded splitter's score
     for key in ("rouge1", "rougeLsum", "perplexity"):
         assert key in result.stdout
     assert "metrics-validation.json" in result.stdout

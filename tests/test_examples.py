@@ -16,10 +16,45 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ci_runs_exactly_the_readme_test_command():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     block = re.search(r"Run the tests.*?```bash\n(.+?)\n```", readme, re.S).group(1).strip()
-    assert block == "python -m pytest"
+    # one command on a fresh clone: it installs pytest and the test extras, then runs the default suite
+    assert block == 'python -m pip install -e ".[test]" && python -m pytest'
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert re.search(r"^python -m pytest$", ci, re.M)
-    assert "exit 1" in ci.split("python -m pytest", 1)[1]  # pytest's "no tests" (5) fails CI
+    assert re.search(r"^" + re.escape(block) + "$", ci, re.M)
+    assert "exit 1" in ci.split(block, 1)[1]  # pytest's "no tests" (5) fails CI
+    extras = re.search(r"^test = \[(.+)\]$", (ROOT / "pyproject.toml").read_text(encoding="utf-8"), re.M).group(1)
+    assert '"pytest' in extras and '"tensorboard' in extras  # what the default run imports beyond the package
+
+
+def test_readme_speed_numbers_come_from_the_committed_results():
+    import json
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    results = ROOT / "benchmarks" / "results"
+    now = json.loads((results / "train_throughput.json").read_text(encoding="utf-8"))
+    before = json.loads((results / "train_throughput_before_graphs.json").read_text(encoding="utf-8"))
+    speedup, saver = f"{now['speed']['speedup']:.1f}×", f"{before['memory_saver_eager']['speedup']:.1f}×"
+    assert (speedup, saver) == ("41.9×", "8.9×")
+    assert f"**{speedup} the reference recipe's tokens/s on an H200**" in readme and f"at {saver} in" in readme
+    assert f"{now['speed']['tokens_per_s']:,.0f} vs {now['reference']['tokens_per_s']:,.0f} real" in readme
+    measured: set[float] = set()  # every number in the committed result files
+
+    def collect(value) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            measured.add(float(value))
+
+    for file in results.rglob("*.json"):
+        collect(json.loads(file.read_text(encoding="utf-8")))
+    for claim in set(re.findall(r"\b(\d+(?:\.\d+)?)×", readme)):  # every speed-up the README states ...
+        decimals = len(claim.partition(".")[2])
+        assert any(round(value, decimals) == float(claim) for value in measured), f"{claim}× is in no result file"
+    for name in ("train_throughput.json", "train_throughput_before_graphs.json", "multi_gpu.json"):
+        assert name in readme and (results / name).is_file()
 
 
 def test_readme_install_and_run_are_two_commands():

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from phi2cli.errors import DataError
-from phi2cli.report.metrics import first_line, mean_words, regex_sentences, rouge, sentence_lines, summary_metrics
+from phi2cli.report.metrics import SENTENCE_SPLITTER, first_line, mean_words, regex_sentences, rouge, sentence_lines, summary_metrics
 
 # Every expected value below is worked out by hand: F = 2PR / (P + R), x 100.
 HAND_CHECKED = [
@@ -60,6 +60,19 @@ def test_regex_sentences_split_at_sentence_ends_but_not_after_titles():
     text = 'Mr. Smith won the vote. "We did it!" he said. Then 3 rivals conceded'
     assert regex_sentences(text) == ["Mr. Smith won the vote.", '"We did it!" he said.', "Then 3 rivals conceded"]
     assert sentence_lines("One. Two.") == "One.\nTwo."
+
+
+def test_rouge_lsum_splits_with_the_regex_even_where_punkt_is_installed(monkeypatch):
+    nltk = pytest.importorskip("nltk")
+    import nltk.tokenize
+
+    # A machine with punkt data (faked: every word its own sentence) must score exactly as one without.
+    monkeypatch.setattr(nltk.data, "find", lambda *args, **kwargs: "punkt")
+    monkeypatch.setattr(nltk.tokenize, "sent_tokenize", lambda text, *args, **kwargs: text.split())
+    prediction, reference = "the cat sat on the mat. a dog ran", "a dog ran. the cat sat on the mat"
+    # regex_sentences sees one sentence in each (no capital after the full stop): Lsum is plain LCS, 6 of 9 words
+    assert rouge([prediction], [reference])["rougeLsum"] == pytest.approx(100 * 6 / 9)
+    assert SENTENCE_SPLITTER == "phi2cli.report.metrics.regex_sentences"
 
 
 def test_first_line_and_word_counts():

@@ -229,3 +229,25 @@ def test_resume_refuses_data_prepared_again(tiny_phi_dir, sample_data_dir):
             f"on (it was prepared again or is another dataset); resume with the run's own data, or start over with "
             f"--overwrite") in out  # fmt: skip
     assert sorted(p.name for p in Path("phi2-xsum-finetuned").glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+
+def test_prepared_directory_loads_with_datasets_load_from_disk(sample_data_dir, phi2_tokenizer_dir):
+    import shutil
+
+    import datasets
+
+    result, out = run("prepare", "--data-dir", str(sample_data_dir), "--samples", "12", "--val-samples", "4",
+                      "--model", str(phi2_tokenizer_dir), "-o", "prepared")  # fmt: skip
+    assert result.exit_code == 0, out
+    plain = datasets.load_from_disk("prepared")  # the directory itself, as the datasets docs load one
+    ours, manifest = load_prepared("prepared")
+    assert sorted(plain) == ["train", "validation"]
+    assert (plain["train"].num_rows, plain["validation"].num_rows) == (12, 4)
+    assert plain["train"]["input_ids"] == ours["train"]["input_ids"] and manifest["splits"]["train"]["examples"] == 12
+    # the older layout (the DatasetDict in data/) still loads
+    Path("older/data").mkdir(parents=True)
+    for item in Path("prepared").iterdir():
+        shutil.move(str(item), "older/" + (item.name if item.name == "manifest.json" else f"data/{item.name}"))
+    older, _ = load_prepared("older")
+    assert older["train"]["input_ids"] == ours["train"]["input_ids"]

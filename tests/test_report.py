@@ -18,8 +18,14 @@ FIXTURE = Path(__file__).parent / "fixtures" / "trainer_state_reference.json"
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
-# The reference run as rendered: (step, training loss, learning rate, grad norm, epoch).
-REFERENCE_ROWS = [("100", "2.3373", "1.96e-4", "0.616", "0.16"), ("500", "2.2102", "2.28e-5", "0.276", "0.80")]
+# The published reference run: (step, training loss, learning rate, grad norm, epoch) ...
+PUBLISHED = [(100, 2.3373, 1.96e-4, 0.616, 0.16), (200, 2.2274, 1.69e-4, 0.297, 0.32),
+             (300, 2.2168, 1.21e-4, 0.244, 0.48), (400, 2.2066, 6.70e-5, 0.278, 0.64),
+             (500, 2.2102, 2.28e-5, 0.276, 0.80)]  # fmt: skip
+# ... and the same rows as every text format renders them.
+REFERENCE_ROWS = [("100", "2.3373", "1.96e-4", "0.616", "0.16"), ("200", "2.2274", "1.69e-4", "0.297", "0.32"),
+                  ("300", "2.2168", "1.21e-4", "0.244", "0.48"), ("400", "2.2066", "6.70e-5", "0.278", "0.64"),
+                  ("500", "2.2102", "2.28e-5", "0.276", "0.80")]  # fmt: skip
 
 
 def run(*args: str):
@@ -52,6 +58,21 @@ def report_json(path: Path, *args: str) -> dict:
 # ------------------------------------------------------------------ the reference run, every format
 
 
+def test_fixture_holds_the_published_run_and_nothing_else():
+    state = reference()
+    train = [(e["step"], e["loss"], e["learning_rate"], e["grad_norm"], e["epoch"])
+             for e in state["log_history"] if "loss" in e]  # fmt: skip
+    assert train == PUBLISHED
+    assert [e for e in state["log_history"] if "loss" not in e] == \
+        [{"epoch": 0.8, "eval_loss": 2.1183, "eval_runtime": 184, "step": 500}]  # fmt: skip
+    assert (state["best_model_checkpoint"], state["best_metric"], state["global_step"]) == \
+        ("./phi2-xsum-finetuned/checkpoint-500", 2.1183, 500)  # fmt: skip
+    text = FIXTURE.read_text(encoding="utf-8")  # no runtime, rate or FLOPs the report does not publish
+    for unpublished in ("train_runtime", "samples_per_second", "steps_per_second", "total_flos", "max_steps",
+                        "train_loss"):  # fmt: skip
+        assert unpublished not in text
+
+
 def test_table_shows_reference_values():
     result, out = run(str(FIXTURE), "--no-chart")
     assert result.exit_code == 0, out
@@ -59,8 +80,10 @@ def test_table_shows_reference_values():
     for row in REFERENCE_ROWS:  # each reference row on one table line, in column order
         assert any(all(cell in line for cell in row) and line.index(row[1]) < line.index(row[2]) for line in lines), row
     assert "2.1183" in out and "./phi2-xsum-finetuned/checkpoint-500" in out
-    assert "500 of 625" in out and "3.24e16" in out and "1h 29m 59s" in out
-    assert "-0.1271" in out and "-5.44%" in out and "0.276 – 0.616" in out
+    assert "-0.1271" in out and "-5.44%" in out and "0.244 – 0.616" in out
+    # what the report does not publish is left out, not shown as a dash or a made-up number
+    assert "Train runtime" not in out and "Samples/s" not in out and "FLOPs" not in out and " of " not in out
+    assert "—" not in out and "Run totals" in out and "│ Steps  │ 500" in out
     assert "▁" not in out  # --no-chart
 
 
@@ -70,12 +93,24 @@ def test_markdown_reproduces_reference_layout():
     lines = out.splitlines()
     header = lines.index("| Step | Training Loss | Learning Rate | Grad Norm | Epoch |")
     assert lines[header + 1] == "|---|---|---|---|---|"
-    assert lines[header + 2] == "| 100 | 2.3373 | 1.96e-4 | 0.616 | 0.16 |"
-    assert lines[header + 6] == "| 500 | 2.2102 | 2.28e-5 | 0.276 | 0.80 |"
-    assert "| 500 | 2.1183 | 151.4 | 3.303 | 0.413 |" in lines
+    assert lines[header + 2:header + 7] == ["| " + " | ".join(row) + " |" for row in REFERENCE_ROWS]
+    assert lines[header + 7] == ""
+    assert "| Step | Eval Loss | Runtime (s) |" in lines and "| 500 | 2.1183 | 184 |" in lines
+    assert "| Grad norm range | 0.244 – 0.616 |" in lines
     assert "| Checkpoint | ./phi2-xsum-finetuned/checkpoint-500 |" in lines
     assert "| Train loss change | 2.3373 → 2.2102 (-0.1271, -5.44%) |" in lines
     assert "| Train–eval gap at step 500 | -0.0919 (eval 2.1183 − train 2.2102) |" in lines
+
+
+def test_readme_example_is_the_real_output():
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"`phi2 report --format markdown` on the published reference run.*?```\n(.+?)```", readme, re.S)
+    result, out = run(str(FIXTURE), "--format", "markdown")
+    assert result.exit_code == 0, out
+    shown = [line for line in block.group(1).splitlines() if line]
+    assert len(shown) == 16 and all(line in out.splitlines() for line in shown)
 
 
 def test_json_carries_raw_numbers_that_round_trip():
@@ -84,23 +119,19 @@ def test_json_carries_raw_numbers_that_round_trip():
     assert [r["step"] for r in data["rows"]] == [100, 200, 300, 400, 500]
     for row, entry in zip(data["rows"], raw):
         assert row == entry  # exact floats, no strings, no rounding
-    first, last = data["rows"][0], data["rows"][-1]
-    assert (first["loss"], first["epoch"], last["loss"], last["epoch"]) == (2.3373, 0.16, 2.2102, 0.8)
-    assert first["learning_rate"] == pytest.approx(1.96e-4, rel=3e-3) and fmt_sci(first["learning_rate"]) == "1.96e-4"
-    assert last["learning_rate"] == pytest.approx(2.28e-5, rel=3e-3) and fmt_sci(last["learning_rate"]) == "2.28e-5"
-    assert first["grad_norm"] == pytest.approx(0.616, abs=5e-4) and last["grad_norm"] == pytest.approx(0.276, abs=5e-4)
-    assert data["evals"] == [{"step": 500, "epoch": 0.8, "eval_loss": 2.1183, "eval_runtime": 151.3842,
-                              "eval_samples_per_second": 3.303, "eval_steps_per_second": 0.413}]  # fmt: skip
+    assert [(r["step"], r["loss"], r["learning_rate"], r["grad_norm"], r["epoch"]) for r in data["rows"]] == PUBLISHED
+    assert data["evals"] == [{"step": 500, "epoch": 0.8, "eval_loss": 2.1183, "eval_runtime": 184.0}]
     assert data["best"] == {"checkpoint": "./phi2-xsum-finetuned/checkpoint-500", "metric": 2.1183, "step": 500}
-    assert data["totals"]["global_step"] == 500 and data["totals"]["max_steps"] == 625
-    assert data["totals"]["total_flos"] == 3.2418369183744e16 and data["totals"]["train_loss"] == 2.2716204376220703
+    assert data["totals"]["global_step"] == 500 and data["totals"]["epochs"] == 0.8
+    assert all(data["totals"][k] is None for k in ("max_steps", "train_runtime", "total_flos", "train_loss"))
+    assert data["run"] is None  # no phi2_run.json beside the fixture
 
 
 def test_analysis_numbers():
     analysis = summarize_run(reference()).analysis
     assert analysis.loss_change == pytest.approx(-0.1271) and round(analysis.loss_change_pct, 2) == -5.44
-    assert (analysis.grad_norm_min, analysis.grad_norm_max) == (0.27633512020111084, 0.6160731315612793)
-    assert analysis.lr_decay_pct == pytest.approx((1 - 2.277483070847175e-05 / 0.000196437698012483) * 100)
+    assert (analysis.grad_norm_min, analysis.grad_norm_max) == (0.244, 0.616)
+    assert analysis.lr_decay_pct == pytest.approx((1 - 2.28e-5 / 1.96e-4) * 100)
     assert round(analysis.lr_decay_pct, 1) == 88.4
     assert analysis.gap_step == 500 and analysis.train_eval_gap == pytest.approx(2.1183 - 2.2102)
 
@@ -111,8 +142,8 @@ def test_html_is_a_standalone_escaped_page():
     text = render_report(summarize_run(state, "a&b/trainer_state.json"), "html")
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
     assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "a&amp;b" in text
-    assert "<td>100</td><td>2.3373</td><td>1.96e-4</td><td>0.616</td><td>0.16</td>" in text
-    assert "<td>500</td><td>2.2102</td><td>2.28e-5</td><td>0.276</td><td>0.80</td>" in text
+    for row in REFERENCE_ROWS:
+        assert "<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" in text
 
 
 def test_number_format_rule():
@@ -126,11 +157,73 @@ def test_every_thins_the_table_but_not_the_analysis():
     lines = out.splitlines()
     start = lines.index("| Step | Training Loss | Learning Rate | Grad Norm | Epoch |") + 2
     table = lines[start:lines.index("", start)]
-    assert table == ["| 200 | 2.2841 | 1.69e-4 | 0.442 | 0.32 |", "| 400 | 2.2487 | 6.70e-5 | 0.310 | 0.64 |"]
+    assert table == ["| 200 | 2.2274 | 1.69e-4 | 0.297 | 0.32 |", "| 400 | 2.2066 | 6.70e-5 | 0.278 | 0.64 |"]
     assert "(-0.1271, -5.44%)" in out  # first→last still steps 100→500
     assert [r["step"] for r in report_json(FIXTURE, "--every", "200")["rows"]] == [200, 400]
     result, out = run(str(FIXTURE), "--every", "0")
     assert result.exit_code == 2 and "--every" in out
+
+
+def test_default_table_picks_about_ten_evenly_spaced_rows(tmp_path):
+    # logging every 10 steps of a 630-step run: 63 rows, of which the table shows ten, first and last kept
+    run_dir = write_state(tmp_path / "long", [train_entry(step, 3.0 - step / 1000) for step in range(10, 631, 10)])
+    result, out = run(str(run_dir), "--format", "markdown")
+    assert result.exit_code == 0, out
+    lines = out.splitlines()
+    start = lines.index("| Step | Training Loss | Learning Rate | Grad Norm | Epoch |") + 2
+    steps = [int(line.split("|")[1]) for line in lines[start:lines.index("", start)]]
+    assert steps == [10, 80, 150, 220, 290, 360, 430, 500, 570, 630]
+    assert "_10 of 63 logged steps, evenly spaced; --every N shows multiples of N_" in lines
+    assert "2.9900 → 2.3700" in out  # the analysis still reads every row
+    assert [r["step"] for r in report_json(run_dir, "--every", "100")["rows"]] == [100, 200, 300, 400, 500, 600]
+    assert len(report_json(run_dir)["rows"]) == 63  # json: the whole history unless --every says otherwise
+    result, out = run(str(FIXTURE), "--format", "markdown")  # the reference logs every 100 steps: all five shown
+    assert all("| " + " | ".join(row) + " |" in out for row in REFERENCE_ROWS) and "evenly spaced" not in out
+
+
+RUN_FILE = {"config": {"train": {"output_dir": "x"}}, "gpu": "NVIDIA H200",
+            "precision": {"device": "cuda", "quantization": "4bit", "compute_dtype": "bfloat16", "note": None},
+            "plan": {"profile": "speed", "world_size": 2, "micro_batch": 8},
+            "memory": {"peak_allocated_gib": 6.445, "peak_reserved_gib": 7.293},
+            "throughput": {"tokens_per_s": 12825.4, "steady_tokens_per_s": 13001.9, "timed_steps": 372},
+            "timing": {"load_model_s": 12.25, "train_seconds": 3725.0, "steps": 625, "note": "text",
+                       "eval": {"loss_s": 3.5, "tags": ["x"]}}}  # fmt: skip
+
+
+def test_run_section_from_phi2_run_json(tmp_path):
+    run_dir = write_state(tmp_path / "run", [train_entry(2, 2.0), train_entry(4, 1.5)])
+    (run_dir / "phi2_run.json").write_text(json.dumps(RUN_FILE), encoding="utf-8")
+    result, out = run(str(run_dir), "--format", "markdown")
+    assert result.exit_code == 0, out
+    lines = out.splitlines()
+    start = lines.index("### Run") + 3
+    assert lines[start:lines.index("", start)] == [
+        "|---|---|", "| GPU | NVIDIA H200 × 2 |", "| Profile | speed |", "| Precision | 4bit, bfloat16 |",
+        "| Peak GPU memory | 6.45 GiB (7.29 GiB reserved) |", "| Tokens/s | 12,825 (steady 13,002) |",
+        "| Time: load model | 0m 12s (12.2 s) |", "| Time: train | 1h 02m 05s (3725.0 s) |", "| Time: steps | 625 |",
+        "| Time: eval / loss | 0m 04s (3.5 s) |"]
+    assert report_json(run_dir)["run"] == {
+        "gpu": "NVIDIA H200", "device": "cuda", "processes": 2, "profile": "speed", "quantization": "4bit",
+        "compute_dtype": "bfloat16", "peak_allocated_gib": 6.445, "peak_reserved_gib": 7.293, "tokens_per_s": 12825.4,
+        "steady_tokens_per_s": 13001.9,
+        "timing": {"load_model_s": 12.25, "train_seconds": 3725.0, "steps": 625, "eval": {"loss_s": 3.5}}}
+    # a checkpoint's report finds the run's phi2_run.json one level up
+    write_state(run_dir / "checkpoint-4", [train_entry(2, 2.0), train_entry(4, 1.5)])
+    assert report_json(run_dir / "checkpoint-4")["run"]["profile"] == "speed"
+
+
+def test_run_section_shows_only_what_was_recorded(tmp_path):
+    run_dir = write_state(tmp_path / "cpu", [train_entry(2, 2.0)])
+    partial = {"config": {}, "precision": {"device": "cpu", "quantization": "none"}, "plan": {"profile": "reference"}}
+    (run_dir / "phi2_run.json").write_text(json.dumps(partial), encoding="utf-8")
+    result, out = run(str(run_dir), "--format", "markdown")
+    assert result.exit_code == 0, out
+    assert "| Device | cpu |" in out and "| Profile | reference |" in out and "| Precision | none |" in out
+    assert "memory" not in out and "Tokens/s" not in out and "Time:" not in out and "—" not in out
+    (run_dir / "phi2_run.json").write_text("{oops", encoding="utf-8")
+    result, out = run(str(run_dir))
+    assert result.exit_code == 0 and "phi2_run.json is not readable JSON; Run section skipped" in out
+    assert "Profile" not in out and "Device" not in out
 
 
 def test_plot_writes_a_readable_png(tmp_path):
@@ -151,7 +244,7 @@ def test_terminal_chart_under_the_table():
     result, out = run(str(FIXTURE))
     assert result.exit_code == 0, out
     chart = out[out.index("Loss over steps 100–500"):].splitlines()
-    assert chart[1].split() == ["train", "█▇▇▅▄", "2.3373", "→", "2.2102"]
+    assert chart[1].split() == ["train", "█▄▄▄▄", "2.3373", "→", "2.2102"]
     assert chart[2].split() == ["eval", "▁", "2.1183"]
     assert chart[3].split() == ["lr", "█▇▅▃▁", "1.96e-4", "→", "2.28e-5"]
 
@@ -167,8 +260,10 @@ def test_output_file_and_format_choices(tmp_path):
 def test_help_documents_every_option():
     result = runner.invoke(app, ["report", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for text in ("--format", "--every", "--plot", "--no-chart", "--output", "multiples of N", "Report a training run"):
-        assert text in result.output
+    text = " ".join(result.output.split())  # help wraps at 80 columns
+    for part in ("--format", "--every N", "--plot", "--no-chart", "--output", "multiples of N", "Report a training run",
+                 "about ten evenly spaced rows", "Run section"):  # fmt: skip
+        assert part in text
 
 
 # ------------------------------------------------------------------ which trainer_state.json is read
@@ -205,8 +300,8 @@ def test_extra_keys_and_missing_grad_norm(tmp_path):
     result, out = run(str(run_dir), "--format", "markdown")
     assert result.exit_code == 0, out
     assert "| 2 | 2.5000 | 1.00e-4 | — | 0.10 |" in out and "| 4 | 2.2500 | 5.00e-5 | nan | 0.20 |" in out
-    assert "| Step | Eval Loss | Runtime (s) | Samples/s | mean_token_accuracy |" in out
-    assert "| 4 | 2.4000 | 1.5 | — | 0.4500 |" in out
+    assert "| Step | Eval Loss | Runtime (s) | mean_token_accuracy |" in out  # no column nobody logged
+    assert "| 4 | 2.4000 | 1.5 | 0.4500 |" in out
     data = report_json(run_dir)  # valid JSON: NaN becomes null, extra keys kept as numbers
     assert data["rows"][0]["mean_token_accuracy"] == 0.41 and data["rows"][0]["num_tokens"] == 512
     assert data["rows"][0]["grad_norm"] is None and data["rows"][1]["grad_norm"] is None

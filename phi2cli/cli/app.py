@@ -22,7 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # plain help: option names are never cut at 80 columns, flags show no <bool>
 )
 
 console = Console()
@@ -99,8 +99,10 @@ def command(*args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callabl
 def opt(dotted: str, *flags: str, **kwargs: Any) -> Any:
     """A typer.Option whose help is the config field's one-line reason."""
     default = field_default(dotted)
-    shown = ",".join(default) if isinstance(default, tuple) else default
-    suffix = f" [dim]\\[default: {shown!r}][/dim]" if shown is not None and "\n" not in str(shown) else ""
+    shown = repr(",".join(default) if isinstance(default, tuple) else default)
+    if isinstance(default, bool) and "/" in flags[0]:  # a --x/--no-x switch: name the one that is on
+        shown = flags[0].split("/")[0 if default else 1]
+    suffix = f" [default: {shown}]" if default is not None and "\n" not in shown else ""
     return typer.Option(*flags, help=field_help(dotted) + suffix, show_default=False, **kwargs)
 
 

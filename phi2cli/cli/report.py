@@ -33,8 +33,11 @@ def report_command(
         ReportFormat, typer.Option("--format", "-f", help="table (terminal), markdown, json (raw numbers) or html.")
     ] = ReportFormat.table,
     every: Annotated[
-        int, typer.Option("--every", min=1, help="Show only training steps that are multiples of N (analysis: all).")
-    ] = 1,
+        Optional[int],
+        typer.Option("--every", min=1, show_default=False, metavar="N",
+                     help="Show the training steps that are multiples of N (default: about ten evenly spaced "
+                     "rows, first and last included; json: all). The analysis always uses every row."),  # fmt: skip
+    ] = None,
     plot: Annotated[
         Optional[Path],
         typer.Option("--plot", help="Write train/eval loss and learning rate over steps to this image (.png).",
@@ -49,11 +52,13 @@ def report_command(
                      show_default=False),  # fmt: skip
     ] = None,
 ) -> None:
-    """Report a training run: loss table, evaluations, best checkpoint, totals and analysis.
+    """Report a training run: loss table, evaluations, best checkpoint, run facts, totals and analysis.
 
     Reads PATH or ./phi2-xsum-finetuned (top-level trainer_state.json, else the newest checkpoint-N).
 
-    Adds the ROUGE table of 'phi2 evaluate' when its metrics files sit beside the run (the newest; the others are named).
+    Adds a Run section (GPU, profile, peak memory, tokens/s, wall-time split) from the run's
+    phi2_run.json, and the ROUGE table of 'phi2 evaluate' when its metrics files sit beside the run
+    (the newest; the others are named).
 
     Example: phi2 report --every 100 --format markdown --plot loss.png
     """

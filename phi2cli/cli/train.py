@@ -60,6 +60,7 @@ def train_command(
     compile_layers: Annotated[Optional[bool], opt("train.compile", "--compile/--no-compile")] = None,
     cuda_graphs: Annotated[Optional[bool], opt("train.cuda_graphs", "--cuda-graphs/--no-cuda-graphs")] = None,
     train_seed: Annotated[Optional[int], opt("train.seed", "--train-seed")] = None,
+    report_to: Annotated[Optional[str], opt("train.report_to", "--report-to")] = None,
     output_dir: Annotated[Optional[str], opt("train.output_dir", "--output-dir", "-o")] = None,
     final_dir: Annotated[Optional[str], opt("train.final_dir", "--final-dir")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its newest checkpoint.")] = False,
@@ -97,7 +98,7 @@ def train_command(
         "train.max_steps": max_steps, "train.eval_every": eval_every, "train.logging_steps": logging_steps,
         "train.eval_batch_size": eval_batch_size, "train.optimizer": optimizer,
         "train.gradient_checkpointing": gradient_checkpointing, "train.profile": profile, "train.compile": compile_layers,
-        "train.cuda_graphs": cuda_graphs, "train.seed": train_seed,
+        "train.cuda_graphs": cuda_graphs, "train.seed": train_seed, "train.report_to": report_to,
         "train.output_dir": output_dir, "train.final_dir": final_dir,
     })  # fmt: skip
     cfg = resolve_train_config(config, overrides, resume)

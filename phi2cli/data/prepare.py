@@ -204,12 +204,15 @@ def _save(splits: dict[str, dict[str, list[Any]]], manifest: dict[str, Any], tar
 
     with atomic_directory(target) as tmp:
         dataset = datasets.DatasetDict({name: datasets.Dataset.from_dict(cols) for name, cols in splits.items()})
-        dataset.save_to_disk(str(tmp / "data"))
+        dataset.save_to_disk(str(tmp))  # the directory itself loads with datasets.load_from_disk
         write_json_atomic(tmp / MANIFEST_NAME, manifest)  # last: its presence marks a complete dataset
 
 
 def load_prepared(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """Load a prepared dataset and its manifest; refuse an incomplete one.
+
+    Reads the current layout (the DatasetDict saved in the directory itself, beside manifest.json)
+    and the older one (the DatasetDict in its data/ folder).
 
     Returns:
         (datasets.DatasetDict, manifest dict)
@@ -222,7 +225,8 @@ def load_prepared(path: str | Path) -> tuple[Any, dict[str, Any]]:
     if not path.is_dir():
         raise DataError(f"{path} is a file; --prepared expects the directory written by 'phi2 prepare'")
     manifest_path = path / MANIFEST_NAME
-    if not manifest_path.is_file() or not (path / "data").is_dir():
+    saved = path if (path / "dataset_dict.json").is_file() else path / "data"  # data/: the older layout
+    if not manifest_path.is_file() or not saved.is_dir():
         raise DataError(f"{path} is not a complete prepared dataset (no {MANIFEST_NAME}); run 'phi2 prepare' again")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -231,7 +235,7 @@ def load_prepared(path: str | Path) -> tuple[Any, dict[str, Any]]:
     import datasets
 
     try:
-        dataset = datasets.load_from_disk(str(path / "data"))
+        dataset = datasets.load_from_disk(str(saved))
     except Exception as err:
         raise DataError(f"{path} could not be loaded ({type(err).__name__}); run 'phi2 prepare' again") from None
     return dataset, manifest

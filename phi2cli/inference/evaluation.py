@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from phi2cli.config import GenerationConfig, Phi2Config, TrainConfig, apply_overrides
 from phi2cli.errors import ConfigError, DataError, RunError
-from phi2cli.report.metrics import summary_metrics
+from phi2cli.report.metrics import SENTENCE_SPLITTER, summary_metrics
 
 if TYPE_CHECKING:
     from phi2cli.inference.generate import LoadedModel
@@ -198,6 +198,7 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
             "temperature": g.temperature, "top_p": g.top_p, "gen_batch_size": batch_size,
             "max_length": data.max_length, "loss_on": data.loss_on, "template": data.template, "seed": data.seed,
             "loss_reduction": LOSS_REDUCTION, "rouge": "F-measure x 100, Porter stemming, mean over articles",
+            "rouge_sentence_splitter": SENTENCE_SPLITTER,
             "device": loaded.device, "dtype": loaded.dtype, "quantization": config.model.quantization,
             "adapter_merged": loaded.merged, "shared_forward_articles": shared["tuned"],
             "decoder": "static" if uses_fast_decoder(loaded, config.generation) else "hf",

@@ -2,7 +2,9 @@
 
 Imports no torch, so reports and tests that only score text start instantly.
 Scores follow Hugging Face `evaluate`'s rouge as used by its summarization examples: F-measure
-x 100 with Porter stemming, averaged over the pairs; ROUGE-Lsum sees one sentence per line.
+x 100 with Porter stemming, averaged over the pairs; ROUGE-Lsum sees one sentence per line, split
+by `regex_sentences` on every machine (named in metrics.json as SENTENCE_SPLITTER), so the same
+texts score the same whether or not nltk's punkt data is installed.
 """
 
 from __future__ import annotations
@@ -21,44 +23,18 @@ _SENTENCE_END = re.compile(
 )
 
 
-@functools.lru_cache(maxsize=1)
-def _punkt_available() -> bool:
-    """True when nltk's punkt sentence model is installed locally (we never download it)."""
-    try:
-        import nltk
-
-        for resource in ("tokenizers/punkt_tab/english/", "tokenizers/punkt/english.pickle"):
-            try:
-                nltk.data.find(resource)
-                return True
-            except LookupError:
-                continue
-    except ImportError:
-        pass
-    return False
-
-
 def regex_sentences(text: str) -> list[str]:
     """Split text into sentences at . ! ? followed by whitespace and a capital letter or digit."""
     marked = _SENTENCE_END.sub(lambda m: m.group(1) + "\n", text.strip())
     return [s.strip() for s in marked.split("\n") if s.strip()]
 
 
-def split_sentences(text: str) -> list[str]:
-    """Sentences of `text`: nltk's punkt if its data is installed, else `regex_sentences`."""
-    if _punkt_available():
-        from nltk.tokenize import sent_tokenize
-
-        try:
-            return [s.strip() for s in sent_tokenize(text.strip()) if s.strip()]
-        except LookupError:  # data found but not loadable (e.g. only the old pickle format)
-            pass
-    return regex_sentences(text)
+SENTENCE_SPLITTER = "phi2cli.report.metrics.regex_sentences"  # the only one: punkt's data varies by machine
 
 
 def sentence_lines(text: str) -> str:
     """Text with one sentence per line, the form ROUGE-Lsum expects."""
-    return "\n".join(split_sentences(text))
+    return "\n".join(regex_sentences(text))
 
 
 def first_line(text: str) -> str:

@@ -32,6 +32,7 @@ _EVAL_NAMES = {"eval_loss": "Eval Loss", "eval_runtime": "Runtime (s)",
                "eval_samples_per_second": "Samples/s", "eval_steps_per_second": "Steps/s"}  # fmt: skip
 _METRIC_ORDER = ("eval_loss", "perplexity", "rouge1", "rouge2", "rougeL", "rougeLsum", "mean_summary_words")
 _METRIC_DECIMALS = {"perplexity": 2, "mean_summary_words": 1}
+DEFAULT_ROWS = 10  # rows the training table shows without --every: enough to see the curve, short enough to read
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,19 @@ def thin(rows: list[TrainRow], every: int) -> list[TrainRow]:
     return rows if every <= 1 else [r for r in rows if r.step % every == 0]
 
 
+def pick_rows(rows: list[TrainRow], every: Optional[int] = None) -> list[TrainRow]:
+    """Rows to show: multiples of `every` if given, else about DEFAULT_ROWS evenly spaced ones.
+
+    The even pick takes every k-th logged row (at most DEFAULT_ROWS of them) from the first, plus the last.
+    """
+    if every is not None:
+        return thin(rows, every)
+    if len(rows) <= DEFAULT_ROWS:
+        return rows
+    stride = math.ceil((len(rows) - 1) / (DEFAULT_ROWS - 1))
+    return [rows[i] for i in sorted({*range(0, len(rows), stride), len(rows) - 1})]
+
+
 def fmt_fixed(value: Optional[float], decimals: int) -> str:
     return MISSING if value is None else f"{value:.{decimals}f}"
 
@@ -75,18 +89,21 @@ def fmt_duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
 
 
-def report_sections(summary: RunSummary, every: int = 1) -> list[Section]:
-    """The report as tables of formatted strings, in display order."""
+def report_sections(summary: RunSummary, every: Optional[int] = None) -> list[Section]:
+    """The report as tables of formatted strings, in display order (`every`: see pick_rows)."""
     sections = []
     if summary.rows:
-        shown = thin(summary.rows, every)
+        shown = pick_rows(summary.rows, every)
         caption = "" if shown else f"no logged step is a multiple of {every}"
+        if shown and every is None and len(shown) < len(summary.rows):
+            caption = f"{len(shown)} of {len(summary.rows)} logged steps, evenly spaced; --every N shows multiples of N"
         rows = [(str(r.step), fmt_fixed(r.loss, 4), fmt_sci(r.learning_rate), fmt_fixed(r.grad_norm, 3),
                  fmt_fixed(r.epoch, 2)) for r in shown]  # fmt: skip
         headers = ("Step", "Training Loss", "Learning Rate", "Grad Norm", "Epoch")
         sections.append(Section("Training", headers, rows, caption=caption))
     if summary.evals:
-        keys = list(_EVAL_FIXED) + [k for e in summary.evals for k in e.metrics if k not in _EVAL_FIXED]
+        found = {k for e in summary.evals for k in e.metrics}  # a column nobody logged is left out, not dashed
+        keys = [k for k in _EVAL_FIXED if k in found] + [k for e in summary.evals for k in e.metrics]
         keys = list(dict.fromkeys(keys))
         headers = ("Step", *(_EVAL_NAMES.get(k, k.removeprefix("eval_")) for k in keys))
         rows = [(str(e.step), *(_fmt_eval(k, e.metrics.get(k)) for k in keys)) for e in summary.evals]
@@ -96,6 +113,8 @@ def report_sections(summary: RunSummary, every: int = 1) -> list[Section]:
         rows = [("Checkpoint", best.checkpoint), ("Best metric", fmt_fixed(best.metric, 4)),
                 ("Step", MISSING if best.step is None else str(best.step))]  # fmt: skip
         sections.append(Section("Best checkpoint", ("Item", "Value"), rows, align="ll"))
+    if summary.run:
+        sections.append(Section("Run", ("Item", "Value"), _run_rows(summary.run), align="ll"))
     if totals := _totals_rows(summary.totals):
         sections.append(Section("Run totals", ("Item", "Value"), totals, align="ll"))
     if analysis := _analysis_rows(summary.analysis):
@@ -125,6 +144,44 @@ def _totals_rows(t: Totals) -> list[tuple[str, str]]:
             ("Train loss (run mean)", t.train_loss, fmt_fixed(t.train_loss, 4)),
             ("Total FLOPs", t.total_flos, fmt_sci(t.total_flos))]  # fmt: skip
     return [(name, text) for name, value, text in rows if value is not None]
+
+
+def _run_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
+    """Machine, profile, precision, peak memory, tokens/s and wall-time split, each only when recorded."""
+    rows = []
+    processes = run.get("processes")
+    times = f" × {processes}" if processes and processes > 1 else ""
+    if run.get("gpu") or run.get("device"):
+        rows.append(("GPU" if run.get("gpu") else "Device", f"{run.get('gpu') or run['device']}{times}"))
+    if run.get("profile"):
+        rows.append(("Profile", str(run["profile"])))
+    precision = [str(run[k]) for k in ("quantization", "compute_dtype") if run.get(k)]
+    if precision:
+        rows.append(("Precision", ", ".join(precision)))
+    if run.get("peak_allocated_gib") is not None:
+        reserved = run.get("peak_reserved_gib")
+        rows.append(("Peak GPU memory", f"{run['peak_allocated_gib']:.2f} GiB"
+                     + ("" if reserved is None else f" ({reserved:.2f} GiB reserved)")))  # fmt: skip
+    if run.get("tokens_per_s") is not None:
+        steady = run.get("steady_tokens_per_s")
+        steady_text = "" if steady is None else f" (steady {steady:,.0f})"
+        rows.append(("Tokens/s", f"{run['tokens_per_s']:,.0f}{steady_text}"))
+    for key, value in _flat(run.get("timing") or {}):
+        seconds = key.endswith(("_s", "seconds"))
+        name = key.removesuffix("_seconds").removesuffix("_s").replace("_", " ")
+        rows.append((f"Time: {name}", fmt_duration(value) + f" ({value:.1f} s)" if seconds else f"{value:g}"))
+    return rows
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, number) pairs of a nested dict of numbers, in its order."""
+    pairs: list[tuple[str, float]] = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            pairs += _flat(value, f"{prefix}{key} / ")
+        else:
+            pairs.append((f"{prefix}{key}", float(value)))
+    return pairs
 
 
 def _analysis_rows(a: Analysis) -> list[tuple[str, str]]:
@@ -168,7 +225,7 @@ def _rouge_section(data: dict[str, Any]) -> Section:
                    " · ".join(about))
 
 
-def rich_report(summary: RunSummary, every: int = 1) -> Group:
+def rich_report(summary: RunSummary, every: Optional[int] = None) -> Group:
     """A rich renderable (Group of tables and notes) of the report."""
     parts: list[Any] = [Text(f"Run: {summary.source}", style="bold")]
     for section in report_sections(summary, every):
@@ -183,7 +240,7 @@ def rich_report(summary: RunSummary, every: int = 1) -> Group:
     return Group(*parts)
 
 
-def render_report(summary: RunSummary, fmt: str = "table", every: int = 1, width: int = 120) -> str:
+def render_report(summary: RunSummary, fmt: str = "table", every: Optional[int] = None, width: int = 120) -> str:
     """The report as text in one of FORMATS ('table' is plain text of the rich tables)."""
     if fmt == "json":
         return json.dumps({"every": every, **summary.to_dict(every)}, indent=2, allow_nan=False) + "\n"
@@ -198,7 +255,7 @@ def render_report(summary: RunSummary, fmt: str = "table", every: int = 1, width
     raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
-def _markdown(summary: RunSummary, every: int) -> str:
+def _markdown(summary: RunSummary, every: Optional[int]) -> str:
     def line(cells: tuple[str, ...]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
@@ -211,7 +268,7 @@ def _markdown(summary: RunSummary, every: int) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def _html(summary: RunSummary, every: int) -> str:
+def _html(summary: RunSummary, every: Optional[int]) -> str:
     esc = html.escape
     body = [f"<h1>Training report</h1>\n<p><code>{esc(summary.source)}</code></p>"]
     for section in report_sections(summary, every):

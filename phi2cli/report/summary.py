@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from phi2cli.config import TrainConfig
+from phi2cli.config import RUN_CONFIG_NAME, TrainConfig
 from phi2cli.errors import RunError
 from phi2cli.io.checkpoints import CHECKPOINT_RE
 from phi2cli.report.render import as_number, thin
@@ -89,12 +89,16 @@ class RunSummary:
     analysis: Analysis
     evaluate_metrics: Optional[dict[str, Any]] = None  # metrics.json written by `phi2 evaluate`
     notes: list[str] = field(default_factory=list)
+    run: Optional[dict[str, Any]] = None  # machine, profile, memory, speed from the run's phi2_run.json
 
-    def to_dict(self, every: int = 1) -> dict[str, Any]:
-        """Plain JSON-ready dict with raw numbers; non-finite values become null."""
+    def to_dict(self, every: Optional[int] = None) -> dict[str, Any]:
+        """Plain JSON-ready dict with raw numbers; non-finite values become null.
+
+        Every logged row unless `every` picks multiples of it (machines read the whole history).
+        """
         out = asdict(self)
         out["rows"] = [{**{k: v for k, v in asdict(r).items() if k != "extra"}, **r.extra}
-                       for r in thin(self.rows, every)]  # fmt: skip
+                       for r in (self.rows if every is None else thin(self.rows, every))]  # fmt: skip
         out["evals"] = [{"step": e.step, "epoch": e.epoch, **e.metrics} for e in self.evals]
         return _finite(out)
 
@@ -186,6 +190,44 @@ def _modified(file: Path) -> float:
         return 0.0
 
 
+def find_run_facts(state_file: Path) -> tuple[Optional[dict[str, Any]], list[str]]:
+    """The Run section's facts from phi2_run.json of the run the state belongs to, or None."""
+    state_dir = state_file.resolve().parent
+    run_dir = state_dir.parent if _CHECKPOINT.match(state_dir.name) else state_dir
+    file = run_dir / RUN_CONFIG_NAME
+    if not file.is_file():
+        return None, []
+    try:
+        body = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None, [f"{file} is not readable JSON; Run section skipped"]
+    return (run_facts(body) or None) if isinstance(body, dict) else None, []
+
+
+def run_facts(body: dict[str, Any]) -> dict[str, Any]:
+    """What a reader wants of a run's phi2_run.json: machine, profile, memory, speed, wall-time split.
+
+    Only keys present in the file (older runs, or a run still going, lack some); the wall-time split
+    ('timing') is kept as written, numbers only.
+    """
+
+    def part(name: str) -> dict[str, Any]:
+        value = body.get(name)
+        return value if isinstance(value, dict) else {}
+
+    precision, plan, memory, throughput = part("precision"), part("plan"), part("memory"), part("throughput")
+    timing = _numbers(part("timing"))
+    facts = {"gpu": body.get("gpu") if isinstance(body.get("gpu"), str) else None,
+             "device": precision.get("device"), "processes": _int(plan.get("world_size")),
+             "profile": plan.get("profile"), "quantization": precision.get("quantization"),
+             "compute_dtype": precision.get("compute_dtype"),
+             "peak_allocated_gib": as_number(memory.get("peak_allocated_gib")),
+             "peak_reserved_gib": as_number(memory.get("peak_reserved_gib")),
+             "tokens_per_s": as_number(throughput.get("tokens_per_s")),
+             "steady_tokens_per_s": as_number(throughput.get("steady_tokens_per_s")), "timing": timing}  # fmt: skip
+    return {k: v for k, v in facts.items() if v not in (None, "", {})}
+
+
 def summarize_run(state: dict[str, Any], source: str = "", evaluate_metrics: Optional[dict] = None) -> RunSummary:
     """Training rows, eval rows, best checkpoint, totals and analysis of a trainer state.
 
@@ -267,12 +309,25 @@ def analyze(rows: list[TrainRow], evals: list[EvalRow], best: Optional[Best]) ->
 
 
 def build_report(path: Optional[Path] = None) -> RunSummary:
-    """Load a run (see load_trainer_state), summarise it and attach its newest evaluation metrics, if any."""
+    """Load a run (see load_trainer_state), summarise it, attach its newest evaluation metrics and phi2_run.json facts."""
     state, state_file = load_trainer_state(path)
     metrics, notes = find_evaluate_metrics(state_file)
     summary = summarize_run(state, str(state_file), metrics)
-    summary.notes.extend(notes)
+    summary.run, run_notes = find_run_facts(state_file)
+    summary.notes.extend(notes + run_notes)
     return summary
+
+
+def _numbers(values: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of a dict, nested dicts kept (their numbers only); text and lists dropped."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            if inner := _numbers(value):
+                out[key] = inner
+        elif as_number(value) is not None:
+            out[key] = value
+    return out
 
 
 def _int(value: Any) -> Optional[int]:

@@ -122,7 +122,7 @@ def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, ha
         use_cpu=not on_gpu,
         gradient_checkpointing=False,  # enabled on the model itself before LoRA is attached
         remove_unused_columns=False,
-        report_to=[],
+        report_to=report_targets(train.report_to),
         disable_tqdm=True,
         seed=train.seed,
         data_seed=config.data.seed,
@@ -140,6 +140,27 @@ def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, ha
 
         limit_to_one_gpu(args)
     return args
+
+
+# The package each --report-to backend needs (the Trainer's own integration callbacks use them).
+REPORT_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+
+def report_targets(report_to: str) -> list[str]:
+    """The Trainer's report_to for --report-to.
+
+    Raises:
+        ConfigError: the backend's package is not installed.
+    """
+    if report_to == "none":
+        return []
+    import importlib.util
+
+    packages = REPORT_PACKAGES[report_to]
+    if not any(importlib.util.find_spec(name) for name in packages):
+        raise ConfigError(f"--report-to {report_to} needs the '{packages[0]}' package, which is not installed; "
+                          f"run 'pip install {packages[0]}' or pass --report-to none")  # fmt: skip
+    return [report_to]
 
 
 def make_collator(config: Phi2Config, plan: EnginePlan, tokenizer: Any) -> Any:
@@ -247,6 +268,7 @@ def train_locked(
     # PHI2_DDP_BACKEND picks the process-group backend (e.g. gloo where NCCL cannot run); default: accelerate's
     state = PartialState(cpu=not torch.cuda.is_available(), backend=os.environ.get("PHI2_DDP_BACKEND") or None)
     is_main = state.is_main_process
+    report_targets(config.train.report_to)  # a missing logging backend fails before anything is loaded or deleted
     with state.main_process_first():  # the main process checks, cleans and prepares; the others then read
         point = check_output_dirs(config, resume, overwrite and is_main, is_main)
     precision = resolve_precision(config.model)
@@ -296,6 +318,8 @@ def train_locked(
                  "data_fingerprint": data_mod.data_identity(manifest),
                  "tokenizer": config.model.tokenizer or config.model.model, "template": config.data.template,
                  "eos_token_id": tokenizer.eos_token_id, "manifest": {k: manifest[k] for k in ("source", "splits")}}  # fmt: skip
+    if precision.device == "cuda":
+        run_facts["gpu"] = torch.cuda.get_device_name()  # the Run section of 'phi2 report'
     if is_main:
         save_run_config(config, out, run_facts)
 
