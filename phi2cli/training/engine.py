@@ -102,6 +102,7 @@ def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, ha
         disable_tqdm=True,
         seed=train.seed,
         data_seed=config.data.seed,
+        neftune_noise_alpha=train.neftune_alpha or None,  # the Trainer's own NEFTune hook on the input embeddings
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False if plan.world_size > 1 else None,
         logging_nan_inf_filter=not plan.cuda_graphs,  # its per-step NaN check waits for the GPU every step
@@ -219,6 +220,7 @@ def train(
     display: Display | None = None,
     progress: Any = None,
     callbacks: list[Any] | None = None,
+    recipe: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Fine-tune with QLoRA; return where the best adapter is.
 
@@ -230,6 +232,7 @@ def train(
         display: receives progress events ('begin', 'step', 'eval', 'end').
         progress: iterable wrapper for data preparation progress.
         callbacks: extra TrainerCallbacks.
+        recipe: the size recipe's choice (recipes.RecipeChoice.to_dict()), recorded in phi2_run.json.
     Raises:
         RunError, DataError, ModelError, DeviceError, TrainingInterrupted (checkpoint saved).
     """
@@ -275,6 +278,8 @@ def train(
     run_facts = {"precision": precision.__dict__, "plan": plan.to_dict(), "prepared_dir": str(prepared_dir),
                  "tokenizer": config.model.tokenizer or config.model.model, "template": config.data.template,
                  "eos_token_id": tokenizer.eos_token_id, "manifest": {k: manifest[k] for k in ("source", "splits")}}  # fmt: skip
+    if recipe is not None:
+        run_facts["recipe"] = recipe
     if is_main:
         save_run_config(config, out, run_facts)
 
