@@ -62,7 +62,13 @@ def test_the_gguf_size_is_read_from_its_tensors_without_loading():
         pytest.skip(f"SmolLM2 GGUF not found at {SMOLLM2_GGUF}")
     parameters, model_type = model_size(str(SMOLLM2_GGUF))
     assert model_type == "llama" and 130e6 < parameters < 140e6  # SmolLM2-135M
-    assert model_size("no/such-model") == (None, None)  # offline, unknown: the reference recipe applies
+    assert model_size("no/such-model") == (None, None)
+
+
+def test_a_model_whose_size_cannot_be_read_keeps_the_reference_recipe():
+    config = apply_overrides(Phi2Config(), {"model.model": "no-such-org/no-such-model"})
+    resolved, choice = apply_recipe(config, {"model.model"})
+    assert resolved == config and choice.parameters is None and choice.row.startswith("large")
 
 
 class NoiseScale(TrainerCallback):

@@ -126,13 +126,10 @@ def apply_recipe(config: Phi2Config, given: set[str] | frozenset[str]) -> tuple[
         (config with the row's values where not given, what was chosen).
     """
     model = config.model.model
-    if model == REFERENCE_MODEL:
-        parameters, model_type = None, "phi"
-        row = SIZE_RECIPES[-1]
-    else:
-        parameters, model_type = model_size(model)
-        row = row_for(parameters)
-    values = recipe_values(row, model_type)
+    parameters, model_type = (None, "phi") if model == REFERENCE_MODEL else model_size(model)
+    row = row_for(parameters)
+    # phi-2, or a model whose size cannot be read here: the reference recipe, phi-2's targets included
+    values = recipe_values(row, model_type if parameters is not None else "phi")
     chosen = {k: v for k, v in values.items() if k not in given}
     yours = tuple(k for k in RECIPE_KEYS if k in given)
     return apply_overrides(config, chosen, "recipe").validate(), RecipeChoice(row.name, parameters, model_type,
