@@ -93,7 +93,7 @@ class TrainConfig:
     compile: bool = _f(True, "torch.compile the decoder layers (CUDA, speed profile): ~2x faster steps after a one-time compile of about a minute (cached on disk for later runs).")
     cuda_graphs: bool = _f(True, "Replay each training step from a CUDA graph (CUDA, bf16, speed profile): the CPU stops being the bottleneck; each new batch shape is recorded once (about a second).")
     seed: int = _f(42, "Seed for LoRA init, dropout and data order: same seed, same run.")
-    neftune_alpha: float = _f(0.0, "NEFTune: uniform noise of this scale on the input embeddings while training (0: off; the paper uses 5).")
+    neftune_alpha: float = _f(0.0, "NEFTune: uniform noise of this scale on the input embeddings while training (0: off; the paper tries 5 to 15).")
 
 
 @dataclass(frozen=True)
