@@ -165,6 +165,14 @@ def save(sweep: Sweep, args: argparse.Namespace) -> None:
     write_json(args.out, body)
 
 
+def table_row(recipe: dict[str, Any], decoding: dict[str, Any]) -> str:
+    """The chosen recipe and decoding written as a SizeRecipe row."""
+    targets = "all-linear" if recipe["targets"] == "all-linear" else "attention"
+    return (f'SizeRecipe("small (up to 0.5 B)", 0.5e9, {recipe["lr"]:g}, {float(recipe["epochs"])}, {recipe["warmup"]}, '
+            f'"{targets}", {recipe["r"]}, {recipe["alpha"]}, {decoding["beams"]}, {float(decoding["lp"])}, '
+            f'{decoding["ngram"]})')
+
+
 def best(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return max(rows, key=lambda r: r["validation"]["rougeL"])
 
@@ -231,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  decoding {label(decoding)}: validation ROUGE-L {result['rougeL']:.2f}", flush=True)
     chosen = best(scored)
     sweep.chosen = {"recipe": chosen["recipe"], "decoding": chosen["decoding"],
-                    "validation_rougeL": chosen["validation"]["rougeL"], "run_dir": str(folder)}  # fmt: skip
+                    "validation_rougeL": chosen["validation"]["rougeL"], "run_dir": str(folder),
+                    "table_row": table_row(chosen["recipe"], chosen["decoding"])}  # fmt: skip
     save(sweep, args)
 
     # 3. Test, once per reported decoding: greedy (beside the base model) and the best beam setting.
@@ -249,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  test {label(decoding)}: ROUGE-L {result['rougeL']:.2f}", flush=True)
     print(f"chosen on validation: {label(chosen['recipe'])}; {label(chosen['decoding'])} "
           f"({sweep.elapsed():.0f} s in all); wrote {args.out}", flush=True)
+    print("as the table's row (phi2cli/models/recipes.py): " + table_row(chosen["recipe"], chosen["decoding"]))
     return json.loads(args.out.read_text(encoding="utf-8"))
 
 

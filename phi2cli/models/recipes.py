@@ -16,8 +16,8 @@ from typing import Any
 from phi2cli.config import Phi2Config, apply_overrides
 
 REFERENCE_MODEL = "microsoft/phi-2"  # the reference run's model: never looked up, always the reference recipe
-RECIPE_KEYS = ("train.learning_rate", "train.epochs", "train.warmup_steps", "lora.targets", "generation.num_beams",
-               "generation.length_penalty", "generation.no_repeat_ngram_size")  # fmt: skip
+RECIPE_KEYS = ("train.learning_rate", "train.epochs", "train.warmup_steps", "lora.targets", "lora.r", "lora.alpha",
+               "generation.num_beams", "generation.length_penalty", "generation.no_repeat_ngram_size")  # fmt: skip
 # LoRA on the attention projections only, by family (model_type); other families get every linear layer.
 ATTENTION_TARGETS = {
     "phi": ("q_proj", "k_proj", "v_proj", "dense"),
@@ -36,6 +36,8 @@ class SizeRecipe:
     epochs: float
     warmup_steps: int
     lora_targets: str  # "all-linear" or "attention" (the family's q/k/v/output projections)
+    lora_r: int
+    lora_alpha: int
     num_beams: int
     length_penalty: float
     no_repeat_ngram_size: int
@@ -45,9 +47,9 @@ class SizeRecipe:
 # rows (docs/RESULTS.md); the small row is the hand-tuned SmolLM2-135M recipe. The large row is
 # the reference recipe and must stay equal to the config defaults (a test checks it).
 SIZE_RECIPES = (
-    SizeRecipe("small (up to 0.5 B)", 0.5e9, 1e-3, 2.0, 20, "all-linear", 1, 1.0, 0),
-    SizeRecipe("medium (0.5-2 B)", 2e9, 5e-4, 2.0, 30, "all-linear", 1, 1.0, 0),  # between the two ends, unmeasured
-    SizeRecipe("large (over 2 B, reference)", float("inf"), 2e-4, 1.0, 50, "attention", 1, 1.0, 0),
+    SizeRecipe("small (up to 0.5 B)", 0.5e9, 1e-3, 2.0, 20, "all-linear", 16, 32, 1, 1.0, 0),
+    SizeRecipe("medium (0.5-2 B)", 2e9, 5e-4, 2.0, 30, "all-linear", 16, 32, 1, 1.0, 0),  # between the ends, unmeasured
+    SizeRecipe("large (over 2 B, reference)", float("inf"), 2e-4, 1.0, 50, "attention", 16, 32, 1, 1.0, 0),
 )
 
 
@@ -87,7 +89,8 @@ class RecipeChoice:
 
 
 _FLAGS = {"train.learning_rate": "--lr", "train.epochs": "--epochs", "train.warmup_steps": "--warmup-steps",
-          "lora.targets": "--lora-targets", "generation.num_beams": "--num-beams",
+          "lora.targets": "--lora-targets", "lora.r": "--lora-r", "lora.alpha": "--lora-alpha",
+          "generation.num_beams": "--num-beams",
           "generation.length_penalty": "--length-penalty",
           "generation.no_repeat_ngram_size": "--no-repeat-ngram-size"}  # fmt: skip
 
@@ -111,7 +114,8 @@ def recipe_values(row: SizeRecipe, model_type: str | None) -> dict[str, Any]:
     """A row as dotted config values, LoRA targets resolved for the model's family."""
     targets = ("all-linear",) if row.lora_targets == "all-linear" else ATTENTION_TARGETS.get(model_type or "", ("all-linear",))
     return {"train.learning_rate": row.learning_rate, "train.epochs": row.epochs,
-            "train.warmup_steps": row.warmup_steps, "lora.targets": targets, "generation.num_beams": row.num_beams,
+            "train.warmup_steps": row.warmup_steps, "lora.targets": targets, "lora.r": row.lora_r,
+            "lora.alpha": row.lora_alpha, "generation.num_beams": row.num_beams,
             "generation.length_penalty": row.length_penalty,
             "generation.no_repeat_ngram_size": row.no_repeat_ngram_size}  # fmt: skip
 
