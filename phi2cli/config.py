@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -95,12 +96,16 @@ class TrainConfig:
     cuda_graphs: bool = _f(True, "Replay each training step from a CUDA graph (CUDA, bf16, speed profile): the CPU stops being the bottleneck; each new batch shape is recorded once (about a second).")
     seed: int = _f(42, "Seed for LoRA init, dropout and data order: same seed, same run.")
     report_to: str = _f("none", "Also log loss, learning rate and eval to: tensorboard, wandb, mlflow or none.")
+    neftune_alpha: float = _f(0.0, "NEFTune: uniform noise of this scale on the input embeddings while training (0: off; the paper tries 5 to 15).")
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = _f(60, "Most tokens generated per summary (XSUM summaries are ~25 tokens).")
     num_beams: int = _f(1, "Beam search width; 1 is greedy.")
+    length_penalty: float = _f(1.0, "Beam search: score / length**penalty; above 1 favours longer summaries, below 1 shorter.")
+    no_repeat_ngram_size: int = _f(0, "Never repeat an n-gram of this many tokens in a summary (0: off).")
+    min_new_tokens: int = _f(0, "Fewest tokens generated before a summary may end (0: no minimum).")
     do_sample: bool = _f(False, "Sample instead of greedy/beam decoding.")
     temperature: float = _f(1.0, "Sampling temperature (with --sample).")
     top_p: float = _f(1.0, "Nucleus sampling mass (with --sample).")
@@ -254,6 +259,11 @@ def validation_problems(config: Phi2Config) -> list[str]:
     need(t.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)} (got '{t.report_to}')")
     need(g.max_new_tokens >= 1, f"--max-new-tokens must be at least 1 (got {g.max_new_tokens})")
     need(g.num_beams >= 1, f"--num-beams must be at least 1 (got {g.num_beams})")
+    need(math.isfinite(g.length_penalty), f"--length-penalty must be a finite number (got {g.length_penalty})")
+    need(g.no_repeat_ngram_size >= 0, f"--no-repeat-ngram-size must be 0 or more (got {g.no_repeat_ngram_size})")
+    need(0 <= g.min_new_tokens <= g.max_new_tokens,
+         f"--min-new-tokens must be between 0 and --max-new-tokens {g.max_new_tokens} (got {g.min_new_tokens})")
+    need(t.neftune_alpha >= 0, f"--neftune-alpha must be 0 (off) or positive (got {t.neftune_alpha})")
     need(g.temperature > 0, f"--temperature must be positive (got {g.temperature})")
     need(0 < g.top_p <= 1, f"--top-p must be in (0, 1] (got {g.top_p})")
     need(g.batch_size >= 1, f"--gen-batch-size must be at least 1 (got {g.batch_size})")
@@ -287,6 +297,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         reason = str(getattr(err, "problem", None) or str(err).splitlines()[0])
         raise ConfigError(f"config file {where} could not be parsed: {reason}; fix it") from None
     return loaded or {}
+
+
+def given_keys(config_file: str | Path | None, overrides: Mapping[str, Any]) -> set[str]:
+    """Dotted keys the user set, in the config file or as flags (None means 'not given')."""
+    given = {key for key, value in overrides.items() if value is not None}
+    if config_file is not None:
+        given |= set(flatten(read_config_file(config_file), str(config_file)))
+    return given
 
 
 def build_config(config_file: str | Path | None, overrides: Mapping[str, Any]) -> Phi2Config:

@@ -191,6 +191,10 @@ def test_default_gpu_batch_is_larger_only_where_the_fast_decoder_runs(loaded, mo
 
     on_gpu = replace(loaded, device="cuda")  # only the batch-size choice looks at the device
     assert inference.default_batch_size(on_gpu, None, GenerationConfig()) == inference.FAST_CUDA_GEN_BATCH
-    assert inference.default_batch_size(on_gpu, None, GenerationConfig(num_beams=2)) == inference.CUDA_GEN_BATCH
+    assert inference.default_batch_size(on_gpu, None, GenerationConfig(do_sample=True)) == inference.CUDA_GEN_BATCH
+    # beam search keeps num_beams sequences per article: fewer articles per batch
+    assert inference.default_batch_size(on_gpu, None, GenerationConfig(num_beams=4)) == inference.CUDA_GEN_BATCH // 4
+    assert inference.default_batch_size(on_gpu, None, GenerationConfig(no_repeat_ngram_size=3)) == \
+        inference.CUDA_GEN_BATCH  # greedy through generate()
     assert inference.default_batch_size(on_gpu, 7, GenerationConfig()) == 7
     assert inference.default_batch_size(loaded, None, GenerationConfig()) == loaded.config.generation.batch_size

@@ -151,6 +151,26 @@ def test_graphed_step_accumulates_and_draws_new_dropout_masks(speed_model):
     assert all(math.isfinite(v) for v in losses) and len(set(losses)) == 3
 
 
+def test_graphed_step_draws_new_neftune_noise_on_each_replay(speed_model):
+    """--neftune-alpha: the Trainer's embedding hook is recorded with the step; each replay draws new noise."""
+    from transformers.integrations.neftune import activate_neftune, deactivate_neftune
+
+    from phi2cli.kernels.graphs import GraphedTrainStep
+
+    (batch,) = _batches([8])
+    quiet = GraphedTrainStep(speed_model)
+    plain = [quiet(batch).item() for _ in range(2)]
+    handle = activate_neftune(speed_model, 5.0)
+    try:
+        step = GraphedTrainStep(speed_model)
+        noisy = [step(batch).item() for _ in range(3)]
+    finally:
+        deactivate_neftune(speed_model, handle)
+    record("graphed_neftune_losses", plain=plain, noisy=noisy)
+    assert plain[0] == pytest.approx(plain[1], rel=1e-4)  # no dropout, no noise: replays agree
+    assert all(math.isfinite(v) for v in noisy) and len(set(noisy)) == 3
+
+
 def test_training_with_cuda_graphs_follows_the_eager_run(tmp_path):
     """The whole Trainer, compiled layers, 8 steps, dropout off (phi-2's residual dropout too): same
     losses with and without graphs."""

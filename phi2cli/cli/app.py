@@ -131,6 +131,9 @@ SeedOpt = Annotated[Optional[int], opt("data.seed", "--seed")]
 LossOnOpt = Annotated[Optional[str], opt("data.loss_on", "--loss-on")]
 MaxNewTokensOpt = Annotated[Optional[int], opt("generation.max_new_tokens", "--max-new-tokens")]
 NumBeamsOpt = Annotated[Optional[int], opt("generation.num_beams", "--num-beams")]
+LengthPenaltyOpt = Annotated[Optional[float], opt("generation.length_penalty", "--length-penalty")]
+NoRepeatNgramOpt = Annotated[Optional[int], opt("generation.no_repeat_ngram_size", "--no-repeat-ngram-size")]
+MinNewTokensOpt = Annotated[Optional[int], opt("generation.min_new_tokens", "--min-new-tokens")]
 SampleOpt = Annotated[Optional[bool], opt("generation.do_sample", "--sample/--greedy")]
 TemperatureOpt = Annotated[Optional[float], opt("generation.temperature", "--temperature")]
 TopPOpt = Annotated[Optional[float], opt("generation.top_p", "--top-p")]
@@ -150,6 +153,8 @@ def data_overrides(**values: Any) -> dict[str, Any]:
         "max_new_tokens": "generation.max_new_tokens", "num_beams": "generation.num_beams",
         "do_sample": "generation.do_sample", "temperature": "generation.temperature",
         "top_p": "generation.top_p", "gen_batch_size": "generation.batch_size",
+        "length_penalty": "generation.length_penalty", "no_repeat_ngram_size": "generation.no_repeat_ngram_size",
+        "min_new_tokens": "generation.min_new_tokens",
     }  # fmt: skip
     return {names[k]: v for k, v in values.items()}
 

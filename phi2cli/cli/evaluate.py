@@ -9,8 +9,8 @@ import typer
 from rich.table import Table
 
 from phi2cli.cli.app import (
-    DataDirOpt, DocFieldOpt, GenBatchOpt, IdFieldOpt, MaxNewTokensOpt, NumBeamsOpt,
-    SampleOpt, SeedOpt, SumFieldOpt, TemperatureOpt, TestFileOpt, TopPOpt, ValFileOpt, command, console,
+    DataDirOpt, DocFieldOpt, GenBatchOpt, IdFieldOpt, LengthPenaltyOpt, MaxNewTokensOpt, MinNewTokensOpt,
+    NoRepeatNgramOpt, NumBeamsOpt, SampleOpt, SeedOpt, SumFieldOpt, TemperatureOpt, TestFileOpt, TopPOpt, ValFileOpt, command, console,
     data_overrides,
 )  # fmt: skip
 from phi2cli.inference.evaluation import DEFAULT_ADAPTER, DEFAULT_SAMPLES, METRIC_KEYS
@@ -76,6 +76,9 @@ def evaluate_command(
     seed: SeedOpt = None,
     max_new_tokens: MaxNewTokensOpt = None,
     num_beams: NumBeamsOpt = None,
+    length_penalty: LengthPenaltyOpt = None,
+    no_repeat_ngram_size: NoRepeatNgramOpt = None,
+    min_new_tokens: MinNewTokensOpt = None,
     do_sample: SampleOpt = None,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
@@ -87,7 +90,7 @@ def evaluate_command(
 
     The loss is training's (same prompts, truncation and masking), averaged over every summary token.
 
-    Each article gets a summary (greedy by default, first line) scored with ROUGE (F x 100, stemmed).
+    Each article gets a summary (the run's decoding settings unless flags change them; first line) scored with ROUGE (F x 100, stemmed).
 
     Writes metrics-SPLIT.json and predictions-SPLIT.jsonl (with --file: metrics-STEM.json...) to the adapter directory (or --output); each split or file keeps its own, a re-run replaces its own.
     """  # noqa: E501 (one line per paragraph: --help keeps line breaks)
@@ -100,7 +103,8 @@ def evaluate_command(
         model=model, dataset=dataset, data_dir=data_dir, validation_file=validation_file, test_file=test_file,
         document_field=document_field, summary_field=summary_field, id_field=id_field, seed=seed,
         max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature,
-        top_p=top_p, gen_batch_size=gen_batch_size,
+        top_p=top_p, gen_batch_size=gen_batch_size, length_penalty=length_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens,
     )  # fmt: skip
     options = EvaluateOptions(
         adapter_dir=str(adapter), split=split, samples=samples, data_file=str(data_file) if data_file else None,

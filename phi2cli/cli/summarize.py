@@ -10,8 +10,8 @@ import typer
 from rich.markup import escape
 
 from phi2cli.cli.app import (
-    GenBatchOpt, MaxNewTokensOpt, NumBeamsOpt, SampleOpt, TemperatureOpt, TopPOpt, command, console,
-    data_overrides,
+    GenBatchOpt, LengthPenaltyOpt, MaxNewTokensOpt, MinNewTokensOpt, NoRepeatNgramOpt, NumBeamsOpt, SampleOpt,
+    TemperatureOpt, TopPOpt, command, console, data_overrides,
 )  # fmt: skip
 from phi2cli.cli.evaluate import RunModelOpt
 from phi2cli.errors import ConfigError
@@ -35,6 +35,9 @@ def summarize_command(
     model: RunModelOpt = None,
     max_new_tokens: MaxNewTokensOpt = None,
     num_beams: NumBeamsOpt = None,
+    length_penalty: LengthPenaltyOpt = None,
+    no_repeat_ngram_size: NoRepeatNgramOpt = None,
+    min_new_tokens: MinNewTokensOpt = None,
     do_sample: SampleOpt = None,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
@@ -59,7 +62,8 @@ def summarize_command(
     adapter = adapter or Path(DEFAULT_ADAPTER)
     overrides = data_overrides(model=model, max_new_tokens=max_new_tokens, num_beams=num_beams,
                                do_sample=do_sample, temperature=temperature, top_p=top_p,
-                               gen_batch_size=gen_batch_size)  # fmt: skip
+                               gen_batch_size=gen_batch_size, length_penalty=length_penalty,
+                               no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens)  # fmt: skip
     articles = read_articles(inputs, document_field)
     stream = sys.stdout if len(articles) == 1 and not as_json and sys.stdout.isatty() else None
     timings: dict[str, float] = {}

@@ -12,7 +12,8 @@ from phi2cli.cli.app import (
     QuantOpt, SamplesOpt, SeedOpt, SumFieldOpt, TemplateOpt, TestFileOpt, TokenizerOpt, TrainFileOpt, ValFileOpt,
     ValSamplesOpt, command, console, data_overrides, opt,
 )  # fmt: skip
-from phi2cli.config import Phi2Config, apply_overrides, build_config, load_run_config
+from phi2cli.config import Phi2Config, apply_overrides, build_config, given_keys, load_run_config
+from phi2cli.models.recipes import RecipeChoice, apply_recipe
 
 
 @command("train")
@@ -61,6 +62,7 @@ def train_command(
     cuda_graphs: Annotated[Optional[bool], opt("train.cuda_graphs", "--cuda-graphs/--no-cuda-graphs")] = None,
     train_seed: Annotated[Optional[int], opt("train.seed", "--train-seed")] = None,
     report_to: Annotated[Optional[str], opt("train.report_to", "--report-to")] = None,
+    neftune_alpha: Annotated[Optional[float], opt("train.neftune_alpha", "--neftune-alpha")] = None,
     output_dir: Annotated[Optional[str], opt("train.output_dir", "--output-dir", "-o")] = None,
     final_dir: Annotated[Optional[str], opt("train.final_dir", "--final-dir")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its newest checkpoint.")] = False,
@@ -99,17 +101,21 @@ def train_command(
         "train.eval_batch_size": eval_batch_size, "train.optimizer": optimizer,
         "train.gradient_checkpointing": gradient_checkpointing, "train.profile": profile, "train.compile": compile_layers,
         "train.cuda_graphs": cuda_graphs, "train.seed": train_seed, "train.report_to": report_to,
+        "train.neftune_alpha": neftune_alpha,
         "train.output_dir": output_dir, "train.final_dir": final_dir,
     })  # fmt: skip
-    cfg = resolve_train_config(config, overrides, resume)
+    cfg, recipe = resolve_train_config(config, overrides, resume)
     import os
     from contextlib import nullcontext
 
     display = TrainingDisplay(console)
     main_process = os.environ.get("LOCAL_RANK", "0") == "0"
+    if recipe is not None and main_process:
+        note(recipe.line())
     with display if main_process else nullcontext():
         result = train(cfg, prepared_dir=prepared, resume=resume, overwrite=overwrite,
-                       display=display.update if main_process else None, progress=track)  # fmt: skip
+                       display=display.update if main_process else None, progress=track,
+                       recipe=recipe.to_dict() if recipe else None)  # fmt: skip
     if not main_process:
         return
     for message in result.notes:
@@ -164,11 +170,15 @@ def throughput_lines(throughput: dict[str, Any]) -> list[str]:
     return lines
 
 
-def resolve_train_config(config_file: Optional[Path], overrides: dict[str, Any], resume: bool) -> Phi2Config:
-    """Flags over the config file over defaults; on --resume, over the run's saved config."""
+def resolve_train_config(config_file: Optional[Path], overrides: dict[str, Any],
+                         resume: bool) -> tuple[Phi2Config, Any]:  # fmt: skip
+    """Flags over the config file over the model size's recipe over defaults (the recipe choice is
+    returned too); on --resume, flags over the run's saved config (and its recorded recipe)."""
     if resume and config_file is None:
         out = overrides.get("train.output_dir") or Phi2Config().train.output_dir
         if (Path(out) / "phi2_run.json").is_file():
-            saved, _ = load_run_config(out)
-            return apply_overrides(saved, overrides).validate()
-    return build_config(config_file, overrides)
+            saved, facts = load_run_config(out)
+            recorded = RecipeChoice.from_dict(facts["recipe"]) if isinstance(facts.get("recipe"), dict) else None
+            return apply_overrides(saved, overrides).validate(), recorded
+
+    return apply_recipe(build_config(config_file, overrides), given_keys(config_file, overrides))

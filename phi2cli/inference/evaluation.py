@@ -122,7 +122,8 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
     """
     from phi2cli.data.prepare import sample_rows
     from phi2cli.io.files import ensure_writable_dir, write_json_atomic, write_jsonl_atomic
-    from phi2cli.inference.generate import attach_adapter, default_batch_size, encode_documents, load_model
+    from phi2cli.inference.generate import (attach_adapter, decoder_name, default_batch_size, encode_documents,
+                                            load_model)  # fmt: skip
 
     if options.samples < 1:
         raise ConfigError(f"--samples must be at least 1 (got {options.samples})")
@@ -194,8 +195,10 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
         "loss_examples": len(examples),
         "truncated_articles": truncated["tuned"],
         "settings": {
-            "max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams, "do_sample": g.do_sample,
-            "temperature": g.temperature, "top_p": g.top_p, "gen_batch_size": batch_size,
+            "max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams, "length_penalty": g.length_penalty,
+            "no_repeat_ngram_size": g.no_repeat_ngram_size, "min_new_tokens": g.min_new_tokens,
+            "do_sample": g.do_sample, "temperature": g.temperature, "top_p": g.top_p, "gen_batch_size": batch_size,
+            "decoder": decoder_name(loaded, g),
             "max_length": data.max_length, "loss_on": data.loss_on, "template": data.template, "seed": data.seed,
             "loss_reduction": LOSS_REDUCTION, "rouge": "F-measure x 100, Porter stemming, mean over articles",
             "rouge_sentence_splitter": SENTENCE_SPLITTER,

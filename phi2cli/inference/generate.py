@@ -266,7 +266,10 @@ def default_batch_size(loaded: LoadedModel, requested: int | None, gen: Generati
         return requested
     if loaded.device != "cuda":
         return loaded.config.generation.batch_size
-    return FAST_CUDA_GEN_BATCH if gen is not None and uses_fast_decoder(loaded, gen) else CUDA_GEN_BATCH
+    if gen is not None and uses_fast_decoder(loaded, gen):
+        return FAST_CUDA_GEN_BATCH
+    beams = gen.num_beams if gen is not None else 1
+    return max(1, CUDA_GEN_BATCH // beams)  # each article holds num_beams sequences in the KV cache
 
 
 DECODER_ENV = "PHI2_DECODER"  # static: the hand-written static-cache decoder where it applies; hf: generate()
@@ -284,9 +287,11 @@ def decoder_choice() -> str:
 
 
 def uses_fast_decoder(loaded: LoadedModel, gen: GenerationConfig, streaming: bool = False) -> bool:
-    """Greedy, not streamed, PHI2_DECODER not 'hf', and a model the static-cache decoder supports
-    (phi2cli.inference.decode); everything else goes through transformers' generate()."""
-    if gen.do_sample or gen.num_beams != 1 or streaming or decoder_choice() == "hf":
+    """Plain greedy (no n-gram blocking, no minimum length), not streamed, PHI2_DECODER not 'hf', and a
+    model the static-cache decoder supports (phi2cli.inference.decode); everything else goes through
+    transformers' generate(). The length penalty only acts on beams."""
+    if (gen.do_sample or gen.num_beams != 1 or streaming or gen.no_repeat_ngram_size or gen.min_new_tokens
+            or decoder_choice() == "hf"):
         return False
     from phi2cli.inference.decode import supports
 
@@ -296,11 +301,20 @@ def uses_fast_decoder(loaded: LoadedModel, gen: GenerationConfig, streaming: boo
 def decoder_fallback(loaded: LoadedModel, gen: GenerationConfig) -> str | None:
     """Why greedy decoding of this model cannot use the static-cache decoder (None where it does or
     where the user chose generate())."""
-    if gen.do_sample or gen.num_beams != 1 or decoder_choice() == "hf" or uses_fast_decoder(loaded, gen):
+    if gen.do_sample or gen.num_beams != 1 or gen.no_repeat_ngram_size or gen.min_new_tokens \
+            or decoder_choice() == "hf" or uses_fast_decoder(loaded, gen):
         return None
     model_type = getattr(getattr(loaded.model, "config", None), "model_type", None)
     return (f"the static-cache decoder drives plain Phi models only (this is '{model_type}'): "
             f"summaries come from transformers' generate(), and evaluate's eval loss and prefill run as two passes")
+
+
+def decoder_name(loaded: LoadedModel, gen: GenerationConfig) -> str:
+    """Which decoder produces the summaries, as recorded in metrics.json."""
+    if uses_fast_decoder(loaded, gen):
+        return "static-cache greedy (phi2cli.inference.decode)"
+    kind = "sampling" if gen.do_sample else "beam search" if gen.num_beams > 1 else "greedy"
+    return f"transformers generate ({kind})"
 
 
 def generate(loaded: LoadedModel, documents: Sequence[str], gen: GenerationConfig, batch_size: int,
@@ -315,14 +329,15 @@ def generate_prompts(loaded: LoadedModel, prompts: Sequence[tuple[list[int], boo
                      stream: TextIO | None = None) -> list[Generated]:  # fmt: skip
     """Summarize each prompt: batched, longest first; results in input order.
 
-    Greedy decoding of a supported Phi model goes through phi2cli.inference.decode (one prefill, a static
-    KV cache, a CUDA-graphed step); beam search, sampling, streaming and other models through
-    Hugging Face generate() on left-padded batches.
+    Plain greedy decoding of a supported Phi model goes through phi2cli.inference.decode (one prefill,
+    a static KV cache, a CUDA-graphed step); beam search, sampling, n-gram blocking, a minimum
+    length, streaming and other models through Hugging Face generate() on left-padded batches.
 
     Args:
         loaded: from load_model.
         prompts: (prompt ids, article truncated) per article, from build_prompts.
-        gen: decoding settings (max_new_tokens, num_beams, do_sample, temperature, top_p).
+        gen: decoding settings (max_new_tokens, num_beams, length_penalty, no_repeat_ngram_size,
+            min_new_tokens, do_sample, temperature, top_p).
         batch_size: articles per batch; halved on CUDA out-of-memory.
         advance: called with the number of articles done after each batch.
         stream: write the text of a single article here as it is generated (greedy/sampling only).
@@ -364,14 +379,26 @@ def generate_prompts(loaded: LoadedModel, prompts: Sequence[tuple[list[int], boo
 def _generation_config(loaded: LoadedModel, gen: GenerationConfig) -> Any:
     from transformers import GenerationConfig as HFGenerationConfig
 
-    sampling = {"temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample else {}
+    kwargs = generate_kwargs(gen)
     if loaded.device == "cuda" and gen.num_beams == 1:
-        sampling["cache_implementation"] = "static"  # transformers' own static KV cache (it compiles the step)
-    return HFGenerationConfig(
-        max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, do_sample=gen.do_sample,
-        eos_token_id=stop_token_ids(loaded.tokenizer), pad_token_id=loaded.tokenizer.pad_token_id,
-        use_cache=True, **sampling,
-    )  # fmt: skip
+        kwargs["cache_implementation"] = "static"  # transformers' own static KV cache (it compiles the step)
+    return HFGenerationConfig(**kwargs, eos_token_id=stop_token_ids(loaded.tokenizer),
+                              pad_token_id=loaded.tokenizer.pad_token_id, use_cache=True)  # fmt: skip
+
+
+def generate_kwargs(gen: GenerationConfig) -> dict[str, Any]:
+    """Our decoding settings as transformers' GenerationConfig arguments (only those that act)."""
+    kwargs: dict[str, Any] = {"max_new_tokens": gen.max_new_tokens, "num_beams": gen.num_beams,
+                              "do_sample": gen.do_sample}  # fmt: skip
+    if gen.do_sample:
+        kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
+    if gen.num_beams > 1:
+        kwargs.update(length_penalty=gen.length_penalty, early_stopping=True)  # stop once num_beams are done
+    if gen.no_repeat_ngram_size:
+        kwargs["no_repeat_ngram_size"] = gen.no_repeat_ngram_size
+    if gen.min_new_tokens:
+        kwargs["min_new_tokens"] = gen.min_new_tokens  # the stop tokens (EOS, newline) are held back until then
+    return kwargs
 
 
 def _generate_batch(loaded: LoadedModel, prompts: list[list[int]], config: Any,

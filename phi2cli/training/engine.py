@@ -126,6 +126,7 @@ def _training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, ha
         disable_tqdm=True,
         seed=train.seed,
         data_seed=config.data.seed,
+        neftune_noise_alpha=train.neftune_alpha or None,  # the Trainer's own NEFTune hook on the input embeddings
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False if plan.world_size > 1 else None,
         logging_nan_inf_filter=not plan.cuda_graphs,  # its per-step NaN check waits for the GPU every step
@@ -221,6 +222,7 @@ def train_locked(
     display: Display | None = None,
     progress: Any = None,
     callbacks: list[Any] | None = None,
+    recipe: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Fine-tune with QLoRA; return where the best adapter is.
 
@@ -232,6 +234,7 @@ def train_locked(
         display: receives progress events ('note', 'begin', 'step', 'eval', 'end').
         progress: iterable wrapper for data preparation progress.
         callbacks: extra TrainerCallbacks.
+        recipe: the size recipe's choice (recipes.RecipeChoice.to_dict()), recorded in phi2_run.json.
     Raises:
         RunError (also when the loss became NaN/inf), ConfigError, DataError, ModelError, DeviceError,
         TrainingInterrupted (checkpoint saved).
@@ -320,6 +323,8 @@ def train_locked(
                  "eos_token_id": tokenizer.eos_token_id, "manifest": {k: manifest[k] for k in ("source", "splits")}}  # fmt: skip
     if precision.device == "cuda":
         run_facts["gpu"] = torch.cuda.get_device_name()  # the Run section of 'phi2 report'
+    if recipe is not None:
+        run_facts["recipe"] = recipe
     if is_main:
         save_run_config(config, out, run_facts)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from typing import Any, Callable
@@ -137,6 +138,8 @@ class Phi2Trainer(Trainer):
         tokens = real_tokens(inputs)
         self.real_tokens_seen += tokens
         self.squared_lengths_seen += sum(n * n for n in sequence_lengths(inputs))
+        if self.neftune_noise_alpha and "example_lengths" in inputs:
+            self._scale_neftune(len(inputs["example_lengths"]))
         inputs = model_inputs(inputs)
         if self.cuda_graphs:
             loss = self._graphed_step(model, inputs, num_items_in_batch, tokens)
@@ -149,6 +152,12 @@ class Phi2Trainer(Trainer):
         bad = (~torch.isfinite(loss.detach())).sum()
         self.non_finite_losses = bad if self.non_finite_losses is None else self.non_finite_losses + bad
         return loss
+
+    def _scale_neftune(self, examples: int) -> None:
+        """NEFTune's noise is alpha / sqrt(row length x width): a packed row holds several examples, so
+        alpha x sqrt(examples) gives each example the noise of a row of the mean example length."""
+        embeddings = self.accelerator.unwrap_model(self.model).get_input_embeddings()
+        embeddings.neftune_noise_alpha = self.neftune_noise_alpha * math.sqrt(max(examples, 1))
 
     def _loss_scale(self, num_items_in_batch: Any) -> float:
         """What compute_loss and training_step multiply the loss by, so both paths give the same gradient."""

@@ -1,0 +1,176 @@
+"""Training recipes by model size: the defaults a run gets for what the user did not set.
+
+phi-2 (and any model of its size class) keeps the reference recipe, the dataclass defaults in
+phi2cli.config, exactly. Smaller models learn too little with it (a 135 M model on XSUM gains
+5.7 ROUGE-L points less), so their learning rate, LoRA targets, epochs, warm-up and decoding
+come from the table below. A value the user gave (flag or config file) always wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phi2cli.config import Phi2Config, apply_overrides
+
+REFERENCE_MODEL = "microsoft/phi-2"  # the reference run's model: never looked up, always the reference recipe
+RECIPE_KEYS = ("train.learning_rate", "train.epochs", "train.warmup_steps", "lora.targets", "lora.r", "lora.alpha",
+               "generation.num_beams", "generation.length_penalty", "generation.no_repeat_ngram_size")  # fmt: skip
+# LoRA on the attention projections only, by family (model_type); other families get every linear layer.
+ATTENTION_TARGETS = {
+    "phi": ("q_proj", "k_proj", "v_proj", "dense"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
+GGUF_ARCHITECTURES = {"phi2": "phi", "llama": "llama", "qwen2": "qwen2"}  # GGUF general.architecture -> model_type
+
+
+@dataclass(frozen=True)
+class SizeRecipe:
+    name: str
+    max_parameters: float  # models up to this many parameters use this row
+    learning_rate: float
+    epochs: float
+    warmup_steps: int
+    lora_targets: str  # "all-linear" or "attention" (the family's q/k/v/output projections)
+    lora_r: int
+    lora_alpha: int
+    num_beams: int
+    length_penalty: float
+    no_repeat_ngram_size: int
+
+
+# Small and medium rows: provisional until benchmarks/recipe_sweep.py picks them on the validation
+# rows (docs/RESULTS.md); the small row is the hand-tuned SmolLM2-135M recipe. The large row is
+# the reference recipe and must stay equal to the config defaults (a test checks it).
+SIZE_RECIPES = (
+    SizeRecipe("small (up to 0.5 B)", 0.5e9, 1e-3, 2.0, 20, "all-linear", 16, 32, 1, 1.0, 0),
+    SizeRecipe("medium (0.5-2 B)", 2e9, 5e-4, 2.0, 30, "all-linear", 16, 32, 1, 1.0, 0),  # between the ends, unmeasured
+    SizeRecipe("large (over 2 B, reference)", float("inf"), 2e-4, 1.0, 50, "attention", 16, 32, 1, 1.0, 0),
+)
+
+
+@dataclass(frozen=True)
+class RecipeChoice:
+    """Which table row a run got and the values it took from it (recorded in phi2_run.json)."""
+
+    row: str
+    parameters: int | None  # None when the model's size could not be read
+    model_type: str | None
+    chosen: dict[str, Any]  # dotted key -> value taken from the table
+    given: tuple[str, ...]  # recipe keys the user set, left as they were
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "given": list(self.given)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RecipeChoice":
+        """Back from phi2_run.json (a resumed run keeps its recipe record)."""
+        chosen = {k: tuple(v) if isinstance(v, list) else v for k, v in values.get("chosen", {}).items()}
+        return cls(values.get("row", "?"), values.get("parameters"), values.get("model_type"), chosen,
+                   tuple(values.get("given", ())))  # fmt: skip
+
+    def line(self) -> str:
+        """One line for the start of a run."""
+        size = f"{self.parameters / 1e6:,.0f} M parameters" if self.parameters else \
+            "phi-2" if self.model_type == "phi" and self.row == SIZE_RECIPES[-1].name else "size unknown"  # fmt: skip
+        family = f", {self.model_type}" if self.model_type and self.parameters else ""
+        greedy = self.chosen.get("generation.num_beams") == 1
+        parts = [f"{_FLAGS[k]} {_shown(v)}" for k, v in self.chosen.items()
+                 if not (greedy and k in ("generation.length_penalty", "generation.no_repeat_ngram_size"))]
+        parts = ["greedy decoding" if p == "--num-beams 1" else p for p in parts]
+        text = f"recipe: {self.row} for {size}{family}: " + (", ".join(parts) if parts else "nothing left to choose")
+        if self.given:
+            text += f" (yours: {', '.join(_FLAGS[k] for k in self.given)})"
+        return text
+
+
+_FLAGS = {"train.learning_rate": "--lr", "train.epochs": "--epochs", "train.warmup_steps": "--warmup-steps",
+          "lora.targets": "--lora-targets", "lora.r": "--lora-r", "lora.alpha": "--lora-alpha",
+          "generation.num_beams": "--num-beams",
+          "generation.length_penalty": "--length-penalty",
+          "generation.no_repeat_ngram_size": "--no-repeat-ngram-size"}  # fmt: skip
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def row_for(parameters: int | None) -> SizeRecipe:
+    """The table row of a model with this many parameters; the reference row when unknown."""
+    if parameters is None:
+        return SIZE_RECIPES[-1]
+    return next(r for r in SIZE_RECIPES if parameters <= r.max_parameters)
+
+
+def recipe_values(row: SizeRecipe, model_type: str | None) -> dict[str, Any]:
+    """A row as dotted config values, LoRA targets resolved for the model's family."""
+    targets = ("all-linear",) if row.lora_targets == "all-linear" else ATTENTION_TARGETS.get(model_type or "", ("all-linear",))
+    return {"train.learning_rate": row.learning_rate, "train.epochs": row.epochs,
+            "train.warmup_steps": row.warmup_steps, "lora.targets": targets, "lora.r": row.lora_r,
+            "lora.alpha": row.lora_alpha, "generation.num_beams": row.num_beams,
+            "generation.length_penalty": row.length_penalty,
+            "generation.no_repeat_ngram_size": row.no_repeat_ngram_size}  # fmt: skip
+
+
+def apply_recipe(config: Phi2Config, given: set[str] | frozenset[str]) -> tuple[Phi2Config, RecipeChoice]:
+    """Fill the recipe keys the user did not set from the row of the model's size.
+
+    Args:
+        config: the config built from defaults, file and flags.
+        given: dotted keys the user set (config.given_keys).
+    Returns:
+        (config with the row's values where not given, what was chosen).
+    """
+    model = config.model.model
+    parameters, model_type = (None, "phi") if model == REFERENCE_MODEL else model_size(model)
+    row = row_for(parameters)
+    # phi-2, or a model whose size cannot be read here: the reference recipe, phi-2's targets included
+    values = recipe_values(row, model_type if parameters is not None else "phi")
+    chosen = {k: v for k, v in values.items() if k not in given}
+    yours = tuple(k for k in RECIPE_KEYS if k in given)
+    return apply_overrides(config, chosen, "recipe").validate(), RecipeChoice(row.name, parameters, model_type,
+                                                                               chosen, yours)  # fmt: skip
+
+
+def model_size(model: str) -> tuple[int | None, str | None]:
+    """(parameter count, model_type) of a .gguf file, local directory or cached hub model, read
+    without loading weights; (None, None) when it cannot be read here."""
+    path = Path(model).expanduser()
+    try:
+        if path.suffix.lower() == ".gguf" and path.is_file():
+            return _gguf_size(path)
+        return _config_size(model)
+    except Exception:  # an unreadable model fails later, where it is loaded, with its own message
+        return None, None
+
+
+def _gguf_size(path: Path) -> tuple[int, str | None]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    parameters = sum(int(t.n_elements) for t in reader.tensors)
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    return parameters, GGUF_ARCHITECTURES.get(arch or "", arch)
+
+
+def _config_size(model: str) -> tuple[int, str | None]:
+    """Parameters of the model its config describes, built on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from phi2cli.models.loading import quiet_libraries
+
+    quiet_libraries()
+    config = AutoConfig.from_pretrained(model)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in skeleton.parameters()), getattr(config, "model_type", None)
