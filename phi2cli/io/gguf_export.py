@@ -52,12 +52,13 @@ def gguf_architecture(config: Any) -> tuple[Any, bool]:
     return getattr(gguf.MODEL_ARCH, arch_name), permute
 
 
-def _rope_theta(config: Any) -> float:
+def _rope(config: Any, key: str, default: float) -> float:
+    """A rotary setting: in config.rope_parameters since transformers 5, a config attribute before."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         raise ModelError(f"GGUF export does not handle rope scaling '{rope_type}' yet; export with --format hf")
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    return float(params.get(key, getattr(config, key, default)))
 
 
 def _head_dim(config: Any) -> int:
@@ -73,11 +74,10 @@ def add_hyperparameters(writer: Any, arch_name: str, config: Any) -> None:
     writer.add_block_count(config.num_hidden_layers)
     writer.add_head_count(heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
-    theta = _rope_theta(config)
     if arch_name == "PHI2":
         writer.add_layer_norm_eps(config.layer_norm_eps)
         # phi-2 rotates only the first partial_rotary_factor of each head (32 of 80 dims)
-        writer.add_rope_dimension_count(int(config.partial_rotary_factor * _head_dim(config)))
+        writer.add_rope_dimension_count(int(_rope(config, "partial_rotary_factor", 1.0) * _head_dim(config)))
     else:
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
         writer.add_rope_dimension_count(_head_dim(config))
@@ -85,7 +85,7 @@ def add_hyperparameters(writer: Any, arch_name: str, config: Any) -> None:
         if _head_dim(config) != config.hidden_size // heads:
             writer.add_key_length(_head_dim(config))
             writer.add_value_length(_head_dim(config))
-    writer.add_rope_freq_base(theta)
+    writer.add_rope_freq_base(_rope(config, "rope_theta", 10000.0))
 
 
 def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
@@ -216,6 +216,9 @@ def write_gguf(model: Any, tokenizer: Any, path: str | Path, gguf_type: str, nam
     tensors = [(tensor_name, *encode_tensor(data, gguf_type)) for tensor_name, data in
                gguf_tensors(model, arch, permute)]  # fmt: skip
     file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if gguf_type == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
+    from phi2cli.io.files import ensure_writable_dir
+
+    ensure_writable_dir(path.parent)
     partial = path.with_name(f".{path.name}.partial")
     try:
         writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch])
