@@ -211,3 +211,44 @@ def test_gguf_export_overwrite_replaces_both_files(final):
     assert Path("phi2-xsum-merged-q8_0.Modelfile").read_text().startswith("# Ollama model")
     assert Path("phi2-xsum-merged-q8_0.gguf").read_bytes()[:4] == b"GGUF"
     assert not any(p.name.startswith(".") for p in Path(".").iterdir())  # no partial file left behind
+
+
+def test_qwen2_keeps_transformers_rotary_rows_and_its_qkv_biases(tiny_phi_dir, tmp_path):
+    import gguf
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from phi2cli.io.gguf_export import write_gguf
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=51200, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    summary = write_gguf(model, AutoTokenizer.from_pretrained(tiny_phi_dir), tmp_path / "q.gguf", "f16", "tiny qwen2")
+    assert (summary.architecture, summary.tensors) == ("qwen2", 15)
+    reader = gguf.GGUFReader(tmp_path / "q.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias", "output.weight"} <= set(tensors)
+    q = model.model.layers[0].self_attn.q_proj
+    assert np.allclose(_array(tensors["blk.0.attn_q.weight"]), q.weight.detach().numpy(), atol=1e-3)  # NEOX rotary
+    assert np.allclose(_array(tensors["blk.0.attn_q.bias"]), q.bias.detach().numpy())
+
+
+def test_pre_tokenizer_is_read_from_the_tokenizer_structure():
+    from phi2cli.errors import ModelError
+    from phi2cli.io.gguf_export import pre_tokenizer_name
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
+    qwen2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    llama3 = qwen2.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+
+    def split(pattern: str) -> dict:
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated"}, byte_level]}}  # fmt: skip
+
+    assert pre_tokenizer_name({"pre_tokenizer": {**byte_level, "use_regex": True}}) == "gpt-2"
+    assert pre_tokenizer_name(split(qwen2)) == "qwen2"
+    assert pre_tokenizer_name(split(llama3)) == "llama-bpe"
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, {**byte_level, "use_regex": True}]}}) == "smollm"  # fmt: skip
+    with pytest.raises(ModelError, match="pre-splits text with \\['Metaspace'\\]"):
+        pre_tokenizer_name({"pre_tokenizer": {"type": "Metaspace"}})
