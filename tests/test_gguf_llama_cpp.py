@@ -12,11 +12,10 @@ from conftest import ROOT, SMOLLM2_GGUF
 pytestmark = pytest.mark.slow
 
 
-def test_llama_cpp_matches_transformers_on_exported_smollm2(xsum_dir, tmp_path, monkeypatch):
+def test_llama_cpp_matches_transformers_on_exported_smollm2(xsum_dir, tmp_path):
     pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python (builds llama.cpp from source)")
     if not SMOLLM2_GGUF.is_file():
         pytest.skip(f"SmolLM2 GGUF not found at {SMOLLM2_GGUF}")
-    monkeypatch.setenv("PHI2_CACHE", str(tmp_path / "cache"))
     spec = importlib.util.spec_from_file_location("gguf_agreement", ROOT / "benchmarks" / "gguf_agreement.py")
     agreement = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(agreement)
