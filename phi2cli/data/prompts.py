@@ -41,21 +41,7 @@ class PromptFormat:
         """Resolve `template` ('chat' or a string with {document}) for `tokenizer`."""
         if tokenizer.eos_token_id is None:
             raise ConfigError("the tokenizer has no EOS token; summaries need one to end")
-        if template == "chat":
-            if not getattr(tokenizer, "chat_template", None):
-                raise ConfigError("--template chat needs a tokenizer with a chat template; this one has none")
-            rendered = tokenizer.apply_chat_template(
-                [{"role": "user", "content": CHAT_INSTRUCTION + _DOC_MARK}],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-            prefix, _, suffix = rendered.partition(_DOC_MARK)
-            summary_prefix = ""
-        else:
-            if template.count("{document}") != 1:
-                raise ConfigError("--template must contain {document} exactly once (or be 'chat')")
-            prefix, _, suffix = template.partition("{document}")
-            summary_prefix = "" if suffix.endswith((" ", "\n")) else " "
+        prefix, suffix, summary_prefix = prompt_text(template, tokenizer)
         return cls(
             template=template,
             prefix_ids=tuple(_encode(tokenizer, prefix)),
@@ -80,6 +66,24 @@ class PromptFormat:
         truncated = len(document_ids) > room
         ids = list(self.prefix_ids) + list(document_ids[:room]) + list(self.suffix_ids)
         return ids, truncated
+
+
+def prompt_text(template: str, tokenizer: Any) -> tuple[str, str, str]:
+    """(text before the article, text after it, text put before the summary) of `template`."""
+    if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("--template chat needs a tokenizer with a chat template; this one has none")
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": CHAT_INSTRUCTION + _DOC_MARK}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        prefix, _, suffix = rendered.partition(_DOC_MARK)
+        return prefix, suffix, ""
+    if template.count("{document}") != 1:
+        raise ConfigError("--template must contain {document} exactly once (or be 'chat')")
+    prefix, _, suffix = template.partition("{document}")
+    return prefix, suffix, "" if suffix.endswith((" ", "\n")) else " "
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:

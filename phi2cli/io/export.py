@@ -1,5 +1,6 @@
 """`export`: fold a LoRA adapter into a full-precision copy of its base model, saved as a plain
-transformers model directory (safetensors + tokenizer + README) that needs neither peft nor phi2cli.
+transformers model directory (safetensors + tokenizer + README) that needs neither peft nor phi2cli,
+or as one GGUF file with an Ollama Modelfile beside it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from phi2cli.errors import ConfigError, RunError
 
 DEFAULT_OUTPUT = "phi2-xsum-merged"
 EXPORT_DTYPES = ("bfloat16", "float16", "float32")
+EXPORT_FORMATS = ("hf", "gguf")
 
 
 @dataclass(frozen=True)
@@ -69,20 +71,38 @@ def export_merged(adapter_dir: str | Path, output_dir: str | Path = DEFAULT_OUTP
     Raises:
         ConfigError (bad dtype), RunError (output exists), ModelError (adapter/base unloadable).
     """
-    from phi2cli.config import apply_overrides
     from phi2cli.io.files import atomic_directory, write_text_atomic
-    from phi2cli.inference.generate import check_adapter_dir, run_config_for
-    from phi2cli.models.loading import Precision, load_adapter, load_base_model, load_tokenizer
 
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)} (got '{dtype}')")
+    adapter, config = _run_of(adapter_dir, model)
+    output = check_output(output_dir, overwrite)
+    merged, tokenizer = _merge(adapter, config, dtype)
+    with atomic_directory(output) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        write_text_atomic(tmp / "README.md", _readme(config.model.model, adapter, dtype, config.data.template, output))
+    files = sorted(p.name for p in output.iterdir())
+    return ExportResult(output, config.model.model, adapter, dtype, files)
+
+
+def _run_of(adapter_dir: str | Path, model: str | None) -> tuple[Path, Any]:
+    """The checked adapter directory and its run's config (base model overridden by `model`)."""
+    from phi2cli.config import apply_overrides
+    from phi2cli.inference.generate import check_adapter_dir, run_config_for
+
     adapter = check_adapter_dir(adapter_dir)
     config, _ = run_config_for(adapter)
-    config = apply_overrides(config, {"model.model": model})
-    output = check_output(output_dir, overwrite)
+    return adapter, apply_overrides(config, {"model.model": model})
+
+
+def _merge(adapter: Path, config: Any, dtype: str) -> tuple[Any, Any]:
+    """(base model with the adapter merged in, loaded on the CPU in `dtype`; the run's tokenizer)."""
     from phi2cli.io.hub import check_hub_access
+    from phi2cli.models.loading import Precision, load_adapter, load_base_model, load_tokenizer
 
     check_hub_access(config, tokenizer=not (adapter / "tokenizer_config.json").is_file())
+
     model_cfg = dataclasses.replace(config.model, quantization="none", compute_dtype=dtype)
     base = load_base_model(model_cfg, Precision("cpu", "none", dtype), for_training=False)
     tokenizer_source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else \
@@ -90,9 +110,84 @@ def export_merged(adapter_dir: str | Path, output_dir: str | Path = DEFAULT_OUTP
     tokenizer = load_tokenizer(tokenizer_source)
     merged: Any = load_adapter(base, adapter).merge_and_unload()
     merged.config.use_cache = True
-    with atomic_directory(output) as tmp:
-        merged.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        write_text_atomic(tmp / "README.md", _readme(config.model.model, adapter, dtype, config.data.template, output))
-    files = sorted(p.name for p in output.iterdir())
-    return ExportResult(output, config.model.model, adapter, dtype, files)
+    return merged, tokenizer
+
+
+def _base_family_config(model: str) -> Any:
+    """The base model's transformers config (config.json or GGUF metadata) without its weights; None if
+    unreadable (loading the model then says why)."""
+    from transformers import AutoConfig
+
+    from phi2cli.models.loading import split_gguf
+
+    location, gguf_file = split_gguf(model)
+    try:
+        return AutoConfig.from_pretrained(location, gguf_file=gguf_file) if gguf_file else \
+            AutoConfig.from_pretrained(location)  # fmt: skip
+    except Exception:
+        return None
+
+
+@dataclass(frozen=True)
+class GGUFExportResult:
+    gguf_path: Path
+    modelfile: Path
+    base_model: str
+    adapter_dir: Path
+    architecture: str
+    gguf_type: str
+    tensors: int
+
+
+def gguf_paths(output: str | Path | None, gguf_type: str, overwrite: bool) -> tuple[Path, Path]:
+    """(the .gguf file, its Modelfile); refuses existing files unless overwrite, and non-.gguf names."""
+    from phi2cli.io.files import check_writable_dir
+
+    path = Path(output) if output is not None else Path(f"{DEFAULT_OUTPUT}-{gguf_type}.gguf")
+    if path.suffix.lower() != ".gguf":
+        raise ConfigError(f"--output must name a .gguf file with --format gguf (got '{path}')")
+    if path.is_dir():
+        raise RunError(f"--output {path} is a directory; name a .gguf file")
+    modelfile = path.with_suffix(".Modelfile")
+    existing = [str(p) for p in (path, modelfile) if p.exists()]
+    if existing and not overwrite:
+        raise RunError(f"{' and '.join(existing)} already exist(s); pass --overwrite to replace or choose --output")
+    check_writable_dir(path.parent)  # before loading the model, not after
+    return path, modelfile
+
+
+def export_gguf(adapter_dir: str | Path, output: str | Path | None = None, gguf_type: str = "q8_0",
+                overwrite: bool = False, model: str | None = None) -> GGUFExportResult:  # fmt: skip
+    """Merge the adapter (in float32, on the CPU) and write one GGUF file plus an Ollama Modelfile.
+
+    Args:
+        adapter_dir: a directory written by 'phi2 train' (adapter + phi2_run.json).
+        output: the .gguf file; DEFAULT_OUTPUT-<gguf_type>.gguf by default. The Modelfile goes
+            beside it with the suffix .Modelfile.
+        gguf_type: f16 or q8_0 (matrices; vectors and norms stay f32).
+        overwrite: replace existing files.
+        model: base model override (hub id or path); the run's saved base model by default.
+    Returns:
+        GGUFExportResult.
+    Raises:
+        ConfigError (bad gguf_type or output name), RunError (output exists), ModelError (family or
+        tokenizer GGUF cannot express; adapter/base unloadable).
+    """
+    from phi2cli.data.prompts import prompt_text
+    from phi2cli.io.files import write_text_atomic
+    from phi2cli.io.gguf_export import check_gguf_type, gguf_architecture, render_modelfile, write_gguf
+
+    check_gguf_type(gguf_type)
+    adapter, config = _run_of(adapter_dir, model)
+    path, modelfile = gguf_paths(output, gguf_type, overwrite)
+    base_config = _base_family_config(config.model.model)
+    if base_config is not None:
+        gguf_architecture(base_config)  # an unsupported family fails before the weights load
+    merged, tokenizer = _merge(adapter, config, "float32")  # rounded once, to f16/q8_0, not twice
+    prefix, suffix, _ = prompt_text(config.data.template, tokenizer)
+    name = f"{Path(config.model.model).stem} fine-tuned for XSUM summarization"
+    summary = write_gguf(merged, tokenizer, path, gguf_type, name)
+    write_text_atomic(modelfile, render_modelfile(path.name, prefix, suffix, [tokenizer.eos_token, "\n"],
+                                                  config.data.max_length, config.generation.max_new_tokens))  # fmt: skip
+    return GGUFExportResult(path, modelfile, config.model.model, adapter, summary.architecture, gguf_type,
+                            summary.tensors)  # fmt: skip
