@@ -196,6 +196,9 @@ def train(config: Phi2Config, **kwargs: Any) -> TrainResult:
     from phi2cli.io.files import check_writable_dir
     from phi2cli.io.lock import RunLock
 
+    if kwargs.get("resume") and kwargs.get("overwrite"):  # --overwrite would delete what --resume continues
+        raise ConfigError("--resume continues the run in the output directory and --overwrite deletes it; "
+                          "pass only one of them")  # fmt: skip
     if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0":  # the main process locks for all
         return train_locked(config, **kwargs)
     check_writable_dir(config.train.output_dir)
@@ -241,9 +244,6 @@ def train_locked(
     """
     import time
 
-    if resume and overwrite:  # --overwrite would delete the checkpoint that --resume continues
-        raise ConfigError("--resume continues the run in the output directory and --overwrite deletes it; "
-                          "pass only one of them")  # fmt: skip
     from phi2cli.data.prepare import MANIFEST_NAME
     from phi2cli.io.hub import check_hub_access
 
