@@ -251,6 +251,8 @@ def test_flat_8bit_optimizer_trains_and_resumes_exactly_like_bitsandbytes_per_te
     run("flat", flat=True)
     split = run("split", flat=True, callbacks=[Grab(stop_at=3)])
     assert FlatAdamW8bit not in seen[:1] and seen[1:] == [FlatAdamW8bit, FlatAdamW8bit]
+    recorded = json.loads((tmp_path / "flat-final" / "phi2_run.json").read_text())["fast_paths"]
+    assert recorded["flat_optimizer"]["status"] == "active", recorded  # not hidden by accelerate's wrapper
     monkeypatch.setattr(engine, "resolve_plan", lambda *a, **k: dataclasses.replace(
         engine_plan(*a, **k), optimizer="adamw_8bit", flat_optimizer=True))  # fmt: skip
     train(split, resume=True)

@@ -202,9 +202,11 @@ def dequantize_base(model: Any) -> int:
     quantized = sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
     if not quantized:
         return 0
+    before = {id(param) for param in model.parameters()}
     model.dequantize()
     for param in model.parameters():
-        param.requires_grad_(False)
+        if id(param) not in before:  # the new bf16 base weights; LoRA weights keep requires_grad
+            param.requires_grad_(False)
     model.is_loaded_in_4bit = False  # prepare the LoRA model as the plain bf16 model it now is
     return quantized
 

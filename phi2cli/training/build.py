@@ -88,10 +88,11 @@ def _target_order(name: str) -> tuple[int, str]:
 def record_trainer_paths(paths: Any, plan: EnginePlan, trainer: Any) -> None:
     """The fast paths the Trainer owns (flat optimizer, CUDA graphs), then the plan's unused ones as off."""
     if plan.flat_optimizer:
-        if type(trainer.optimizer).__name__ == "FlatAdamW8bit":
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
+        if type(optimizer).__name__ == "FlatAdamW8bit":
             paths.active("flat_optimizer")
         else:
-            paths.fell_back("flat_optimizer", f"the optimizer ({type(trainer.optimizer).__name__}) is not one "
+            paths.fell_back("flat_optimizer", f"the optimizer ({type(optimizer).__name__}) is not one "
                                               f"FlatAdamW8bit can replace; it ran per tensor")  # fmt: skip
     if plan.cuda_graphs:
         if trainer.graph_note:
