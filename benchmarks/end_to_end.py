@@ -37,6 +37,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))  # phi2cli from this copy
 from common import ROOT, default_data_dir, environment, write_json  # noqa: E402
 
 GROUPS = {"ours": ["seed", "evaluate", "summarize", "report", "smollm2"],
@@ -46,7 +47,8 @@ PARTS = tuple(GROUPS["all"])
 SEED_STEPS = 625
 SEED_JOB = ["--samples", "1495", "--val-samples", "500"]  # with --max-steps SEED_STEPS
 WARMUP_STEPS = 2
-SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # this copy
 DEFAULT_GGUF = next((p for p in (base / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
                                  for base in (ROOT.parent, ROOT)) if p.is_file()),
                     ROOT.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")  # fmt: skip

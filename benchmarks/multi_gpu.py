@@ -45,7 +45,8 @@ SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1
 
 def phi2(*args: str, timeout: float | None = None) -> tuple[subprocess.CompletedProcess, float]:
     """Run the CLI in a fresh process; returns it and its wall time, launch to exit."""
-    env = {**os.environ, **SAFE_NCCL_ENV, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, **SAFE_NCCL_ENV, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # this copy
     started = time.perf_counter()
     try:
         done = subprocess.run([sys.executable, "-m", "phi2cli", *args], env=env, capture_output=True, text=True,
@@ -159,6 +160,15 @@ def check_report(run: dict[str, Any]) -> dict[str, Any]:
     return {"report_rc": done.returncode, "report_excerpt": (done.stdout or done.stderr)[:600]}
 
 
+def merged(path: Path, results: dict[str, Any], modes: list[str]) -> dict[str, Any]:
+    """A run of some modes (--modes weak) keeps the other mode's section of an earlier run's file."""
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    kept = {m: earlier[m] for m in ("strong", "weak") if m not in modes and m in earlier}
+    if kept and "full_xsum_epoch_estimate_s" in earlier and "weak" not in modes:
+        kept["full_xsum_epoch_estimate_s"] = earlier["full_xsum_epoch_estimate_s"]
+    return {**results, **kept}
+
+
 def gpu_counts(text: str, available: int) -> tuple[list[int], list[int]]:
     """--gpus '1,2,4' -> (counts to run, counts skipped because the machine has fewer GPUs)."""
     try:
@@ -243,9 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         two[mode] = {k: v for k, v in results[mode].items()
                      if not re.search(r"_(?:[3-9]|\d\d+)$", k) and not re.match(r"gpus_(?:[3-9]|\d\d+)", k)}  # fmt: skip
     if 2 in counts or 4 not in counts:
-        write_json(args.out_dir / "multi_gpu.json", two)
+        write_json(args.out_dir / "multi_gpu.json", merged(args.out_dir / "multi_gpu.json", two, modes))
     if 4 in counts:
-        write_json(args.out_dir / "multi_gpu_4.json", results)
+        write_json(args.out_dir / "multi_gpu_4.json", merged(args.out_dir / "multi_gpu_4.json", results, modes))
     summary = {m: {k: v for k, v in results[m].items() if k.startswith(("scaling", "loss_max", "same_files",
                                                                           "report_rc", "wall_ratio"))}
                for m in modes}  # fmt: skip

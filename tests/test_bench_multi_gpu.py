@@ -83,3 +83,14 @@ def test_the_benchmark_runs_through_phi2_train_on_the_cpu(bench, tiny_phi_dir, s
         assert run["timing"]["train_steps_s"] > 0
     assert result["weak"]["gpus_1"]["plan"]["micro_batch"] == 2
     assert result["full_xsum_epoch_estimate_s"]["gpus_1"] > 0
+
+
+def test_a_run_of_one_mode_keeps_the_other_modes_earlier_results(bench, tmp_path):
+    path = tmp_path / "multi_gpu_4.json"
+    path.write_text(json.dumps({"strong": {"scaling": 1.6}, "weak": {"scaling": 1.9},
+                                "full_xsum_epoch_estimate_s": {"gpus_1": 5}}))  # fmt: skip
+    weak_only = bench.merged(path, {"weak": {"scaling": 2.0}, "full_xsum_epoch_estimate_s": {"gpus_1": 4}}, ["weak"])
+    assert weak_only == {"weak": {"scaling": 2.0}, "strong": {"scaling": 1.6}, "full_xsum_epoch_estimate_s": {"gpus_1": 4}}
+    strong_only = bench.merged(path, {"strong": {"scaling": 1.7}, "full_xsum_epoch_estimate_s": {}}, ["strong"])
+    assert strong_only["weak"] == {"scaling": 1.9} and strong_only["full_xsum_epoch_estimate_s"] == {"gpus_1": 5}
+    assert bench.merged(tmp_path / "none.json", {"weak": {}}, ["weak"]) == {"weak": {}}
