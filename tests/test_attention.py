@@ -120,6 +120,7 @@ def test_packed_grouped_head_model_matches_separate_sequences(stand_in):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("heads,kv_heads,head_dim,window", [(32, 32, 80, None), (32, 8, 80, None), (9, 3, 64, None),
                                                             (16, 4, 128, 7)])  # fmt: skip
 def test_the_real_varlen_kernel_matches_block_diagonal_sdpa(heads, kv_heads, head_dim, window):
