@@ -452,7 +452,7 @@ def test_out_of_memory_while_loading_for_training_gives_advice(monkeypatch, tiny
 
 
 def test_out_of_memory_while_evaluating_gives_advice(monkeypatch, trained_run, tmp_path):
-    monkeypatch.setattr("phi2cli.training.trainer.selective_causal_lm_loss", out_of_memory)
+    monkeypatch.setattr("phi2cli.kernels.loss.selective_causal_lm_loss", out_of_memory)
     result = invoke(["evaluate", "--adapter", str(trained_run), "--samples", "2", "--output", str(tmp_path / "e")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert error_message(result.output) == ("Error: the GPU ran out of memory computing the eval loss; "
