@@ -117,3 +117,23 @@ def test_packed_grouped_head_model_matches_separate_sequences(stand_in):
                        position_ids=torch.cat([torch.arange(len(s)) for s in sequences])[None],
                        cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=11, max_length_k=11).logits[0].float()
     torch.testing.assert_close(packed, torch.cat(alone), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("heads,kv_heads,head_dim,window", [(32, 32, 80, None), (32, 8, 80, None), (9, 3, 64, None),
+                                                            (16, 4, 128, 7)])  # fmt: skip
+def test_the_real_varlen_kernel_matches_block_diagonal_sdpa(heads, kv_heads, head_dim, window):
+    """On a GPU: torch's varlen flash kernel through the wrapper, GQA and window included."""
+    assert attention.varlen_available(head_dim, heads, kv_heads, window)
+    torch.manual_seed(0)
+    lengths = [37, 300, 5, 130]
+    total = sum(lengths)
+    query = torch.randn(1, heads, total, head_dim, dtype=torch.bfloat16, device="cuda")
+    key = torch.randn(1, kv_heads, total, head_dim, dtype=torch.bfloat16, device="cuda")
+    value = torch.randn(1, kv_heads, total, head_dim, dtype=torch.bfloat16, device="cuda")
+    cu = torch.tensor([0, 37, 337, 342, 472], device="cuda")
+    out, _ = attention._attention(None, query, key, value, None, scaling=head_dim**-0.5, cu_seq_lens_q=cu,
+                                  max_length_q=300, sliding_window=window)  # fmt: skip
+    expected = block_causal_reference(query.cpu(), key.cpu(), value.cpu(), lengths, head_dim**-0.5, window)
+    torch.testing.assert_close(out.float().cpu(), expected.transpose(1, 2), atol=2e-2, rtol=2e-2)
