@@ -110,10 +110,19 @@ def flags(settings: dict[str, Any], names: dict[str, str]) -> list[str]:
     return [part for key, value in settings.items() if key in names for part in (names[key], str(value))]
 
 
+REUSE = False  # --reuse: a step whose same command finished before (in --work) is not run again
+
+
 def run(args: list[str], log: Path) -> float:
     """Run `python -m phi2cli ARGS`, its output to `log`; seconds taken. A failure ends the sweep."""
     command = [sys.executable, "-m", "phi2cli", *args]
     print("$ phi2 " + shlex.join(args), flush=True)
+    done = log.with_suffix(".done.json")  # written after success: the command and its seconds
+    if REUSE and done.is_file():
+        previous = json.loads(done.read_text(encoding="utf-8"))
+        if previous.get("args") == args:
+            print(f"  reused ({previous['seconds']:.1f} s when it ran)", flush=True)
+            return float(previous["seconds"])
     started = time.perf_counter()
     with log.open("w", encoding="utf-8") as out:
         code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, env=_env())
@@ -122,6 +131,7 @@ def run(args: list[str], log: Path) -> float:
         tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
         raise SystemExit(f"phi2 {args[0]} failed (exit {code}) after {seconds:.0f} s; {log}:\n" + "\n".join(tail))
     print(f"  {seconds:.1f} s", flush=True)
+    done.write_text(json.dumps({"args": args, "seconds": seconds}), encoding="utf-8")
     return seconds
 
 
@@ -194,7 +204,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--eval-args", default="", help="extra flags for every 'phi2 evaluate'")
     parser.add_argument("--work", type=Path, default=Path("/tmp/phi2-recipe-sweep"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recipe_sweep.json")
+    parser.add_argument("--reuse", action="store_true", help="continue a cut sweep: steps that finished in --work "
+                        "with the same command are read back, not run again (their recorded times count)")  # fmt: skip
     args = parser.parse_args(argv)
+    global REUSE
+    REUSE = args.reuse
     recipes, decodings = parse_grid(args.grid), parse_decodings(args.decodings)
     for path, what in ((args.model, "--model"), (args.data_dir, "--data-dir")):
         if not path.exists():
