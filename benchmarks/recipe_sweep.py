@@ -4,8 +4,9 @@
         [--grid lr=1e-3,2e-3 --grid epochs=2,3] [--decodings "greedy; beams=4,lp=1.0,ngram=3"]
 
 Every run goes through the real command line (`python -m phi2cli train` / `evaluate` subprocesses):
-1. train each candidate recipe (the recipe flags are always given, so the table in
-   phi2cli/models/recipes.py plays no part) and score it on the validation rows, greedy;
+1. train each candidate recipe, --parallel at once on the GPU (the recipe flags are always given,
+   so the table in phi2cli/models/recipes.py plays no part), and score it greedy on the
+   validation rows;
 2. score the best recipe's adapter on the validation rows with each other decoding;
 3. score the chosen recipe on the test rows, greedy (with --compare-base) and with the best beam
    decoding: selection never looked at test.
@@ -21,7 +22,9 @@ import json
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,10 +113,19 @@ def flags(settings: dict[str, Any], names: dict[str, str]) -> list[str]:
     return [part for key, value in settings.items() if key in names for part in (names[key], str(value))]
 
 
+REUSE = False  # --reuse: a step whose same command finished before (in --work) is not run again
+
+
 def run(args: list[str], log: Path) -> float:
     """Run `python -m phi2cli ARGS`, its output to `log`; seconds taken. A failure ends the sweep."""
     command = [sys.executable, "-m", "phi2cli", *args]
     print("$ phi2 " + shlex.join(args), flush=True)
+    done = log.with_suffix(".done.json")  # written after success: the command and its seconds
+    if REUSE and done.is_file():
+        previous = json.loads(done.read_text(encoding="utf-8"))
+        if previous.get("args") == args:
+            print(f"  reused ({previous['seconds']:.1f} s when it ran)", flush=True)
+            return float(previous["seconds"])
     started = time.perf_counter()
     with log.open("w", encoding="utf-8") as out:
         code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, env=_env())
@@ -122,6 +134,7 @@ def run(args: list[str], log: Path) -> float:
         tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
         raise SystemExit(f"phi2 {args[0]} failed (exit {code}) after {seconds:.0f} s; {log}:\n" + "\n".join(tail))
     print(f"  {seconds:.1f} s", flush=True)
+    done.write_text(json.dumps({"args": args, "seconds": seconds}), encoding="utf-8")
     return seconds
 
 
@@ -165,6 +178,14 @@ def save(sweep: Sweep, args: argparse.Namespace) -> None:
     write_json(args.out, body)
 
 
+def warm_model_cache(model: Path) -> None:
+    """A .gguf model is dequantized into phi2cli's cache once, before concurrent runs would each do it."""
+    if model.suffix.lower() == ".gguf":
+        from phi2cli.models.loading import gguf_to_directory
+
+        gguf_to_directory(str(model))
+
+
 def table_row(recipe: dict[str, Any], decoding: dict[str, Any]) -> str:
     """The chosen recipe and decoding written as a SizeRecipe row."""
     targets = "all-linear" if recipe["targets"] == "all-linear" else "attention"
@@ -190,11 +211,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--test-samples", type=int, default=500)
     parser.add_argument("--time-budget", type=float, default=540.0,
                         help="seconds; no new training run starts once it would be exceeded")
+    parser.add_argument("--parallel", type=int, default=4, help="training runs at once on the GPU (a 135 M model "
+                        "leaves most of an H200 idle); later ones start as earlier ones finish, within the budget")  # fmt: skip
     parser.add_argument("--train-args", default="", help="extra flags for every 'phi2 train' (e.g. for a CPU check)")
     parser.add_argument("--eval-args", default="", help="extra flags for every 'phi2 evaluate'")
     parser.add_argument("--work", type=Path, default=Path("/tmp/phi2-recipe-sweep"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recipe_sweep.json")
+    parser.add_argument("--reuse", action="store_true", help="continue a cut sweep: steps that finished in --work "
+                        "with the same command are read back, not run again (their recorded times count)")  # fmt: skip
     args = parser.parse_args(argv)
+    global REUSE
+    REUSE = args.reuse
     recipes, decodings = parse_grid(args.grid), parse_decodings(args.decodings)
     for path, what in ((args.model, "--model"), (args.data_dir, "--data-dir")):
         if not path.exists():
@@ -202,28 +229,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sweep = Sweep(command="python benchmarks/recipe_sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                   budget_s=args.time_budget)  # fmt: skip
 
-    # 1. Recipes, scored greedy on validation.
+    # 1. Recipes, scored greedy on validation (--parallel of them at once on the one GPU).
     trained: list[dict[str, Any]] = []
-    for index, recipe in enumerate(recipes):
-        if trained:
-            per_run = max(r["train_seconds"] + r["eval_seconds"] for r in trained)
-            # beam passes cost about twice a greedy one; the test pass with --compare-base scores two models
-            reserve = max(r["eval_seconds"] for r in trained) * (2 * (len(decodings) - 1) + 4)
-            if sweep.elapsed() + per_run + reserve > args.time_budget:
-                sweep.skipped.append({"recipe": recipe, "why": f"time budget: {sweep.elapsed():.0f} s spent, a run "
-                                      f"takes ~{per_run:.0f} s, ~{reserve:.0f} s kept for decodings and test"})  # fmt: skip
-                save(sweep, args)
-                continue
+    lock = threading.Lock()
+
+    def train_and_score(index: int, recipe: dict[str, Any]) -> None:
+        with lock:
+            if trained or index >= args.parallel:  # the first wave always starts
+                finished = trained or [{"train_seconds": sweep.elapsed(), "eval_seconds": 0.0}]
+                per_run = max(r["train_seconds"] + r["eval_seconds"] for r in finished)
+                # beam passes cost about twice a greedy one; the test pass with --compare-base scores two models
+                reserve = max(max(r["eval_seconds"] for r in finished), 20.0) * (2 * (len(decodings) - 1) + 4)
+                if sweep.elapsed() + per_run + reserve > args.time_budget:
+                    sweep.skipped.append({"recipe": recipe, "why": f"time budget: {sweep.elapsed():.0f} s spent, a "
+                                          f"run takes ~{per_run:.0f} s, ~{reserve:.0f} s kept for decodings and test"})  # fmt: skip
+                    save(sweep, args)
+                    return
         folder = args.work / f"recipe-{index}"
         train_seconds = train(args, recipe, folder)
         result, eval_seconds, _ = evaluate(args, folder / "final", "validation", GREEDY, folder / "val-greedy")
         row = {"phase": "recipe", "recipe": recipe, "decoding": dict(GREEDY), "validation": result,
                "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
-               "run_dir": str(folder)}  # fmt: skip
-        trained.append(row)
-        sweep.rows.append(row)
-        save(sweep, args)
+               "run_dir": str(folder), "index": index}  # fmt: skip
+        with lock:
+            trained.append(row)
+            sweep.rows.append(row)
+            save(sweep, args)
         print(f"  recipe {label(recipe)}: validation ROUGE-L {result['rougeL']:.2f}", flush=True)
+
+    if args.parallel > 1:
+        warm_model_cache(args.model)  # convert a .gguf once, not in every concurrent run
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        for future in [pool.submit(train_and_score, i, r) for i, r in enumerate(recipes)]:
+            future.result()  # a failed run ends the sweep
+    sweep.rows.sort(key=lambda r: r["index"])
+    trained.sort(key=lambda r: r["index"])
+    if not trained:
+        raise SystemExit("no recipe was trained")
 
     # 2. Decodings for the best recipe, on validation.
     winner = best(trained)

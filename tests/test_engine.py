@@ -67,8 +67,9 @@ def test_short_run_writes_the_documented_files(tiny_phi_dir, sample_data_dir):
             "tokenizer_config.json"} <= {p.name for p in final.iterdir()}  # fmt: skip
     run = json.loads((final / "phi2_run.json").read_text())
     assert run["config"]["model"]["model"] == str(tiny_phi_dir)
-    assert run["config"]["lora"] == {"r": 16, "alpha": 32, "dropout": 0.05,
-                                     "targets": ["q_proj", "k_proj", "v_proj", "dense"]}  # fmt: skip
+    # a tiny model gets the small row of the size recipes: LoRA on every linear layer
+    assert run["config"]["lora"] == {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["all-linear"]}
+    assert run["recipe"]["row"].startswith("small") and "recipe: small" in result.output
     assert run["plan"]["micro_batch"] * run["plan"]["grad_accum"] == 8
     assert "no CUDA GPU: loading the model in full precision" in result.output
     assert "Adapter saved to phi2-xsum-final after 4 steps" in result.output
@@ -77,7 +78,7 @@ def test_short_run_writes_the_documented_files(tiny_phi_dir, sample_data_dir):
     from transformers import AutoModelForCausalLM
 
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_phi_dir)), str(final))
-    assert sum("lora_A" in n for n, _ in tuned.named_parameters()) == 2 * 4  # 2 layers x 4 targets
+    assert sum("lora_A" in n for n, _ in tuned.named_parameters()) == 2 * 6  # 2 layers x q, k, v, dense, fc1, fc2
 
 
 def test_lora_weights_change_and_base_weights_do_not(tiny_phi_dir, sample_data_dir):

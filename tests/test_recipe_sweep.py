@@ -47,13 +47,15 @@ def test_sweep_trains_scores_on_validation_then_tests_the_choice(tiny_phi_dir, s
     from phi2cli.config import DEFAULT_TEMPLATE
 
     out = tmp_path / "sweep.json"
-    result = sweep.main([
+    argv = [
         "--model", str(tiny_phi_dir), "--data-dir", str(sample_data_dir), "--template", DEFAULT_TEMPLATE,
         "--grid", "lr=0.01,0.02", "--decodings", "beams=2,lp=0.8,ngram=2", "--val-samples", "3",
-        "--test-samples", "3", "--time-budget", "0", "--work", str(tmp_path / "work"), "--out", str(out),
+        "--test-samples", "3", "--time-budget", "0", "--parallel", "1", "--work", str(tmp_path / "work"),
+        "--out", str(out),
         "--train-args", "--samples 8 --val-samples 0 --max-steps 1 --max-length 128 --quantization none",
         "--eval-args", "--max-new-tokens 4",
-    ])  # fmt: skip
+    ]  # fmt: skip
+    result = sweep.main(argv)
     assert json.loads(out.read_text()) == result
     recipe_rows = [r for r in result["rows"] if r["phase"] == "recipe"]
     assert len(recipe_rows) == 1 and recipe_rows[0]["recipe"]["lr"] == 0.01  # the budget stopped the second run
@@ -70,3 +72,24 @@ def test_sweep_trains_scores_on_validation_then_tests_the_choice(tiny_phi_dir, s
     assert "base_test" in result["test"][0] and sum(t["chosen_on_validation"] for t in result["test"]) == 1
     test_metrics = json.loads(Path(recipe_rows[0]["run_dir"], "test-0", "metrics.json").read_text())
     assert test_metrics["split"] == "test" and "base" in test_metrics
+
+    again = sweep.main([*argv, "--reuse"])  # a cut sweep continues: finished steps are read back
+    assert again["rows"] == result["rows"] and again["test"] == result["test"] and again["total_seconds"] < 30
+
+
+@pytest.mark.slow  # ~3 minutes on 2 CPU cores: 2 concurrent trains, 3 evaluate subprocesses
+def test_parallel_recipes_all_train_and_the_best_on_validation_is_tested(tiny_phi_dir, sample_data_dir, tmp_path):
+    from phi2cli.config import DEFAULT_TEMPLATE
+
+    result = sweep.main([
+        "--model", str(tiny_phi_dir), "--data-dir", str(sample_data_dir), "--template", DEFAULT_TEMPLATE,
+        "--grid", "lr=0.01,0.03", "--decodings", "greedy", "--val-samples", "3", "--test-samples", "2",
+        "--parallel", "2", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "sweep.json"),
+        "--train-args", "--samples 8 --val-samples 0 --max-steps 1 --max-length 128 --quantization none",
+        "--eval-args", "--max-new-tokens 4",
+    ])  # fmt: skip
+    rows = result["rows"]
+    assert [r["recipe"]["lr"] for r in rows] == [0.01, 0.03] and not result["skipped"]
+    best = max(rows, key=lambda r: r["validation"]["rougeL"])
+    assert result["chosen"]["recipe"] == best["recipe"] and result["chosen"]["run_dir"] == best["run_dir"]
+    assert len(result["test"]) == 1 and result["test"][0]["chosen_on_validation"]

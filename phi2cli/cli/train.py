@@ -180,5 +180,4 @@ def resolve_train_config(config_file: Optional[Path], overrides: dict[str, Any],
             saved, facts = load_run_config(out)
             recorded = RecipeChoice.from_dict(facts["recipe"]) if isinstance(facts.get("recipe"), dict) else None
             return apply_overrides(saved, overrides).validate(), recorded
-
     return apply_recipe(build_config(config_file, overrides), given_keys(config_file, overrides))
