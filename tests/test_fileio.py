@@ -150,7 +150,7 @@ def test_interrupted_prepare_keeps_the_previous_dataset(folder, monkeypatch, phi
     first = data.prepare(config, tokenizer, target)
     monkeypatch.setattr(data, "write_json_atomic", fail_with(KeyboardInterrupt()))  # Ctrl-C before the manifest
     with pytest.raises(KeyboardInterrupt):
-        data.prepare(apply_overrides(config, {"data.samples": 8}), tokenizer, target)
+        data.prepare(apply_overrides(config, {"data.samples": 8}), tokenizer, target, overwrite=True)
     dataset, manifest = data.load_prepared(target)
     assert manifest == json.loads(json.dumps(first.manifest)) and len(dataset["train"]) == 4
     assert names(folder) == ["prepared"]

@@ -31,15 +31,16 @@ def test_a_nan_loss_is_read_only_at_steps_that_log_or_save_and_cancels_their_sav
         return count
 
     guard = StopOnNonFiniteLoss(non_finite)
-    state = SimpleNamespace(global_step=3, max_steps=10)
+    args = SimpleNamespace(save_steps=5, device="cpu")
     quiet = control()
-    guard.on_step_end(None, state, quiet)
+    guard.on_step_end(args, SimpleNamespace(global_step=3, max_steps=10), quiet)
     assert reads == [] and not quiet.should_training_stop  # no GPU wait at plain steps
     count = torch.tensor(1)
+    state = SimpleNamespace(global_step=5, max_steps=10)
     saving = control(should_save=True, should_evaluate=True)
-    guard.on_step_end(None, state, saving)
+    guard.on_step_end(args, state, saving)
     assert (saving.should_save, saving.should_evaluate, saving.should_training_stop) == (False, False, True)
-    assert guard.stopped_at == 3 and guard.what == "the training loss"
+    assert guard.stopped_at == 5 and guard.what == "the training loss"
 
 
 @pytest.mark.parametrize("key, what", [("grad_norm", "the gradient norm"), ("eval_loss", "the eval loss"),

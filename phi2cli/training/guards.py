@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from transformers import TrainerCallback
 
 from phi2cli.config import Phi2Config, load_run_config
@@ -19,7 +20,8 @@ class StopOnNonFiniteLoss(TrainerCallback):
     """Stops training at the first NaN/inf loss, gradient norm or eval loss; that step is not saved.
 
     The micro-batch count of NaN/inf losses lives on the device (Phi2Trainer._count_non_finite); it is
-    read only at steps that log, evaluate or save, so the GPU is not waited for at every step. Add
+    read only at steps that log, evaluate or save, so the GPU is not waited for at every step; with several
+    processes it is summed over them there, so that all stop at the same step. Add
     this callback last: it must see the save and evaluate requests of the callbacks before it.
     """
 
@@ -36,11 +38,15 @@ class StopOnNonFiniteLoss(TrainerCallback):
         control.should_evaluate = False
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        last_step = state.global_step >= state.max_steps
-        if self.stopped_at is None and not (control.should_log or control.should_save or control.should_evaluate
-                                            or control.should_training_stop or last_step):  # fmt: skip
+        # Steps fixed by the schedule alone, the same in every process (the check below may be a collective).
+        saving = bool(args.save_steps) and state.global_step % int(args.save_steps) == 0
+        scheduled = control.should_log or control.should_evaluate or saving or state.global_step >= state.max_steps
+        if self.stopped_at is None and not scheduled:
             return control
         count = self.non_finite_losses()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # every process stops together
+            count = (count.clone() if count is not None else torch.zeros((), dtype=torch.long, device=args.device))
+            torch.distributed.all_reduce(count)
         if self.stopped_at is not None or (count is not None and int(count) > 0):
             self._stop(state, control, self.what or "the training loss")
         return control
