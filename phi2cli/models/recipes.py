@@ -18,13 +18,6 @@ from phi2cli.config import Phi2Config, apply_overrides
 REFERENCE_MODEL = "microsoft/phi-2"  # the reference run's model: never looked up, always the reference recipe
 RECIPE_KEYS = ("train.learning_rate", "train.epochs", "train.warmup_steps", "lora.targets", "lora.r", "lora.alpha",
                "generation.num_beams", "generation.length_penalty", "generation.no_repeat_ngram_size")  # fmt: skip
-# LoRA on the attention projections only, by family (model_type); other families get every linear layer.
-ATTENTION_TARGETS = {
-    "phi": ("q_proj", "k_proj", "v_proj", "dense"),
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj"),
-}
 GGUF_ARCHITECTURES = {"phi2": "phi", "llama": "llama", "qwen2": "qwen2"}  # GGUF general.architecture -> model_type
 
 
@@ -112,7 +105,8 @@ def row_for(parameters: int | None) -> SizeRecipe:
 
 def recipe_values(row: SizeRecipe, model_type: str | None) -> dict[str, Any]:
     """A row as dotted config values, LoRA targets resolved for the model's family."""
-    targets = ("all-linear",) if row.lora_targets == "all-linear" else ATTENTION_TARGETS.get(model_type or "", ("all-linear",))
+    # "attention": empty, meaning the family's q/k/v/output projections (phi2cli.models.families), found at load
+    targets = ("all-linear",) if row.lora_targets == "all-linear" else ()
     return {"train.learning_rate": row.learning_rate, "train.epochs": row.epochs,
             "train.warmup_steps": row.warmup_steps, "lora.targets": targets, "lora.r": row.lora_r,
             "lora.alpha": row.lora_alpha, "generation.num_beams": row.num_beams,
@@ -132,8 +126,8 @@ def apply_recipe(config: Phi2Config, given: set[str] | frozenset[str]) -> tuple[
     model = config.model.model
     parameters, model_type = (None, "phi") if model == REFERENCE_MODEL else model_size(model)
     row = row_for(parameters)
-    # phi-2, or a model whose size cannot be read here: the reference recipe, phi-2's targets included
-    values = recipe_values(row, model_type if parameters is not None else "phi")
+    # phi-2, or a model whose size cannot be read here: the reference recipe (targets: the family's, found at load)
+    values = recipe_values(row, model_type)
     chosen = {k: v for k, v in values.items() if k not in given}
     yours = tuple(k for k in RECIPE_KEYS if k in given)
     return apply_overrides(config, chosen, "recipe").validate(), RecipeChoice(row.name, parameters, model_type,
