@@ -122,7 +122,7 @@ def part_evaluate(ctx: dict[str, Any]) -> dict[str, Any]:
     final = ctx["work"] / "seed-final"
     run = cli(["evaluate", "--adapter", str(final), "--samples", "500", "--output", str(ctx["work"] / "eval")],
               env=cache_env(ctx["work"] / "cache"))  # fmt: skip
-    metrics_path = ctx["work"] / "eval" / "metrics.json"
+    metrics_path = ctx["work"] / "eval" / "metrics-validation.json"
     if metrics_path.is_file() and run["rc"] == 0:
         run["timings"] = json.loads(metrics_path.read_text()).get("timings")
     return {"evaluate_500_s": run["wall_s"] if run["rc"] == 0 else None, "evaluate_500": run}

@@ -159,7 +159,8 @@ def evaluate(args: argparse.Namespace, adapter: Path, split: str, decoding: dict
            *(["--compare-base"] if compare_base else []), *shlex.split(args.eval_args)]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     seconds = run(cli, out / "evaluate.log")
-    return scores(out / "metrics.json"), seconds, out / "metrics.json"
+    metrics = out / f"metrics-{split}.json"  # phi2 evaluate keeps each split's results in a file of its own
+    return scores(metrics), seconds, metrics
 
 
 def train(args: argparse.Namespace, recipe: dict[str, Any], folder: Path) -> float:

@@ -40,18 +40,18 @@ def test_evaluate_passes_beam_options_to_generate_and_records_them(final, genera
     config = generate_calls[0]["config"]
     assert (config.num_beams, config.length_penalty, config.no_repeat_ngram_size, config.min_new_tokens,
             config.max_new_tokens, config.do_sample) == (3, 0.6, 2, 5, 8, False)  # fmt: skip
-    settings = json.loads((final / "metrics.json").read_text())["settings"]
+    settings = json.loads((final / "metrics-validation.json").read_text())["settings"]
     assert (settings["num_beams"], settings["length_penalty"], settings["no_repeat_ngram_size"],
             settings["min_new_tokens"], settings["max_new_tokens"]) == (3, 0.6, 2, 5, 8)  # fmt: skip
-    assert settings["decoder"] == "transformers generate (beam search)"
+    assert settings["decoding"] == "transformers generate (beam search)"
 
 
 def test_plain_greedy_keeps_the_fast_decoder_and_records_the_defaults(final, generate_calls):
     result = runner.invoke(app, ["evaluate", "--samples", "3", "--max-new-tokens", "6"])
     assert result.exit_code == 0, result.output
     assert generate_calls == []  # the static-cache decoder, not generate()
-    settings = json.loads((final / "metrics.json").read_text())["settings"]
-    assert settings["decoder"].startswith("static-cache greedy")
+    settings = json.loads((final / "metrics-validation.json").read_text())["settings"]
+    assert settings["decoding"].startswith("static-cache greedy")
     assert (settings["num_beams"], settings["length_penalty"], settings["no_repeat_ngram_size"],
             settings["min_new_tokens"]) == (1, 1.0, 0, 0)  # fmt: skip
 
@@ -72,7 +72,7 @@ def test_ngram_blocking_and_minimum_length_act_on_the_generated_tokens(final, ge
             text = row[:first_stop]
             bigrams = list(zip(text, text[1:]))
             assert len(bigrams) == len(set(bigrams)), row
-    assert json.loads(Path("out/metrics.json").read_text())["settings"]["decoder"] == "transformers generate (greedy)"
+    assert json.loads(Path("out/metrics-validation.json").read_text())["settings"]["decoding"] == "transformers generate (greedy)"
 
 
 def test_summarize_passes_the_options_to_generate(final, generate_calls, sample_data_dir):

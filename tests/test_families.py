@@ -76,25 +76,28 @@ def test_grouped_head_models_train_evaluate_and_summarize(family_model, sample_d
     assert result.exit_code == 0, result.output
     final = Path("phi2-xsum-final")
     adapter = json.loads((final / "adapter_config.json").read_text())
-    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}  # o_proj adapted too
+    # a tiny model gets the small row of the size recipe: every linear layer, the family's o_proj among them
+    family = {"q_proj", "k_proj", "v_proj", "o_proj"}
+    mlp = {"gate_proj", "up_proj", "down_proj"}
+    assert {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]} == family | mlp
     run = json.loads((final / "phi2_run.json").read_text())
-    assert run["config"]["lora"]["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert run["fast_paths"]["lean_lora"] == {"status": "active", "detail": "8 layers"}  # 2 layers x 4 targets
+    assert run["recipe"]["row"].startswith("small") and run["config"]["lora"]["targets"] == ["all-linear"]
+    assert run["fast_paths"]["lean_lora"] == {"status": "active", "detail": "14 layers"}  # 2 layers x 7 linears
     assert run["fast_paths"]["varlen_attention"]["status"] == "off"  # CPU: packed rows through SDPA
     from safetensors.torch import load_file
 
     names = load_file(str(final / "adapter_model.safetensors")).keys()
     adapted = {name.split(".")[-3] for name in names if "lora_A" in name}
-    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert adapted == family | mlp
     assert any("self_attn.o_proj.lora_B" in name for name in names)
 
     result = runner.invoke(app, ["evaluate", "--samples", "2", "--max-new-tokens", "4"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "static-cache decoder drives plain Phi models only" in result.output  # said, not silent
-    metrics = json.loads((final / "metrics.json").read_text())
+    metrics = json.loads((final / "metrics-validation.json").read_text())
     assert metrics["settings"]["decoder"] == "hf" and metrics["settings"]["shared_forward_articles"] == 0
     assert metrics["samples"] == 2 and metrics["tuned"]["eval_loss"] > 0
-    predictions = [json.loads(line) for line in (final / "predictions.jsonl").read_text().splitlines()]
+    predictions = [json.loads(line) for line in (final / "predictions-validation.jsonl").read_text().splitlines()]
     assert len(predictions) == 2
 
     Path("a.txt").write_text("The council approved a new budget for the town's schools on Monday.\n")
@@ -125,12 +128,12 @@ def test_the_memory_estimate_scales_with_the_model():
 def test_the_decoder_is_selectable_and_recorded(final, monkeypatch):
     result = runner.invoke(app, ["evaluate", "--samples", "2", "--max-new-tokens", "48", "-o", "static"])
     assert result.exit_code == 0, result.output
-    static = json.loads(Path("static/metrics.json").read_text())
+    static = json.loads(Path("static/metrics-validation.json").read_text())
     assert static["settings"]["decoder"] == "static" and static["settings"]["shared_forward_articles"] == 2
     monkeypatch.setenv("PHI2_DECODER", "hf")
     result = runner.invoke(app, ["evaluate", "--samples", "2", "--max-new-tokens", "48", "-o", "hf"])
     assert result.exit_code == 0, result.output
-    hf = json.loads(Path("hf/metrics.json").read_text())
+    hf = json.loads(Path("hf/metrics-validation.json").read_text())
     assert hf["settings"]["decoder"] == "hf" and hf["settings"]["shared_forward_articles"] == 0
     assert "static-cache decoder" not in result.output  # the user's choice is no fallback
     for key in ("eval_loss", "rouge1"):  # greedy either way: the same loss and summaries

@@ -64,13 +64,13 @@ def test_sweep_trains_scores_on_validation_then_tests_the_choice(tiny_phi_dir, s
     assert [r["decoding"]["beams"] for r in decoding_rows] == [2]
     run = json.loads(Path(recipe_rows[0]["run_dir"], "final", "phi2_run.json").read_text())
     assert run["config"]["train"]["learning_rate"] == 0.01 and run["config"]["lora"]["targets"] == ["all-linear"]
-    beam_metrics = json.loads(Path(recipe_rows[0]["run_dir"], "val-decoding-1", "metrics.json").read_text())
+    beam_metrics = json.loads(Path(recipe_rows[0]["run_dir"], "val-decoding-1", "metrics-validation.json").read_text())
     assert (beam_metrics["split"], beam_metrics["samples"], beam_metrics["settings"]["num_beams"]) == ("validation", 3, 2)
     best = max(result["rows"], key=lambda r: r["validation"]["rougeL"])
     assert result["chosen"]["decoding"] == best["decoding"]  # chosen on validation
     assert [t["decoding"]["beams"] for t in result["test"]] == [1, 2]
     assert "base_test" in result["test"][0] and sum(t["chosen_on_validation"] for t in result["test"]) == 1
-    test_metrics = json.loads(Path(recipe_rows[0]["run_dir"], "test-0", "metrics.json").read_text())
+    test_metrics = json.loads(Path(recipe_rows[0]["run_dir"], "test-0", "metrics-test.json").read_text())
     assert test_metrics["split"] == "test" and "base" in test_metrics
 
     again = sweep.main([*argv, "--reuse"])  # a cut sweep continues: finished steps are read back

@@ -162,7 +162,7 @@ def test_summarize_and_evaluate_report_load_time_apart_from_work(final, sample_d
     assert set(timings) == {"load_seconds", "generation_seconds"} and all(v > 0 for v in timings.values())
     evaluated = runner.invoke(app, ["evaluate", "--samples", "4", "--max-new-tokens", "2", "-o", "out"])
     assert evaluated.exit_code == 0, evaluated.output
-    metrics = json.loads(Path("out/metrics.json").read_text())["timings"]
+    metrics = json.loads(Path("out/metrics-validation.json").read_text())["timings"]
     assert f"load {metrics['load_seconds']:.1f} s, loss {metrics['loss_seconds']:.1f} s" in evaluated.output
 
 

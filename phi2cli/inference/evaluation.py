@@ -198,7 +198,7 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
             "max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams, "length_penalty": g.length_penalty,
             "no_repeat_ngram_size": g.no_repeat_ngram_size, "min_new_tokens": g.min_new_tokens,
             "do_sample": g.do_sample, "temperature": g.temperature, "top_p": g.top_p, "gen_batch_size": batch_size,
-            "decoder": decoder_name(loaded, g),
+            "decoding": decoder_name(loaded, g),  # what produced the summaries, in words
             "max_length": data.max_length, "loss_on": data.loss_on, "template": data.template, "seed": data.seed,
             "loss_reduction": LOSS_REDUCTION, "rouge": "F-measure x 100, Porter stemming, mean over articles",
             "rouge_sentence_splitter": SENTENCE_SPLITTER,
