@@ -1,8 +1,9 @@
 """Chaos trials: `kill -9` a CPU `phi2 train` run at a random moment, then `--resume` until it is done.
 
 Each trial starts a tiny run (checkpoints every step) in its own directory, kills it with SIGKILL
-after a random delay (from the process start, or from the moment training starts, so that many
-kills land in checkpoint writes), then runs the same command with --resume until it exits 0.
+after a random delay counted from the process start, from the moment training starts, or from the
+moment a checkpoint starts being written (0-0.3 s: inside or just after the write; trials take
+these three in turn), then runs the same command with --resume until it exits 0.
 A trial passes when every resume exits 0, the final adapter equals an uninterrupted run's (1e-5),
 every checkpoint that was complete before the kill is still there with the same adapter bytes,
 and every checkpoint-1..N is complete at the end.
@@ -103,16 +104,20 @@ def trial(index: int, rng: random.Random, work: Path, model: Path, data: Path, r
     folder = work / f"trial-{index:02d}"
     folder.mkdir(parents=True)
     args = train_args(model, data)
-    from_training = only_training or index % 2 == 0  # even trials aim at the steps and checkpoint writes
-    delay = rng.uniform(0.0, 0.9 * ((total_s - startup_s) if from_training else total_s))
+    # aim: from the process start, from the training start, or from the moment a checkpoint is being written
+    aim = "training start" if only_training else ("process start", "training start", "checkpoint write")[index % 3]
+    delay = rng.uniform(0.0, {"process start": 0.9 * total_s, "training start": 0.9 * (total_s - startup_s),
+                              "checkpoint write": 0.3}[aim])  # fmt: skip
+    run = folder / "phi2-xsum-finetuned"
     process = start(args, folder)
     began = time.monotonic()
-    while process.poll() is None and from_training and not training_started(process.pid):
+    while process.poll() is None and aim == "training start" and not training_started(process.pid):
         time.sleep(0.01)
+    while process.poll() is None and aim == "checkpoint write" and not any(run.glob(".checkpoint-*.partial")):
+        time.sleep(0.002)
     origin = time.monotonic()
     while process.poll() is None and time.monotonic() - origin < delay:
         time.sleep(0.01)
-    run = folder / "phi2-xsum-finetuned"
     before = complete_checkpoints(run)
     killed = process.poll() is None
     if killed:
@@ -120,7 +125,7 @@ def trial(index: int, rng: random.Random, work: Path, model: Path, data: Path, r
     process.communicate()
     record: dict[str, Any] = {
         "trial": index, "kill_after_s": round(time.monotonic() - began, 2), "killed": killed,
-        "delay_from": "training start" if from_training else "process start",
+        "delay_from": aim, "delay_s": round(delay, 3),
         "left_on_disk": sorted(p.name for p in run.iterdir()) if run.is_dir() else [],
         "final_existed": (folder / "phi2-xsum-final").exists(), "resumes": [],
     }  # fmt: skip
