@@ -150,6 +150,8 @@ def compare(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
                                 *article_files))  # fmt: skip
     for result, summary in zip(results, summaries):
         result["phi2_summarize"] = summary["summary"]
+    for llm in runtimes.values():
+        llm.close()  # now, not in __del__ at interpreter exit
     return {"prompts": results, **verdict(results)}
 
 
