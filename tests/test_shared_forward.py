@@ -198,17 +198,12 @@ def loaded_llama(tmp_path_factory):
     return loaded
 
 
-@pytest.mark.parametrize("forward", ["padded", "packed"])
-def test_grouped_head_llama_gets_the_two_passes_loss_and_tokens_from_one_forward(loaded_llama, rows, forward,
-                                                                                 monkeypatch):  # fmt: skip
+@pytest.fixture(scope="module")
+def llama_two_passes(loaded_llama, rows):
+    """The Llama's shareable (prompt, example) pairs, greedy_decode's tokens and eval_loss over them."""
     from phi2cli.inference.evaluation import encode_examples
-    from phi2cli.inference.generate import build_prompts, encode_documents, eval_loss, uses_fast_decoder
+    from phi2cli.inference.generate import build_prompts, encode_documents, eval_loss
 
-    assert uses_fast_decoder(loaded_llama, GenerationConfig(max_new_tokens=MAX_NEW_TOKENS))
-    if forward == "packed":
-        monkeypatch.setattr(decode, "_varlen_ready", lambda phi: True)
-        monkeypatch.setattr(decode, "causal_varlen", segment_attention)
-    monkeypatch.setitem(decode.PREFILL_TOKENS, "cpu", 300)
     document_ids = encode_documents(loaded_llama.tokenizer, [r["document"] for r in rows])
     examples = encode_examples(loaded_llama, rows, document_ids)
     prompts = [ids for ids, _ in build_prompts(loaded_llama, document_ids, MAX_NEW_TOKENS)]
@@ -216,9 +211,22 @@ def test_grouped_head_llama_gets_the_two_passes_loss_and_tokens_from_one_forward
     assert len(shareable) >= 6
     tokens = greedy_decode(loaded_llama.model, [prompts[i] for i in shareable], MAX_NEW_TOKENS, [], batch_size=16)
     loss = eval_loss(loaded_llama, [examples[i] for i in shareable])
-    assert len({tuple(t) for t in tokens}) == len(shareable)
-    shared = decode_with_loss(loaded_llama.model, [prompts[i] for i in shareable], [examples[i] for i in shareable],
-                              MAX_NEW_TOKENS, [], 3)  # fmt: skip
+    return [prompts[i] for i in shareable], [examples[i] for i in shareable], tokens, loss
+
+
+@pytest.mark.parametrize("forward", ["padded", "packed"])
+def test_grouped_head_llama_gets_the_two_passes_loss_and_tokens_from_one_forward(loaded_llama, llama_two_passes,
+                                                                                 forward, monkeypatch):  # fmt: skip
+    from phi2cli.inference.generate import uses_fast_decoder
+
+    assert uses_fast_decoder(loaded_llama, GenerationConfig(max_new_tokens=MAX_NEW_TOKENS))
+    if forward == "packed":
+        monkeypatch.setattr(decode, "_varlen_ready", lambda phi: True)
+        monkeypatch.setattr(decode, "causal_varlen", segment_attention)
+    monkeypatch.setitem(decode.PREFILL_TOKENS, "cpu", 300)  # 1-3 examples per forward: several per batch
+    prompts, examples, tokens, loss = llama_two_passes
+    assert len(prompts) >= 6 and len({tuple(t) for t in tokens}) == len(prompts)  # different continuations
+    shared = decode_with_loss(loaded_llama.model, prompts, examples, MAX_NEW_TOKENS, [], 3)
     assert shared.generated == tokens
     assert shared.labelled == loss.tokens
     assert shared.loss_sum / shared.labelled == pytest.approx(loss.loss, rel=1e-5)
