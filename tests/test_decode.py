@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PhiConfig, PhiForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 from phi2cli.inference import decode
 from phi2cli.inference.decode import cut_at_stop, greedy_decode, supports
@@ -28,6 +29,29 @@ def tiny_phi(qk_layernorm: bool = False) -> PhiForCausalLM:
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.normal_(0.0, 0.4)
             layer.self_attn.k_proj.weight.normal_(0.0, 0.4)
+    return model
+
+
+def tiny_grouped(kind: str, **changes) -> torch.nn.Module:
+    """A Llama, Qwen2 (q/k/v bias) or Mistral at toy size: 4 query heads sharing 2 key/value heads, float32, seeded."""
+    shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0,
+                 eos_token_id=1, pad_token_id=0)  # fmt: skip
+    shape.update(changes)
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(head_dim=24, **shape))  # head_dim != hidden / heads (16)
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**shape))
+    else:
+        model = MistralForCausalLM(MistralConfig(**shape))
+    model.eval()
+    with torch.no_grad():  # sharp attention, so that a wrong key, head group or position changes the tokens
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.normal_(0.0, 0.4)
+            layer.self_attn.k_proj.weight.normal_(0.0, 0.4)
+            if layer.self_attn.k_proj.bias is not None:
+                layer.self_attn.k_proj.bias.normal_(0.0, 0.4)
     return model
 
 
@@ -70,8 +94,9 @@ def segment_attention(query, key, value, bounds, longest, scale):
     """What the CUDA varlen kernel computes, one packed prompt at a time: causal SDPA within each."""
     pieces = []
     for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # [heads, length, head_dim]
-        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # [(kv_)heads, length, head_dim]
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                                    enable_gqa=True)  # fmt: skip
         pieces.append(attended.transpose(0, 1))
     return torch.cat(pieces)
 
@@ -108,13 +133,49 @@ def test_edge_cases(model):
         greedy_decode(model, [[5], []], 5, [], batch_size=2)
 
 
-def test_supports_only_plain_phi_models(model):
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def grouped(request):
+    """(model, generate()'s continuations of random_prompts()) for a grouped-head family."""
+    model = tiny_grouped(request.param)
+    return model, [hf_greedy(model, prompt, 12) for prompt in random_prompts()]
+
+
+@pytest.mark.parametrize("prefill", ["padded", "packed"])
+def test_grouped_head_families_give_the_same_tokens_as_hf_generate(grouped, prefill, monkeypatch):
+    """Llama (head_dim 24 != hidden / heads) and Qwen2 (q/k/v bias): sequential residual, full rotary, GQA."""
+    model, reference = grouped
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    assert len({tuple(r) for r in reference}) == len(reference) and all(len(set(r)) > 4 for r in reference)
+    if prefill == "packed":
+        monkeypatch.setattr(decode, "_varlen_ready", lambda phi: True)
+        monkeypatch.setattr(decode, "causal_varlen", segment_attention)
+    monkeypatch.setitem(decode.PREFILL_TOKENS, "cpu", 50)  # several prefill forwards per batch
+    assert greedy_decode(model, random_prompts(), 12, [], batch_size=5) == reference
+    if prefill == "padded":
+        assert greedy_decode(model, random_prompts(), 12, [], batch_size=1) == reference
+
+
+def test_mistral_decodes_where_its_window_covers_every_sequence():
+    model = tiny_grouped("mistral", sliding_window=64)
+    prompts = random_prompts((4, 30, 9), seed=5)
+    assert not supports(model) and not supports(model, longest=65)  # the window could hide keys
+    assert supports(model, longest=64)
+    assert greedy_decode(model, prompts, 10, [], batch_size=2) == [hf_greedy(model, p, 10) for p in prompts]
+
+
+def test_supports_plain_models_of_covered_families(model):
     from peft import LoraConfig, get_peft_model
 
-    assert supports(model)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))  # fmt: skip
-    assert not supports(llama)
+    assert supports(model) and supports(tiny_grouped("llama")) and supports(tiny_grouped("qwen2"))
+    assert supports(tiny_grouped("qwen2", use_sliding_window=False, sliding_window=16), longest=200)  # unused window
+    assert supports(tiny_grouped("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}))
+    # dynamic scaling changes with the longest position seen: one table for the whole cache would differ
+    assert not supports(tiny_grouped("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                               "rope_theta": 1e4}))  # fmt: skip
+    assert not supports(get_peft_model(tiny_grouped("llama"), LoraConfig(r=2, target_modules=["o_proj"])))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    assert not supports(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))
     with_adapter = get_peft_model(tiny_phi(), LoraConfig(r=2, target_modules=["q_proj"]))  # unmerged LoRA layers
     assert not supports(with_adapter)
     assert supports(with_adapter.merge_and_unload())

@@ -293,3 +293,58 @@ def test_shared_forward_matches_the_two_passes_and_times_evaluate_scoring(bf16):
     assert one.shared_articles == len(shareable) and two.shared_articles == 0
     assert abs(one.loss.loss - two.loss.loss) <= 1e-2 * two.loss.loss and one.loss.tokens == two.loss.tokens
     assert [g.prompt_tokens for g in one.generated] == [g.prompt_tokens for g in two.generated]
+
+
+def grouped_head_model(kind: str, dtype):
+    """A 4-layer random Llama or Qwen2 with real head sizes: 16 query heads over 4 key/value heads of 128."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    shape = dict(vocab_size=51200, hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
+                 num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096,
+                 tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    config = (LlamaConfig if kind == "llama" else Qwen2Config)(**shape)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+    return model.requires_grad_(False)
+
+
+def random_prompt_ids(count: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(2)
+    lengths = torch.randint(40, 400, (count,), generator=generator).tolist()
+    return [torch.randint(10, 51200, (n,), generator=generator).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_grouped_head_families_decode_with_a_captured_step(kind):
+    """GQA through the captured step: fp32 (no TF32) equals generate(); bf16 runs the packed varlen
+    prefill with grouped heads and its graph replay starts as its eager steps do."""
+    from phi2cli.inference.decode import DecoderModules, StaticDecoder, cut_at_stop, supports
+
+    prompts = random_prompt_ids(COMPARED)
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        model = grouped_head_model(kind, torch.float32)
+        assert supports(model, longest=512)
+        fast = graphed_decode(model, prompts, [], batch_size=COMPARED)
+        with torch.inference_mode():
+            reference = [model.generate(torch.tensor([p], device="cuda"), max_new_tokens=MAX_NEW_TOKENS,
+                                        do_sample=False, num_beams=1, pad_token_id=0)[0, len(p):].tolist()
+                         for p in prompts]  # fmt: skip
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        del model
+        torch.cuda.empty_cache()
+    identical = sum(f == cut_at_stop(r, []) for f, r in zip(fast, reference))
+    model = grouped_head_model(kind, torch.bfloat16)
+    packed = StaticDecoder(DecoderModules(model), 1, 8).packed
+    graphed = graphed_decode(model, prompts, [], batch_size=COMPARED)
+    eager = graphed_decode(model, prompts, [], batch_size=COMPARED, cuda_graph=False)
+    del model
+    torch.cuda.empty_cache()
+    record(f"decode_{kind}_gqa", rows=len(prompts), fp32_identical_rows=identical, bf16_packed_prefill=packed,
+           bf16_graph_equals_eager_rows=sum(g == e for g, e in zip(graphed, eager)))  # fmt: skip
+    assert identical >= COMPARED - 1  # at most one near-tie of two logits may resolve differently
+    assert packed  # torch's varlen kernel takes the grouped heads on this GPU
+    assert [g[0] for g in graphed] == [e[0] for e in eager]  # the same prefill

@@ -179,6 +179,59 @@ def test_out_of_memory_halves_the_batch_then_leaves_the_rest_to_the_two_passes(l
     assert scored.generated == generate_prompts(loaded, prompts, gen, 6)
 
 
+@pytest.fixture(scope="module")
+def loaded_llama(tmp_path_factory):
+    """A tiny Llama with grouped key/value heads (head_dim 24), float32, sharp attention."""
+    from test_families import tiny_model
+
+    from phi2cli.config import Phi2Config, apply_overrides
+    from phi2cli.inference.generate import load_model
+
+    model_dir = tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+    loaded = load_model(apply_overrides(Phi2Config(), {"model.model": str(model_dir),
+                                                       "data.max_length": MAX_LENGTH}).validate())  # fmt: skip
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in loaded.model.model.layers:
+            layer.self_attn.q_proj.weight.normal_(0.0, 0.4)
+            layer.self_attn.k_proj.weight.normal_(0.0, 0.4)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def llama_two_passes(loaded_llama, rows):
+    """The Llama's shareable (prompt, example) pairs, greedy_decode's tokens and eval_loss over them."""
+    from phi2cli.inference.evaluation import encode_examples
+    from phi2cli.inference.generate import build_prompts, encode_documents, eval_loss
+
+    document_ids = encode_documents(loaded_llama.tokenizer, [r["document"] for r in rows])
+    examples = encode_examples(loaded_llama, rows, document_ids)
+    prompts = [ids for ids, _ in build_prompts(loaded_llama, document_ids, MAX_NEW_TOKENS)]
+    shareable = [i for i, e in enumerate(examples) if e is not None and unshared_tail(prompts[i], e.input_ids) <= 3]
+    assert len(shareable) >= 6
+    tokens = greedy_decode(loaded_llama.model, [prompts[i] for i in shareable], MAX_NEW_TOKENS, [], batch_size=16)
+    loss = eval_loss(loaded_llama, [examples[i] for i in shareable])
+    return [prompts[i] for i in shareable], [examples[i] for i in shareable], tokens, loss
+
+
+@pytest.mark.parametrize("forward", ["padded", "packed"])
+def test_grouped_head_llama_gets_the_two_passes_loss_and_tokens_from_one_forward(loaded_llama, llama_two_passes,
+                                                                                 forward, monkeypatch):  # fmt: skip
+    from phi2cli.inference.generate import uses_fast_decoder
+
+    assert uses_fast_decoder(loaded_llama, GenerationConfig(max_new_tokens=MAX_NEW_TOKENS))
+    if forward == "packed":
+        monkeypatch.setattr(decode, "_varlen_ready", lambda phi: True)
+        monkeypatch.setattr(decode, "causal_varlen", segment_attention)
+    monkeypatch.setitem(decode.PREFILL_TOKENS, "cpu", 300)  # 1-3 examples per forward: several per batch
+    prompts, examples, tokens, loss = llama_two_passes
+    assert len(prompts) >= 6 and len({tuple(t) for t in tokens}) == len(prompts)  # different continuations
+    shared = decode_with_loss(loaded_llama.model, prompts, examples, MAX_NEW_TOKENS, [], 3)
+    assert shared.generated == tokens
+    assert shared.labelled == loss.tokens
+    assert shared.loss_sum / shared.labelled == pytest.approx(loss.loss, rel=1e-5)
+
+
 def test_unshared_tail_counts_the_prompt_tokens_after_the_common_prefix():
     assert unshared_tail([1, 2, 3, 9, 8], [1, 2, 3, 4, 5, 6]) == 2
     assert unshared_tail([1, 2, 3], [1, 2, 3, 4, 5]) == 1  # the whole prompt is shared: its last token still goes

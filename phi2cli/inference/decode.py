@@ -1,4 +1,4 @@
-"""Fast greedy decoding for Phi models: one prefill, a static KV cache, a CUDA-graphed step.
+"""Fast greedy decoding for Phi, Llama/Mistral and Qwen2 models: one prefill, a static KV cache, a CUDA-graphed step.
 
 Hugging Face generate() grows its cache and runs a Python-heavy forward for every token. Here the
 prompts of a batch go through the model once (packed and padding-free on CUDA), their keys and
@@ -26,49 +26,78 @@ PREFILL_TOKENS = {"cuda": 32768, "cpu": 4096}  # prompt tokens per prefill forwa
 MEMORY_SHARE = 0.9  # of the free GPU memory, what the cache and the activations may take
 
 
-def supports(model: Any) -> bool:
-    """True for a Phi causal LM made of the plain modules the decoder drives; else use generate()."""
+ROTARY_BY_POSITION = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position only (not "dynamic")
+
+
+def supports(model: Any, longest: int | None = None) -> bool:
+    """True for a causal LM of a covered family (phi, llama/mistral, qwen2) made of the plain modules
+    the decoder drives; else use generate().
+
+    Args:
+        model: the model to decode with.
+        longest: the most tokens a sequence will hold (prompt + new tokens); a sliding window is
+            accepted only where it covers that many (then it never hides a key).
+    """
+    from phi2cli.models.families import attention_shape, family_of
+
     config = getattr(model, "config", None)
-    inner = getattr(model, "model", None)
-    if getattr(config, "model_type", None) != "phi" or inner is None:
+    spec = family_of(getattr(config, "model_type", None))
+    if spec is None or getattr(model, "model", None) is None:
         return False
     rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default" or config.num_key_value_heads != config.num_attention_heads:
+    if rope.get("rope_type", "default") not in ROTARY_BY_POSITION:
         return False
     try:
-        linears = [model.lm_head]
-        for layer in inner.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            linears += [attn.q_proj, attn.k_proj, attn.v_proj, attn.dense, mlp.fc1, mlp.fc2]
-            _ = layer.input_layernorm, mlp.activation_fn, attn.rotary_ndims, attn.scaling
-        _ = inner.embed_tokens, inner.rotary_emb, inner.final_layernorm
-    except AttributeError:
+        shape = attention_shape(config)
+        modules = DecoderModules(model)
+    except (AttributeError, TypeError, ValueError):
         return False
-    if any(type(linear) is not nn.Linear for linear in linears):  # quantized or adapter-wrapped layers
+    if shape.softcap or shape.heads % shape.kv_heads:
+        return False
+    if shape.sliding_window is not None and (longest is None or longest > shape.sliding_window):
+        return False
+    if any(type(linear) is not nn.Linear for linear in modules.linears()):  # quantized or adapter-wrapped layers
         return False
     params = list(model.parameters())
     return len({p.device for p in params}) == 1 and len({p.dtype for p in params}) == 1 and \
         params[0].dtype.is_floating_point  # fmt: skip
 
 
-class PhiModules:
-    """The pieces of a PhiForCausalLM that prefill and the decoding step share."""
+class DecoderModules:
+    """The pieces of a covered family's causal LM that prefill and the decoding step share, named by
+    the family spec (phi2cli.models.families): Phi's parallel residual and partial rotary, Llama's and
+    Qwen2's sequential residual, full rotary and grouped key/value heads."""
 
     def __init__(self, model: Any) -> None:
-        inner = model.model
+        from phi2cli.models.families import family_of
+
+        inner, config = model.model, model.config
+        self.spec = family_of(config.model_type)
         self.embed, self.layers, self.rotary = inner.embed_tokens, list(inner.layers), inner.rotary_emb
-        self.final_norm, self.lm_head = inner.final_layernorm, model.lm_head
+        self.final_norm = inner.final_layernorm if self.spec.norm == "layernorm" else inner.norm
+        self.lm_head = model.lm_head
+        self.q_name, self.k_name, self.v_name, self.out_name = self.spec.attention
         attn = self.layers[0].self_attn
-        self.heads, self.head_dim, self.rotary_dims = model.config.num_attention_heads, attn.head_dim, attn.rotary_ndims
-        self.scaling = attn.scaling
-        self.qk_layernorm = bool(getattr(model.config, "qk_layernorm", False))
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
+        self.head_dim, self.scaling = int(attn.head_dim), attn.scaling
+        self.parallel = self.spec.name == "phi"  # attention and MLP read the same normed input
+        self.qk_layernorm = bool(getattr(config, "qk_layernorm", False))
         self.vocab = self.lm_head.out_features
         self.device, self.dtype = self.lm_head.weight.device, self.lm_head.weight.dtype
+        self.intermediate = int(getattr(config, "intermediate_size", None) or 4 * config.hidden_size)
+        for layer in self.layers:  # every piece the forwards call, so that a missing one shows here
+            _ = layer.input_layernorm, layer.mlp, self.parallel or layer.post_attention_layernorm
+            if self.qk_layernorm:
+                _ = layer.self_attn.q_layernorm, layer.self_attn.k_layernorm
 
-    def mlp(self, layer: Any, normed: torch.Tensor) -> torch.Tensor:
-        """fc2(act(fc1(x))) with the model's own activation (one kernel once load_model fused it)."""
-        mlp = layer.mlp
-        return mlp.fc2(mlp.activation_fn(mlp.fc1(normed)))
+    def linears(self) -> list[Any]:
+        """The projections the decoder calls directly or through the layer's MLP."""
+        found = [self.lm_head]
+        for layer in self.layers:
+            found += [getattr(layer.self_attn, name) for name in self.spec.attention]
+            found += [getattr(layer.mlp, name) for name in self.spec.mlp]
+        return found
 
     def rotary_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [length, rotary_dims] for positions 0..length-1, exactly as the model computes them."""
@@ -79,25 +108,33 @@ class PhiModules:
 
     def qkv(self, layer: Any, normed: torch.Tensor, cos: torch.Tensor,
             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Queries, keys (both rotated) and values [..., heads, head_dim] of the normed hidden states."""
-        attn = layer.self_attn
-        shape = (*normed.shape[:-1], self.heads, self.head_dim)
-        query, key, value = (proj(normed).view(shape) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        """Queries [..., heads, head_dim], keys and values [..., kv_heads, head_dim] of the normed
+        hidden states, queries and keys rotated."""
+        attn, leading = layer.self_attn, normed.shape[:-1]
+        query = getattr(attn, self.q_name)(normed).view(*leading, self.heads, self.head_dim)
+        key = getattr(attn, self.k_name)(normed).view(*leading, self.kv_heads, self.head_dim)
+        value = getattr(attn, self.v_name)(normed).view(*leading, self.kv_heads, self.head_dim)
         if self.qk_layernorm:
             query, key = attn.q_layernorm(query), attn.k_layernorm(key)
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin), value
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Partial rotary embedding: the first rotary_dims of each head turn, the rest pass (as in Phi)."""
-        turned, kept = x[..., : self.rotary_dims], x[..., self.rotary_dims :]
-        half = self.rotary_dims // 2
+        """Rotary embedding of the first cos.shape[-1] dims of each head (all of them, or Phi's part); the rest pass."""
+        rotary_dims = cos.shape[-1]
+        turned, kept = x[..., :rotary_dims], x[..., rotary_dims:]
+        half = rotary_dims // 2
         rotated_half = torch.cat((-turned[..., half:], turned[..., :half]), dim=-1)
         return torch.cat((turned * cos + rotated_half * sin, kept), dim=-1)
 
     def finish_layer(self, layer: Any, hidden: torch.Tensor, normed: torch.Tensor,
                      attended: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """Phi's parallel residual: attention output + MLP of the same normed input + the residual."""
-        return layer.self_attn.dense(attended) + self.mlp(layer, normed) + hidden
+        """The residual: Phi's parallel one (attention output + MLP of the same normed input + the
+        residual) or the sequential one (h = hidden + attention output; h + MLP(norm(h)))."""
+        projected = getattr(layer.self_attn, self.out_name)(attended)
+        if self.parallel:
+            return projected + layer.mlp(normed) + hidden
+        hidden = hidden + projected
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     def next_ids(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.final_norm(hidden)).argmax(dim=-1)
@@ -111,9 +148,9 @@ class StaticDecoder:
     the step has fixed shapes and no host synchronisation and can be replayed as a CUDA graph.
     """
 
-    def __init__(self, phi: PhiModules, rows: int, cache_len: int, longest_input: int = 0) -> None:
+    def __init__(self, phi: DecoderModules, rows: int, cache_len: int, longest_input: int = 0) -> None:
         self.phi, self.rows, self.cache_len = phi, rows, cache_len
-        shape = (rows, phi.heads, cache_len, phi.head_dim)
+        shape = (rows, phi.kv_heads, cache_len, phi.head_dim)
         # zeros, not empty: a masked slot still enters softmax(.) @ V, and 0 x NaN would be NaN
         self.keys = [torch.zeros(shape, dtype=phi.dtype, device=phi.device) for _ in phi.layers]
         self.values = [torch.zeros(shape, dtype=phi.dtype, device=phi.device) for _ in phi.layers]
@@ -168,7 +205,7 @@ class StaticDecoder:
         hidden = phi.embed(tokens)  # [tokens, hidden]
         for index, layer in enumerate(phi.layers):
             normed = layer.input_layernorm(hidden)
-            query, key, value = phi.qkv(layer, normed, cos, sin)  # [tokens, heads, head_dim]
+            query, key, value = phi.qkv(layer, normed, cos, sin)  # [tokens, (kv_)heads, head_dim]
             self.keys[index][slot_rows, :, slot_positions] = key if kept is None else key[kept]
             self.values[index][slot_rows, :, slot_positions] = value if kept is None else value[kept]
             attended = causal_varlen(query, key, value, bounds, max(lengths), phi.scaling)
@@ -195,7 +232,8 @@ class StaticDecoder:
             query, key, value = (t.transpose(1, 2) for t in phi.qkv(layer, normed, cos, sin))  # [rows, heads, w, d]
             self.keys[index][first_row : first_row + count, :, :written] = key[:, :, :written]
             self.values[index][first_row : first_row + count, :, :written] = value[:, :, :written]
-            attended = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=phi.scaling)
+            attended = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=phi.scaling,
+                                                      enable_gqa=phi.kv_heads != phi.heads)  # fmt: skip
             hidden = phi.finish_layer(layer, hidden, normed, attended.transpose(1, 2).reshape(count, width, -1))
         return hidden[rows[picks], columns[picks]]
 
@@ -224,16 +262,16 @@ class StaticDecoder:
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [rows, 1, rotary]
         unwritten = (self.columns[None, :] > positions[:, None])[:, None, None, :]  # [rows, 1, 1, cache_len]
         mask = torch.zeros(unwritten.shape, dtype=phi.dtype, device=phi.device).masked_fill_(unwritten, -torch.inf)
-        slot = positions.view(-1, 1, 1, 1).expand(-1, phi.heads, 1, phi.head_dim)
+        slot = positions.view(-1, 1, 1, 1).expand(-1, phi.kv_heads, 1, phi.head_dim)
         hidden = phi.embed(self.tokens)  # [rows, hidden]
         for index, layer in enumerate(phi.layers):
             normed = layer.input_layernorm(hidden)
-            query, key, value = phi.qkv(layer, normed, cos, sin)  # [rows, heads, head_dim]
+            query, key, value = phi.qkv(layer, normed, cos, sin)  # [rows, (kv_)heads, head_dim]
             keys, values = self.keys[index], self.values[index]
             keys.scatter_(2, slot, key.unsqueeze(2))
             values.scatter_(2, slot, value.unsqueeze(2))
             attended = F.scaled_dot_product_attention(query.unsqueeze(2), keys, values, attn_mask=mask,
-                                                      scale=phi.scaling)  # fmt: skip
+                                                      scale=phi.scaling, enable_gqa=phi.kv_heads != phi.heads)  # fmt: skip
             hidden = phi.finish_layer(layer, hidden, normed, attended.reshape(self.rows, -1))
         self.tokens.copy_(phi.next_ids(hidden))
         self.positions.add_(1)
@@ -273,7 +311,7 @@ def greedy_decode(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: 
     """Greedy continuations of token-id prompts with a static KV cache (see the module docstring).
 
     Args:
-        model: a PhiForCausalLM for which supports(model) is True, in eval mode.
+        model: a causal LM for which supports(model) is True, in eval mode.
         prompts: token ids per prompt (at least one each).
         max_new_tokens: most tokens generated per prompt.
         stop_ids: a row ends at the first of these (kept in its output).
@@ -289,7 +327,7 @@ def greedy_decode(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: 
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1 or not prompts:
         return [[] for _ in prompts]
-    phi = PhiModules(model)
+    phi = DecoderModules(model)
     results: list[list[int]] = [[] for _ in prompts]
     with torch.inference_mode():
         for chunk, cache_len in cache_batches(phi, prompts, max_new_tokens, batch_size):
@@ -299,7 +337,7 @@ def greedy_decode(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: 
     return results
 
 
-def cache_batches(phi: PhiModules, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def cache_batches(phi: DecoderModules, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                   batch_size: int) -> Iterator[tuple[list[int], int]]:  # fmt: skip
     """Prompt indices per batch, longest first (similar lengths share a cache width), with the
     batch's cache length; at most batch_size rows, and on CUDA what free memory holds (checked
@@ -320,24 +358,23 @@ def cut_at_stop(row: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
     return list(row[:end])
 
 
-def _decode_batch(phi: PhiModules, prompts: Sequence[Sequence[int]], max_new_tokens: int, cache_len: int,
+def _decode_batch(phi: DecoderModules, prompts: Sequence[Sequence[int]], max_new_tokens: int, cache_len: int,
                   cuda_graph: bool) -> list[list[int]]:  # fmt: skip
     decoder = StaticDecoder(phi, len(prompts), cache_len)
     decoder.prefill(prompts)
     return decoder.decode(max_new_tokens, cuda_graph)
 
 
-def rows_that_fit(phi: PhiModules, cache_len: int) -> int:
+def rows_that_fit(phi: DecoderModules, cache_len: int) -> int:
     """Rows whose KV cache (and the step's logits) fit in free GPU memory beside a prefill's activations."""
     if phi.device.type != "cuda":
         return 1 << 30
     free, _ = torch.cuda.mem_get_info(phi.device)
     free += torch.cuda.memory_reserved(phi.device) - torch.cuda.memory_allocated(phi.device)  # cached blocks
     size = torch.finfo(phi.dtype).bits // 8
-    hidden = phi.heads * phi.head_dim
-    per_row = (len(phi.layers) * 2 * hidden * cache_len + 2 * phi.vocab) * size + 4 * phi.vocab
-    intermediate = phi.layers[0].mlp.fc1.out_features
-    prefill = PREFILL_TOKENS["cuda"] * (4 * intermediate + 12 * hidden) * size  # fc1 + GELU temporaries, q/k/v...
+    hidden, cached = phi.heads * phi.head_dim, phi.kv_heads * phi.head_dim
+    per_row = (len(phi.layers) * 2 * cached * cache_len + 2 * phi.vocab) * size + 4 * phi.vocab
+    prefill = PREFILL_TOKENS["cuda"] * (4 * phi.intermediate + 12 * hidden) * size  # MLP temporaries, q/k/v...
     return int((free * MEMORY_SHARE - prefill) // per_row)
 
 
@@ -350,9 +387,9 @@ def prefill_groups(prompts: Sequence[Sequence[int]], budget: int,
     return [(group.start, prompts[group.start:group.stop]) for group in groups]
 
 
-def _varlen_ready(phi: PhiModules) -> bool:
+def _varlen_ready(phi: DecoderModules) -> bool:
     """True where prefill can run packed: CUDA, half precision, and torch's varlen flash kernel."""
     from phi2cli.kernels.attention import varlen_available
 
     half = phi.dtype in (torch.float16, torch.bfloat16)
-    return phi.device.type == "cuda" and half and varlen_available(phi.head_dim, phi.heads)
+    return phi.device.type == "cuda" and half and varlen_available(phi.head_dim, phi.heads, phi.kv_heads)

@@ -295,7 +295,7 @@ def uses_fast_decoder(loaded: LoadedModel, gen: GenerationConfig, streaming: boo
         return False
     from phi2cli.inference.decode import supports
 
-    return supports(loaded.model)
+    return supports(loaded.model, longest=loaded.config.data.max_length)  # prompts are cut to leave room for the new tokens
 
 
 def decoder_fallback(loaded: LoadedModel, gen: GenerationConfig) -> str | None:
@@ -305,7 +305,8 @@ def decoder_fallback(loaded: LoadedModel, gen: GenerationConfig) -> str | None:
             or decoder_choice() == "hf" or uses_fast_decoder(loaded, gen):
         return None
     model_type = getattr(getattr(loaded.model, "config", None), "model_type", None)
-    return (f"the static-cache decoder drives plain Phi models only (this is '{model_type}'): "
+    return (f"the static-cache decoder drives plain (unquantized) phi, llama/mistral and qwen2 models without a "
+            f"dynamic rotary scaling or a sliding window shorter than max_length (this is '{model_type}'): "
             f"summaries come from transformers' generate(), and evaluate's eval loss and prefill run as two passes")
 
 

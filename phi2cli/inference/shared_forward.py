@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from phi2cli.config import GenerationConfig
-from phi2cli.inference.decode import PREFILL_TOKENS, PhiModules, StaticDecoder, cache_batches, cut_at_stop, prefill_groups
+from phi2cli.inference.decode import PREFILL_TOKENS, DecoderModules, StaticDecoder, cache_batches, cut_at_stop, prefill_groups
 from phi2cli.inference.generate import Generated, LoadedModel, LossResult
 from phi2cli.data.prompts import EncodedExample
 
@@ -59,7 +59,7 @@ def decode_with_loss(model: Any, prompts: Sequence[Sequence[int]], examples: Seq
     step each (rows with a shorter tail feed more of their own prompt), and decoding goes on.
 
     Args:
-        model: a PhiForCausalLM for which decode.supports(model) is True, in eval mode.
+        model: a causal LM for which decode.supports(model) is True, in eval mode.
         prompts: token ids per prompt; all but the last few must begin its example's input_ids.
         examples: one loss example per prompt (prompts.encode_example).
         max_new_tokens, stop_ids, batch_size, cuda_graph: as for decode.greedy_decode.
@@ -69,7 +69,7 @@ def decode_with_loss(model: Any, prompts: Sequence[Sequence[int]], examples: Seq
         ValueError where a batch's longest unshared tail is longer than one of its prompts;
         torch.cuda.OutOfMemoryError when even one row's cache does not fit.
     """
-    phi = PhiModules(model)
+    phi = DecoderModules(model)
     tails = [unshared_tail(p, e.input_ids) for p, e in zip(prompts, examples)]
     generated: list[list[int]] = [[] for _ in prompts]
     loss_sum, labelled, forward_seconds = 0.0, 0, 0.0
