@@ -64,7 +64,7 @@ def check_adapter_dir(adapter_dir: str | Path) -> Path:
     if not path.is_dir():
         raise RunError(f"--adapter {path} is a file; pass the directory written by 'phi2 train'")
     if not (path / "adapter_config.json").is_file():
-        from phi2cli.training.engine import checkpoints
+        from phi2cli.io.checkpoints import checkpoints
 
         saved = checkpoints(path)
         hint = f"it holds checkpoints: pass --adapter {saved[-1]}" if saved else \

@@ -176,7 +176,7 @@ def publish_final_from(point: ResumePoint, final: Path, write_extra: Any) -> Pat
 
 def resume_point_problems(out: Path) -> str:
     """Why the newest (up to three) checkpoints cannot be resumed from, in one line."""
-    from phi2cli.training.engine import checkpoints
+    from phi2cli.io.checkpoints import checkpoints
 
     return "; ".join(f"{p.name}: {checkpoint_problem(p)}" for p in checkpoints(out)[-3:])
 
@@ -186,7 +186,7 @@ def finished_run(config: Any, plan: Any, point: ResumePoint, tokenizer: Any, not
     """--resume of a run whose training had reached its steps: change nothing when its final adapter
     is saved, else save it from the best (or last) checkpoint, as the run would have at its end."""
     from phi2cli.config import RUN_CONFIG_NAME, save_run_config
-    from phi2cli.training.engine import TrainResult
+    from phi2cli.training.result import TrainResult
 
     final = Path(config.train.final_dir)
     saved = {}

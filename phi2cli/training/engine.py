@@ -6,45 +6,20 @@ import dataclasses
 import errno
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from phi2cli.config import Phi2Config, save_run_config
 from phi2cli.errors import ConfigError, DeviceError, RunError, TrainingInterrupted
-from phi2cli.io.checkpoints import CHECKPOINT_RE
+from phi2cli.io.checkpoints import checkpoints  # noqa: F401 (re-exported)
 from phi2cli.training.build import (build_model, family_plan, model_config_of, record_trainer_paths,
                                     with_adapted_targets)
 from phi2cli.training.checkpoints import ResumePoint, finished_run, resume_point_problems
 from phi2cli.training.plan import EnginePlan, resolve_plan
+from phi2cli.training.result import TrainResult
 
 Display = Callable[[str, dict[str, Any]], None]
 COMPILE_NOTE = "compiling the decoder layers (about a minute the first time, cached for later runs)"
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    final_dir: Path
-    best_checkpoint: str | None
-    best_metric: float | None
-    global_step: int
-    plan: EnginePlan
-    metrics: dict[str, Any] = field(default_factory=dict)
-    memory: dict[str, float] = field(default_factory=dict)
-    throughput: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    timing: dict[str, float] = field(default_factory=dict)
-    already_finished: bool = False  # --resume of a run that had finished: nothing was changed
-
-
-def checkpoints(output_dir: str | Path) -> list[Path]:
-    """checkpoint-N directories, oldest first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
 
 
 def check_output_dirs(config: Phi2Config, resume: bool, overwrite: bool,
