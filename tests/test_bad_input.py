@@ -242,8 +242,6 @@ CASES = [
          "--resume continues the run in the output directory and --overwrite deletes it; pass only one of them"),
     case("train-model-is-a-text-file", lambda c: train(c, "--model", article(c)), 1,
          "article.txt is a file, not a tokenizer", "a .gguf file or a hub id"),
-    case("train-resume-without-checkpoint", lambda c: train(c, "--resume"), 1,
-         "nothing to resume: phi2-xsum-finetuned has no checkpoint-N; start without --resume"),
     # --- evaluate ---
     case("evaluate-missing-adapter", lambda c: ["evaluate", "--adapter", c.path("nope")], 1,
          "adapter directory", "nope does not exist; train one with 'phi2 train' or pass --adapter DIR"),

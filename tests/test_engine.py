@@ -165,9 +165,23 @@ def test_no_compile_flag_is_recorded_with_the_engine_plan(tiny_phi_dir, sample_d
     assert plan["fused_kernels"] and plan["fused_qkv"]  # uncompiled layers get the batched q/k/v
 
 
-def test_resume_without_a_checkpoint_is_refused(tiny_phi_dir, sample_data_dir):
+def test_resume_with_nothing_written_yet_starts_from_step_zero_with_a_note(tiny_phi_dir, sample_data_dir, tmp_path):
+    """A run killed before it wrote anything (or never started): --resume trains from step 0 and says so."""
+    config = tiny_config(tiny_phi_dir, sample_data_dir, **{"train.max_steps": 1, "train.output_dir": str(tmp_path / "run"),
+                                                            "train.final_dir": str(tmp_path / "final")})  # fmt: skip
+    result = train(config, resume=True)
+    assert result.global_step == 1 and (tmp_path / "final" / "adapter_config.json").is_file()
+    assert result.notes[0] == f"nothing to resume in {tmp_path / 'run'} yet: training starts from step 0"
+
+
+def test_resume_of_a_finished_adapter_without_checkpoints_is_refused(tiny_phi_dir, sample_data_dir, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "adapter_config.json").write_text("{}")
+    config = tiny_config(tiny_phi_dir, sample_data_dir, **{"train.output_dir": str(tmp_path / "run"),
+                                                            "train.final_dir": str(tmp_path / "final")})  # fmt: skip
     with pytest.raises(RunError, match="nothing to resume"):
-        train(tiny_config(tiny_phi_dir, sample_data_dir), resume=True)
+        train(config, resume=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")

@@ -179,15 +179,14 @@ def train(config: Phi2Config, **kwargs: Any) -> TrainResult:
     check_writable_dir(config.train.output_dir)
     lock = RunLock(config.train.output_dir)
     taken_over = lock.acquire()
-    if kwargs.get("resume") and lock.made_directory:  # no run was ever started there
-        lock.release()
-        raise RunError(f"nothing to resume: {config.train.output_dir} has no checkpoint-N; start without --resume")
+    fresh = None
+    if kwargs.get("resume") and lock.made_directory:  # killed before it wrote anything, or never started
+        fresh = f"nothing to resume in {config.train.output_dir} yet: training starts from step 0"
     try:
         result = train_locked(config, **kwargs)
     finally:
         lock.release()
-    if taken_over:
-        result.notes.insert(0, taken_over)
+    result.notes[:0] = [note for note in (taken_over, fresh) if note]
     return result
 
 
