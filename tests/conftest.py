@@ -82,7 +82,8 @@ def trained(tmp_path_factory, tiny_phi_dir, sample_data_dir) -> Path:
     try:
         args = ["train", "--data-dir", str(sample_data_dir), "--model", str(tiny_phi_dir), "--samples", "16",
                 "--val-samples", "8", "--max-steps", "2", "--eval-every", "2", "--max-length", "256",
-                "--warmup-steps", "0", "--lr", "0.01", "--lora-targets", "q_proj,k_proj,v_proj,dense"]  # fmt: skip
+                "--warmup-steps", "0", "--lr", "0.01", "--lora-targets", "q_proj,k_proj,v_proj,dense",
+                "--lora-r", "16", "--lora-alpha", "32"]  # fmt: skip
         result = CliRunner().invoke(app, args)
     finally:
         os.chdir(here)

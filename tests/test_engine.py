@@ -68,7 +68,7 @@ def test_short_run_writes_the_documented_files(tiny_phi_dir, sample_data_dir):
     run = json.loads((final / "phi2_run.json").read_text())
     assert run["config"]["model"]["model"] == str(tiny_phi_dir)
     # a tiny model gets the small row of the size recipes: LoRA on every linear layer
-    assert run["config"]["lora"] == {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["all-linear"]}
+    assert run["config"]["lora"] == {"r": 32, "alpha": 64, "dropout": 0.05, "targets": ["all-linear"]}
     assert run["recipe"]["row"].startswith("small") and "recipe: small" in result.output
     assert run["plan"]["micro_batch"] * run["plan"]["grad_accum"] == 8
     assert "no CUDA GPU: loading the model in full precision" in result.output

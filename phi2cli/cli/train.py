@@ -110,8 +110,6 @@ def train_command(
 
     display = TrainingDisplay(console)
     main_process = os.environ.get("LOCAL_RANK", "0") == "0"
-    if recipe is not None and main_process:
-        note(recipe.line())
     with display if main_process else nullcontext():
         result = train(cfg, prepared_dir=prepared, resume=resume, overwrite=overwrite,
                        display=display.update if main_process else None, progress=track,

@@ -79,6 +79,8 @@ class TrainingDisplay:
         elif event == "note":
             self.shown.append(info["message"])
             warn(info["message"])
+        elif event == "info":  # what this run chose (e.g. the recipe by model size), not a warning
+            note(info["message"])
         elif event == "eval":
             self.progress.console.print(
                 f"  eval @ step {info['step']}: loss {info['eval_loss']:.4f}"

@@ -208,7 +208,7 @@ def train_locked(
         prepared_dir: a dataset from 'phi2 prepare'; None prepares one inside the output directory.
         resume: continue from the newest checkpoint (optimizer, scheduler, RNG, data order).
         overwrite: delete an earlier run in the output directories first.
-        display: receives progress events ('note', 'begin', 'step', 'eval', 'end').
+        display: receives progress events ('note', 'info', 'begin', 'step', 'eval', 'end').
         progress: iterable wrapper for data preparation progress.
         callbacks: extra TrainerCallbacks.
         recipe: the size recipe's choice (recipes.RecipeChoice.to_dict()), recorded in phi2_run.json.
@@ -305,6 +305,10 @@ def train_locked(
     from phi2cli.training.host_memory import check_host_memory
 
     check_host_memory(config, plan, precision, train_set)
+    if recipe is not None and display is not None and is_main:  # once the checks passed: this run will train
+        from phi2cli.models.recipes import RecipeChoice
+
+        display("info", {"message": RecipeChoice.from_dict(recipe).line()})
 
     clock = time.perf_counter()
     from phi2cli.kernels.fast_paths import FastPaths
