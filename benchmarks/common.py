@@ -24,20 +24,32 @@ def default_data_dir() -> Path:
 def make_random_phi2(out: Path) -> Path:
     """Save a random-weight model of phi-2's exact shape (2.78 B parameters) with its tokenizer."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     if (out / "config.json").is_file():
         return out
-    config = AutoConfig.from_pretrained(str(TOKENIZER_DIR))
+    return save_random_model(AutoConfig.from_pretrained(str(TOKENIZER_DIR)), out, torch.bfloat16)
+
+
+def save_random_model(config: Any, out: Path, dtype: Any = None) -> Path:
+    """Save a random-weight model built from `config` (seed 0) with phi-2's tokenizer files beside it.
+
+    dtype: bf16 on a GPU and fp32 on a CPU unless given; the weights are built on the GPU when there is one.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
     torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.device("cuda" if cuda else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or (torch.bfloat16 if cuda else torch.float32))
     model.save_pretrained(str(out))
     for item in TOKENIZER_DIR.iterdir():
-        if item.name not in ("config.json",) and item.suffix != ".md":
+        if item.name != "config.json" and item.suffix != ".md":
             shutil.copy(item, out / item.name)
     del model
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return out
 
 

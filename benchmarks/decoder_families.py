@@ -18,7 +18,6 @@ import argparse
 import gc
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, TOKENIZER_DIR, environment, write_json  # noqa: E402
+from common import ROOT, environment, save_random_model, write_json  # noqa: E402
 from families import SHAPES, TINY, default_shared  # noqa: E402
 
 ROWS = ("phi2", "llama", "qwen2")  # qwen2: the llama shape as Qwen2 (q/k/v bias), same grouped heads
@@ -35,8 +34,7 @@ KEEP_IF_FASTER = 0.15  # the hand-written decoder must beat generate() by this s
 
 def make_model(row: str, out: Path, tiny: bool) -> Path:
     """Save a random-weight model of the row's shape with phi-2's tokenizer (bf16 on a GPU)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, PhiConfig, Qwen2Config
+    from transformers import LlamaConfig, PhiConfig, Qwen2Config
 
     if (out / "config.json").is_file():
         return out
@@ -44,16 +42,7 @@ def make_model(row: str, out: Path, tiny: bool) -> Path:
     if tiny:
         shape.update(TINY) if row == "phi2" else shape.update(TINY, num_key_value_heads=2)
     config = {"phi2": PhiConfig, "llama": LlamaConfig, "qwen2": Qwen2Config}[row](**shape)
-    torch.manual_seed(0)
-    cuda = torch.cuda.is_available()
-    with torch.device("cuda" if cuda else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
-    model.save_pretrained(str(out))
-    for item in TOKENIZER_DIR.iterdir():
-        if item.name != "config.json" and item.suffix != ".md":
-            shutil.copy(item, out / item.name)
-    del model
-    return out
+    return save_random_model(config, out)
 
 
 def summarize_seconds(loaded: Any, documents: list[str], max_new_tokens: int, batch_size: int | None,

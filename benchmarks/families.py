@@ -35,7 +35,6 @@ import dataclasses
 import gc
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BF16_PEAK_TFLOPS, ROOT, TOKENIZER_DIR, environment, write_json  # noqa: E402
+from common import BF16_PEAK_TFLOPS, ROOT, environment, save_random_model, write_json  # noqa: E402
 
 FAMILY_ROWS = ("phi2", "llama", "smollm2")
 ABLATION_ROWS = ("peft_lora", "bnb_paged_adamw", "adamw_torch_fused", "fused_qkv", "decoder_hf")
@@ -67,8 +66,7 @@ def default_shared() -> Path:
 
 def make_random_model(row: str, out: Path, tiny: bool) -> Path:
     """Save a random-weight model of the row's shape with phi-2's tokenizer (bf16 on a GPU)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, PhiConfig
+    from transformers import LlamaConfig, PhiConfig
 
     if (out / "config.json").is_file():
         return out
@@ -76,18 +74,7 @@ def make_random_model(row: str, out: Path, tiny: bool) -> Path:
     if tiny:
         shape.update(TINY, num_key_value_heads=2) if row == "llama" else shape.update(TINY)
     config = (PhiConfig if row == "phi2" else LlamaConfig)(**shape)
-    torch.manual_seed(0)
-    cuda = torch.cuda.is_available()
-    with torch.device("cuda" if cuda else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
-    model.save_pretrained(str(out))
-    for item in TOKENIZER_DIR.iterdir():
-        if item.name != "config.json" and item.suffix != ".md":
-            shutil.copy(item, out / item.name)
-    del model
-    if cuda:
-        torch.cuda.empty_cache()
-    return out
+    return save_random_model(config, out)
 
 
 @contextlib.contextmanager
