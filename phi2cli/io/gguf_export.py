@@ -18,8 +18,7 @@ from phi2cli.errors import ConfigError, ModelError, Phi2Error
 GGUF_TYPES = ("f16", "q8_0")
 Q8_BLOCK = 32  # q8_0 quantizes rows in blocks of 32 values; narrower rows stay f16
 
-# transformers model_type -> (gguf architecture, q/k rows reordered for llama.cpp's rotary layout)
-FAMILIES = {"phi": ("PHI2", False), "llama": ("LLAMA", True), "qwen2": ("QWEN2", False)}
+QK_PERMUTED = {"llama"}  # model_types whose q/k rows llama.cpp expects reordered for its rotary layout
 # Architectures whose llama.cpp loader needs output.weight even when the embeddings are tied.
 OUTPUT_REQUIRED = ("PHI2",)
 
@@ -42,14 +41,15 @@ def gguf_architecture(config: Any) -> tuple[Any, bool]:
     """(gguf.MODEL_ARCH, permute q/k) for a transformers config, or a ModelError for other families."""
     import gguf
 
+    from phi2cli.models.families import GGUF_ARCHITECTURES
+
     model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
+    if model_type not in GGUF_ARCHITECTURES:
         raise ModelError(
-            f"GGUF export supports {', '.join(sorted(FAMILIES))} models; this one is '{model_type}'; "
+            f"GGUF export supports {', '.join(sorted(GGUF_ARCHITECTURES))} models; this one is '{model_type}'; "
             f"use 'phi2 export' without --format gguf for a transformers directory"
         )
-    arch_name, permute = FAMILIES[model_type]
-    return getattr(gguf.MODEL_ARCH, arch_name), permute
+    return getattr(gguf.MODEL_ARCH, GGUF_ARCHITECTURES[model_type].upper()), model_type in QK_PERMUTED
 
 
 def _rope(config: Any, key: str, default: float) -> float:

@@ -35,6 +35,8 @@ FAMILIES = (
                ("gate_proj", "up_proj", "down_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), "full", "rmsnorm"),
 )  # fmt: skip
 DEFAULT_FAMILY = FAMILIES[0]  # the reference recipe's model (phi-2)
+# transformers model_type -> GGUF general.architecture, for the types the GGUF export writes and reads
+GGUF_ARCHITECTURES = {"phi": "phi2", "llama": "llama", "qwen2": "qwen2"}
 
 
 def family_of(model_type: str | None) -> FamilySpec | None:

@@ -18,7 +18,6 @@ from phi2cli.config import Phi2Config, apply_overrides
 REFERENCE_MODEL = "microsoft/phi-2"  # the reference run's model: never looked up, always the reference recipe
 RECIPE_KEYS = ("train.learning_rate", "train.epochs", "train.warmup_steps", "lora.targets", "lora.r", "lora.alpha",
                "generation.num_beams", "generation.length_penalty", "generation.no_repeat_ngram_size")  # fmt: skip
-GGUF_ARCHITECTURES = {"phi2": "phi", "llama": "llama", "qwen2": "qwen2"}  # GGUF general.architecture -> model_type
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,10 @@ def _gguf_size(path: Path) -> tuple[int, str | None]:
     parameters = sum(int(t.n_elements) for t in reader.tensors)
     field = reader.fields.get("general.architecture")
     arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
-    return parameters, GGUF_ARCHITECTURES.get(arch or "", arch)
+    from phi2cli.models.families import GGUF_ARCHITECTURES
+
+    model_types = {gguf_arch: model_type for model_type, gguf_arch in GGUF_ARCHITECTURES.items()}
+    return parameters, model_types.get(arch or "", arch)
 
 
 def _config_size(model: str) -> tuple[int, str | None]:
