@@ -23,10 +23,14 @@ def test_grid_is_the_product_of_the_given_axes_on_the_base_recipe():
     assert all(g["targets"] == "all-linear" and g["warmup"] == 20 for g in grid)
     assert sweep.parse_grid(None)[0] == sweep.BASE_RECIPE
     row = sweep.table_row(grid[3], sweep.parse_decodings("beams=4,lp=0.6,ngram=3")[1])
-    assert row == 'SizeRecipe("small (up to 0.5 B)", 0.5e9, 0.002, 3.0, 20, "all-linear", 16, 32, 4, 0.6, 3)'
+    assert row == 'SizeRecipe("small (up to 0.5 B)", 0.5e9, 0.002, 3.0, 20, "all-linear", 32, 64, 4, 0.6, 3)'
     from phi2cli.models.recipes import SizeRecipe
 
     assert eval(row, {"SizeRecipe": SizeRecipe}).learning_rate == 0.002  # noqa: S307 (it pastes as code)
+    kept = sweep.table_row(dict(grid[0], quant="none"), sweep.GREEDY)  # a bf16 base is written into the row
+    assert kept.endswith('32, 64, 1, 1.0, 0, "none")')
+    assert eval(kept, {"SizeRecipe": SizeRecipe}).quantization == "none"  # noqa: S307
+    assert sweep.flags({"quant": "none"}, sweep.RECIPE_FLAGS) == ["--quantization", "none"]
     assert sweep.flags({"lr": 0.002, "targets": "all-linear"}, sweep.RECIPE_FLAGS) == \
         ["--lr", "0.002", "--lora-targets", "all-linear"]  # fmt: skip
 

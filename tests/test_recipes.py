@@ -59,6 +59,24 @@ def test_a_small_model_gets_the_small_row_except_what_the_user_set(tiny_phi_dir,
     assert "--warmup-steps 20" in line and "--lora-targets all-linear" in line and "(yours: --lr, --epochs)" in line
 
 
+def test_a_row_that_keeps_the_base_unquantized_sets_it_unless_the_user_chose(tiny_phi_dir, monkeypatch):
+    import dataclasses
+
+    from phi2cli.config import build_config
+    from phi2cli.models import recipes
+
+    assert "model.quantization" not in recipe_values(SIZE_RECIPES[-1], "phi")  # auto: 4-bit on CUDA, as given
+    bf16_small = dataclasses.replace(row_for(135_000_000), quantization="none")
+    assert recipe_values(bf16_small, "llama")["model.quantization"] == "none"
+    monkeypatch.setattr(recipes, "SIZE_RECIPES", (bf16_small, *SIZE_RECIPES[1:]))
+    config, choice = apply_recipe(build_config(None, {"model.model": str(tiny_phi_dir)}), {"model.model"})
+    assert config.model.quantization == "none" and "--quantization none" in choice.line()
+    given = {"model.model", "model.quantization"}
+    config, choice = apply_recipe(build_config(None, {"model.model": str(tiny_phi_dir), "model.quantization": "4bit"}),
+                                  given)  # fmt: skip
+    assert config.model.quantization == "4bit" and "--quantization" in choice.line().split("(yours:")[1]
+
+
 @pytest.mark.slow  # ~8 s reading the 98 MB file's tensor index
 def test_the_gguf_size_is_read_from_its_tensors_without_loading():
     if not SMOLLM2_GGUF.is_file():

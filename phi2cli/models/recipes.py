@@ -17,7 +17,8 @@ from phi2cli.config import Phi2Config, apply_overrides
 
 REFERENCE_MODEL = "microsoft/phi-2"  # the reference run's model: never looked up, always the reference recipe
 RECIPE_KEYS = ("train.learning_rate", "train.epochs", "train.warmup_steps", "lora.targets", "lora.r", "lora.alpha",
-               "generation.num_beams", "generation.length_penalty", "generation.no_repeat_ngram_size")  # fmt: skip
+               "generation.num_beams", "generation.length_penalty", "generation.no_repeat_ngram_size",
+               "model.quantization")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class SizeRecipe:
     num_beams: int
     length_penalty: float
     no_repeat_ngram_size: int
+    quantization: str = "auto"  # "auto" (4-bit NF4 on CUDA) or "none": a small base kept in bf16
 
 
 # The small row was chosen on the 500 XSUM validation rows with SmolLM2-135M (benchmarks/recipe_sweep.py,
@@ -86,7 +88,7 @@ _FLAGS = {"train.learning_rate": "--lr", "train.epochs": "--epochs", "train.warm
           "lora.targets": "--lora-targets", "lora.r": "--lora-r", "lora.alpha": "--lora-alpha",
           "generation.num_beams": "--num-beams",
           "generation.length_penalty": "--length-penalty",
-          "generation.no_repeat_ngram_size": "--no-repeat-ngram-size"}  # fmt: skip
+          "generation.no_repeat_ngram_size": "--no-repeat-ngram-size", "model.quantization": "--quantization"}  # fmt: skip
 
 
 def _shown(value: Any) -> str:
@@ -108,11 +110,12 @@ def recipe_values(row: SizeRecipe, model_type: str | None) -> dict[str, Any]:
     """A row as dotted config values, LoRA targets resolved for the model's family."""
     # "attention": empty, meaning the family's q/k/v/output projections (phi2cli.models.families), found at load
     targets = ("all-linear",) if row.lora_targets == "all-linear" else ()
+    quantization = {"model.quantization": row.quantization} if row.quantization != "auto" else {}
     return {"train.learning_rate": row.learning_rate, "train.epochs": row.epochs,
             "train.warmup_steps": row.warmup_steps, "lora.targets": targets, "lora.r": row.lora_r,
             "lora.alpha": row.lora_alpha, "generation.num_beams": row.num_beams,
             "generation.length_penalty": row.length_penalty,
-            "generation.no_repeat_ngram_size": row.no_repeat_ngram_size}  # fmt: skip
+            "generation.no_repeat_ngram_size": row.no_repeat_ngram_size, **quantization}  # fmt: skip
 
 
 def apply_recipe(config: Phi2Config, given: set[str] | frozenset[str]) -> tuple[Phi2Config, RecipeChoice]:
