@@ -196,7 +196,9 @@ def table_row(recipe: dict[str, Any], decoding: dict[str, Any]) -> str:
     targets = "all-linear" if recipe["targets"] == "all-linear" else "attention"
     return (f'SizeRecipe("small (up to 0.5 B)", 0.5e9, {recipe["lr"]:g}, {float(recipe["epochs"])}, {recipe["warmup"]}, '
             f'"{targets}", {recipe["r"]}, {recipe["alpha"]}, {decoding["beams"]}, {float(decoding["lp"])}, '
-            f'{decoding["ngram"]}' + (f', "{recipe["quant"]}"' if recipe.get("quant", "auto") != "auto" else "") + ")")
+            f'{decoding["ngram"]}' + (f', "{recipe.get("quant", "auto")}"' if recipe.get("quant", "auto") != "auto"
+                                        or recipe.get("neftune") else "")
+            + (f', {float(recipe["neftune"])}' if recipe.get("neftune") else "") + ")")
 
 
 def best(rows: list[dict[str, Any]]) -> dict[str, Any]:

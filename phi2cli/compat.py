@@ -126,3 +126,22 @@ def bnb_step_parts_present(optimizer: Any) -> bool:
     """bitsandbytes' per-parameter step pieces (FlatAdamW8bit drives them without a GPU sync)."""
     return not missing("bitsandbytes.optim.optimizer") and \
         all(hasattr(optimizer, attribute.split(".")[-1]) for attribute in INTERNALS["bitsandbytes.optim.optimizer"])
+
+
+# The Trainer keeps the loss summed since its last log in instance attributes that train() creates
+# (no class attribute to check at import): read and written only here, None where they are absent.
+LOG_WINDOW_ATTRIBUTES = ("_tr_loss", "_globalstep_last_logged")
+
+
+def log_window(trainer: Any) -> tuple[torch.Tensor, int] | None:
+    """(loss summed since the last log, the step last logged) of a training Trainer, else None."""
+    loss_sum, last_logged = (getattr(trainer, name, None) for name in LOG_WINDOW_ATTRIBUTES)
+    if not isinstance(loss_sum, torch.Tensor) or last_logged is None:
+        return None
+    return loss_sum, int(last_logged)
+
+
+def set_log_window(trainer: Any, loss_sum: float, last_logged: int) -> None:
+    """Continue a logging window a checkpoint cut (adds to the Trainer's running loss sum)."""
+    trainer._tr_loss += loss_sum
+    trainer._globalstep_last_logged = last_logged

@@ -31,6 +31,8 @@ def test_grid_is_the_product_of_the_given_axes_on_the_base_recipe():
     assert kept.endswith('32, 64, 1, 1.0, 0, "none")')
     assert eval(kept, {"SizeRecipe": SizeRecipe}).quantization == "none"  # noqa: S307
     assert sweep.flags({"quant": "none"}, sweep.RECIPE_FLAGS) == ["--quantization", "none"]
+    noisy = eval(sweep.table_row(dict(grid[0], neftune=5), sweep.GREEDY), {"SizeRecipe": SizeRecipe})  # noqa: S307
+    assert (noisy.quantization, noisy.neftune_alpha) == ("auto", 5.0)
     assert sweep.flags({"lr": 0.002, "targets": "all-linear"}, sweep.RECIPE_FLAGS) == \
         ["--lr", "0.002", "--lora-targets", "all-linear"]  # fmt: skip
 

@@ -66,11 +66,14 @@ def test_a_row_that_keeps_the_base_unquantized_sets_it_unless_the_user_chose(tin
     from phi2cli.models import recipes
 
     assert "model.quantization" not in recipe_values(SIZE_RECIPES[-1], "phi")  # auto: 4-bit on CUDA, as given
-    bf16_small = dataclasses.replace(row_for(135_000_000), quantization="none")
+    assert "train.neftune_alpha" not in recipe_values(SIZE_RECIPES[-1], "phi")  # the reference recipe has no noise
+    bf16_small = dataclasses.replace(row_for(135_000_000), quantization="none", neftune_alpha=5.0)
     assert recipe_values(bf16_small, "llama")["model.quantization"] == "none"
+    assert recipe_values(bf16_small, "llama")["train.neftune_alpha"] == 5.0
     monkeypatch.setattr(recipes, "SIZE_RECIPES", (bf16_small, *SIZE_RECIPES[1:]))
     config, choice = apply_recipe(build_config(None, {"model.model": str(tiny_phi_dir)}), {"model.model"})
     assert config.model.quantization == "none" and "--quantization none" in choice.line()
+    assert config.train.neftune_alpha == 5.0 and "--neftune-alpha 5" in choice.line()
     given = {"model.model", "model.quantization"}
     config, choice = apply_recipe(build_config(None, {"model.model": str(tiny_phi_dir), "model.quantization": "4bit"}),
                                   given)  # fmt: skip
@@ -111,14 +114,15 @@ def test_train_prints_and_records_the_recipe(tiny_phi_dir, sample_data_dir):
     run = json.loads(Path("phi2-xsum-final/phi2_run.json").read_text())
     assert run["recipe"]["row"].startswith("small") and run["recipe"]["given"] == ["train.learning_rate"]
     assert run["config"]["train"]["epochs"] == 2.0 and run["config"]["lora"]["targets"] == ["all-linear"]
-    assert run["config"]["train"]["learning_rate"] == 0.01 and run["config"]["train"]["neftune_alpha"] == 0.0
+    assert run["config"]["train"]["learning_rate"] == 0.01 and run["config"]["train"]["neftune_alpha"] == 5.0
+    assert run["config"]["model"]["quantization"] == "none"  # the small row keeps the base as loaded
 
 
 @pytest.mark.slow  # two tiny runs, ~20 s
 def test_neftune_noise_changes_the_training_loss(tiny_phi_dir, sample_data_dir):
     common = ["train", "--model", str(tiny_phi_dir), "--data-dir", str(sample_data_dir), "--samples", "8",
               "--val-samples", "0", "--max-steps", "1", "--max-length", "128", "--lr", "0.01", "--overwrite"]  # fmt: skip
-    assert runner.invoke(app, common).exit_code == 0
+    assert runner.invoke(app, [*common, "--neftune-alpha", "0"]).exit_code == 0  # the small row's default is 5
     plain_loss = json.loads(Path("phi2-xsum-finetuned/phi2_run.json").read_text())["train_metrics"]["train_loss"]
     noisy = runner.invoke(app, [*common, "--neftune-alpha", "5"], env={"COLUMNS": "300"})
     assert noisy.exit_code == 0, noisy.output

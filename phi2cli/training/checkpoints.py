@@ -131,32 +131,36 @@ def staged_checkpoint(trainer: Any) -> Iterator[None]:
     trainer.accelerator.wait_for_everyone()
 
 
-def _log_window_name(trainer: Any) -> str:
-    index = trainer.args.process_index
-    return LOG_WINDOW_NAME if trainer.args.world_size == 1 else f"log_window_{index}.json"
-
-
 def _save_log_window(trainer: Any, directory: Path) -> None:
-    """The Trainer's loss sum since its last log (an internal it resets per train() call)."""
-    loss_sum = getattr(trainer, "_tr_loss", None)
-    last_logged = getattr(trainer, "_globalstep_last_logged", None)
-    if loss_sum is None or last_logged is None:
+    """The Trainer's loss sum since its last log (an internal it resets per train() call), every
+    process's in one file (the checkpoint holds the same files on any number of GPUs)."""
+    from phi2cli import compat
+
+    window = compat.log_window(trainer)
+    if window is None:
         return
-    body = {"loss_sum": float(loss_sum.detach().float().cpu()), "last_logged_step": int(last_logged)}
-    (directory / _log_window_name(trainer)).write_text(json.dumps(body) + "\n", encoding="utf-8")
+    loss_sum, last_logged = window
+    sums = trainer.accelerator.gather(loss_sum.detach().float().reshape(1))  # a collective: every process calls it
+    if trainer.args.should_save:
+        values = [float(v) for v in sums.cpu()]
+        body = {"loss_sum": values[0], "loss_sums": values, "last_logged_step": int(last_logged)}
+        (directory / LOG_WINDOW_NAME).write_text(json.dumps(body) + "\n", encoding="utf-8")
 
 
 def restore_log_window(trainer: Any, checkpoint: str | Path) -> bool:
     """Continue the logging window where the checkpoint cut it, so the next logged loss averages the
-    same steps as in an uninterrupted run. Returns False where the checkpoint has no window."""
-    path = Path(checkpoint) / _log_window_name(trainer)
-    if not path.is_file() or getattr(trainer, "_tr_loss", None) is None:
+    same steps as in an uninterrupted run. Returns False where the checkpoint has no window (or one
+    written by another number of processes)."""
+    from phi2cli import compat
+
+    path = Path(checkpoint) / LOG_WINDOW_NAME
+    if not path.is_file() or compat.log_window(trainer) is None:
         return False
     body = json.loads(path.read_text(encoding="utf-8"))
-    if body["last_logged_step"] > trainer.state.global_step:
+    sums = body.get("loss_sums", [body["loss_sum"]])
+    if body["last_logged_step"] > trainer.state.global_step or len(sums) != trainer.args.world_size:
         return False
-    trainer._tr_loss += body["loss_sum"]
-    trainer._globalstep_last_logged = body["last_logged_step"]
+    compat.set_log_window(trainer, sums[trainer.args.process_index], body["last_logged_step"])
     return True
 
 
