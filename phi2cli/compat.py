@@ -31,7 +31,6 @@ INTERNALS: dict[str, tuple[str, ...]] = {
     "transformers.trainer": ("Trainer._get_train_sampler",  # overridden: balanced shards under DDP
                              "Trainer._prepare_inputs"),  # the graphed step moves inputs the Trainer's way
     "transformers.training_args": ("TrainingArguments.n_gpu",),  # backed by _n_gpu: one process, one GPU
-    "transformers.configuration_utils": ("PretrainedConfig._attn_implementation",),
     "bitsandbytes.optim.optimizer": ("Optimizer8bit.check_overrides", "Optimizer8bit.to_gpu",
                                      "Optimizer8bit.init_state", "Optimizer8bit.update_step"),
 }  # fmt: skip
@@ -109,17 +108,6 @@ def limit_to_one_gpu(args: Any) -> None:
     require("transformers.training_args")
     if args.n_gpu > 1:  # reading n_gpu sets _n_gpu up, which it then reports
         args._n_gpu = 1
-
-
-def attn_implementation(config: Any) -> str | None:
-    """The attention implementation transformers resolved for this config."""
-    require("transformers.configuration_utils")
-    return getattr(config, "_attn_implementation", None)
-
-
-def modeling_module(module: Any) -> Any:
-    """The transformers modeling module that defines this layer (its attention helpers)."""
-    return sys.modules[type(module).__module__]
 
 
 def bnb_step_parts_present(optimizer: Any) -> bool:
