@@ -138,25 +138,28 @@ def _log_window_name(trainer: Any) -> str:
 
 def _save_log_window(trainer: Any, directory: Path) -> None:
     """The Trainer's loss sum since its last log (an internal it resets per train() call)."""
-    loss_sum = getattr(trainer, "_tr_loss", None)
-    last_logged = getattr(trainer, "_globalstep_last_logged", None)
-    if loss_sum is None or last_logged is None:
+    from phi2cli.compat import log_window
+
+    window = log_window(trainer)
+    if window is None:
         return
-    body = {"loss_sum": float(loss_sum.detach().float().cpu()), "last_logged_step": int(last_logged)}
+    loss_sum, last_logged = window
+    body = {"loss_sum": float(loss_sum.detach().float().cpu()), "last_logged_step": last_logged}
     (directory / _log_window_name(trainer)).write_text(json.dumps(body) + "\n", encoding="utf-8")
 
 
 def restore_log_window(trainer: Any, checkpoint: str | Path) -> bool:
     """Continue the logging window where the checkpoint cut it, so the next logged loss averages the
     same steps as in an uninterrupted run. Returns False where the checkpoint has no window."""
+    from phi2cli.compat import continue_log_window, log_window
+
     path = Path(checkpoint) / _log_window_name(trainer)
-    if not path.is_file() or getattr(trainer, "_tr_loss", None) is None:
+    if not path.is_file() or log_window(trainer) is None:
         return False
     body = json.loads(path.read_text(encoding="utf-8"))
     if body["last_logged_step"] > trainer.state.global_step:
         return False
-    trainer._tr_loss += body["loss_sum"]
-    trainer._globalstep_last_logged = body["last_logged_step"]
+    continue_log_window(trainer, body["loss_sum"], body["last_logged_step"])
     return True
 
 
