@@ -58,12 +58,12 @@ def test_per_gpu_batch_keeps_each_gpus_batch_and_scales_the_learning_rate_by_the
 
 def test_per_gpu_batch_learning_rate_reaches_the_trainer():
     from phi2cli.models.loading import resolve_precision
-    from phi2cli.training.engine import _training_arguments
+    from phi2cli.training.trainer_inputs import training_arguments
 
     config = apply_overrides(Phi2Config(), {"train.per_gpu_batch": 16, "train.learning_rate": 1e-4,
                                             "model.quantization": "none"})  # fmt: skip
     plan = resolve_plan(config, cuda=False, quantized=False, free_gib=None, world_size=2)
-    args = _training_arguments(config, plan, resolve_precision(config.model), has_eval=False)
+    args = training_arguments(config, plan, resolve_precision(config.model), has_eval=False)
     assert args.learning_rate == pytest.approx(1e-4 * 2.0)  # global 32 = 4 x the recipe's 8: x sqrt(4)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (16, 1)
 
