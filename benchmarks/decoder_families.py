@@ -76,7 +76,7 @@ def run_row(row: str, args: argparse.Namespace, work: Path, documents: list[str]
 
     from phi2cli.config import Phi2Config, apply_overrides
     from phi2cli.inference.decode import supports
-    from phi2cli.inference.generate import load_model
+    from phi2cli.inference.trained_model import load_model
 
     model_dir = make_model(row, work / f"model-{row}", args.tiny)
     overrides = {"model.model": str(model_dir), "model.quantization": "none", "data.max_length": args.max_length}

@@ -16,7 +16,6 @@ Rows:
   peft_lora          PEFT's own LoRA forward instead of the lean one
   bnb_paged_adamw    bitsandbytes' paged_adamw_8bit as the Trainer builds it, instead of the flat 8-bit AdamW
   adamw_torch_fused  torch's fused AdamW (32-bit state) instead of the flat 8-bit AdamW
-  fused_qkv          the batched q/k/v attention forward (FusedQKV) on top of the compiled layers
   decoder_hf         evaluate with transformers' generate() and static cache (PHI2_DECODER=hf) instead of
                      the hand-written static-cache decoder (the phi2 row's adapter, or a short one)
 
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BF16_PEAK_TFLOPS, ROOT, environment, save_random_model, write_json  # noqa: E402
 
 FAMILY_ROWS = ("phi2", "llama", "smollm2")
-ABLATION_ROWS = ("peft_lora", "bnb_paged_adamw", "adamw_torch_fused", "fused_qkv", "decoder_hf")
+ABLATION_ROWS = ("peft_lora", "bnb_paged_adamw", "adamw_torch_fused", "decoder_hf")
 SHAPES = {  # full size (GPU) and --tiny (CPU smoke) shapes of the random-weight rows
     "phi2": dict(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
                  num_attention_heads=32, partial_rotary_factor=0.4, hidden_act="gelu_new", tie_word_embeddings=False,
@@ -92,8 +91,6 @@ def ablation(row: str) -> Iterator[dict[str, Any]]:
         plan_changes["flat_optimizer"] = False
     elif row == "adamw_torch_fused":
         overrides["train.optimizer"] = "adamw_torch_fused"
-    elif row == "fused_qkv":
-        plan_changes["fused_qkv"] = True
     if plan_changes:
         engine.resolve_plan = lambda *a, **kw: dataclasses.replace(resolve(*a, **kw), **plan_changes)
     try:

@@ -12,7 +12,6 @@ step. Prints a table and writes benchmarks/results/train_throughput.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import sys
 import tempfile
@@ -184,10 +183,9 @@ def run_engine(profile: str, model_dir: Path, prepared: Path, steps: int, workdi
     from phi2cli.training.engine import train
 
     # "<profile>-eager" runs the same profile without torch.compile, to show what compiling buys;
-    # "speed-fusedqkv" the compiled speed profile with batched q/k/v (the eager default), to compare.
     # "speed-nographs" the speed profile without CUDA graphs.
     eager = profile.endswith("-eager")
-    name = profile.removesuffix("-eager").removesuffix("-fusedqkv").removesuffix("-nographs")
+    name = profile.removesuffix("-eager").removesuffix("-nographs")
     config = apply_overrides(Phi2Config(), {
         "model.model": str(model_dir), "train.profile": name, "train.compile": not eager,
         "train.cuda_graphs": not profile.endswith("-nographs"),
@@ -212,16 +210,10 @@ def run_engine(profile: str, model_dir: Path, prepared: Path, steps: int, workdi
     from phi2cli.training import trainer as trainer_mod
 
     trainer_mod.Phi2Trainer.__init__ = capture
-    from phi2cli.training import engine
-
-    original_plan = engine.resolve_plan
-    if profile.endswith("-fusedqkv"):
-        engine.resolve_plan = lambda *a, **kw: dataclasses.replace(original_plan(*a, **kw), fused_qkv=True)
     try:
         result = train(config, prepared_dir=prepared, callbacks=[Bind(), timer])
     finally:
         trainer_mod.Phi2Trainer.__init__ = original_init
-        engine.resolve_plan = original_plan
     return timer, result
 
 

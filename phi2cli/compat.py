@@ -1,39 +1,47 @@
-"""Every private internal of torch, transformers, peft, bitsandbytes and accelerate the engine uses.
+"""Every private internal of torch, transformers, peft, bitsandbytes, accelerate, huggingface_hub and
+datasets the engine uses, and the one Trainer rule it has to repeat.
 
 Public APIs come first; where none exists the internal is reached through a function here, and
 importing this module checks that each one still exists, so a library upgrade that removes one
-fails at once with its name instead of slowing or breaking a run later. Imported only by modules
-that import torch anyway: at import it checks the internals of every library module already loaded
-(a few attribute lookups), and the rest the first time one of them is used, so that importing this
-module never loads a heavy library (torch._dynamo, the Trainer, bitsandbytes) by itself.
+fails at once with its name instead of slowing or breaking a run later. Importing this module loads
+no library by itself (`phi2 report` and the hub checks import it without torch): at import it
+checks the internals of every library module already loaded (a few attribute lookups), and the rest
+the first time one of them is used.
 
-Checked on: torch 2.11 and 2.13, transformers 5.17 and 5.24, peft 0.21, bitsandbytes 0.50,
-accelerate 1.15.
+Checked on: torch 2.11, 2.13 and 2.14, transformers 5.17 and 5.24, peft 0.21, bitsandbytes 0.50,
+accelerate 1.15, huggingface_hub 1.33 and 2.4, datasets 4.0 and 5.2.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
-import transformers
+if TYPE_CHECKING:
+    import torch
 
-CHECKED_ON = {"torch": ("2.11", "2.13"), "transformers": ("5.17", "5.24"), "peft": ("0.21",),
-              "bitsandbytes": ("0.50",), "accelerate": ("1.15",)}  # fmt: skip
+CHECKED_ON = {"torch": ("2.11", "2.13", "2.14"), "transformers": ("5.17", "5.24"), "peft": ("0.21",),
+              "bitsandbytes": ("0.50",), "accelerate": ("1.15",), "huggingface_hub": ("1.33", "2.4"),
+              "datasets": ("4.0", "5.2")}  # fmt: skip
 
-# owner module -> its internals used here (attribute paths)
+# owner module -> its internals used here: attribute paths, or "self.x" for an attribute its classes
+# set on their instances (found in the module's source: it exists only on a live object)
 INTERNALS: dict[str, tuple[str, ...]] = {
     "torch": ("_foreach_copy_",),  # one kernel for a list of copies (no public spelling)
     "torch._dynamo": ("config.patch",),  # compile settings, patched per call, never process-wide
     "torch._dynamo.exc": ("TorchDynamoException",),  # what a failed compile raises
     "transformers.trainer": ("Trainer._get_train_sampler",  # overridden: balanced shards under DDP
-                             "Trainer._prepare_inputs"),  # the graphed step moves inputs the Trainer's way
+                             "Trainer._prepare_inputs",  # the graphed step moves inputs the Trainer's way
+                             "Trainer._save_checkpoint",  # overridden: checkpoint-N appears only when complete
+                             "self._tr_loss",  # the loss summed since the last log, carried over a resume
+                             "self._globalstep_last_logged"),  # where that log window starts
     "transformers.training_args": ("TrainingArguments.n_gpu",),  # backed by _n_gpu: one process, one GPU
-    "transformers.configuration_utils": ("PretrainedConfig._attn_implementation",),
     "bitsandbytes.optim.optimizer": ("Optimizer8bit.check_overrides", "Optimizer8bit.to_gpu",
-                                     "Optimizer8bit.init_state", "Optimizer8bit.update_step"),
+                                     "Optimizer8bit.init_state", "Optimizer8bit.update_step",
+                                     "self.initialized"),  # FlatAdamW8bit drives the step pieces itself
+    "huggingface_hub.constants": ("HF_HUB_OFFLINE",),  # read from the environment once, at import
+    "datasets.config": ("HF_HUB_OFFLINE",),  # datasets' copy of it, also read at import
 }  # fmt: skip
 _checked: set[str] = set()
 
@@ -46,6 +54,10 @@ def missing(owner: str) -> list[str]:
     for attribute in INTERNALS[owner]:
         try:
             target: Any = importlib.import_module(owner)
+            if attribute.startswith("self."):
+                if attribute not in _source(target):
+                    raise AttributeError(attribute)
+                continue
             for part in attribute.split("."):
                 target = getattr(target, part)
         except (ImportError, AttributeError):
@@ -53,8 +65,28 @@ def missing(owner: str) -> list[str]:
     return absent
 
 
+def _source(module: Any) -> str:
+    """The text of a module's file ("" where it has none)."""
+    import inspect
+
+    try:
+        return inspect.getsource(module)
+    except (OSError, TypeError):
+        return ""
+
+
 def _versions() -> str:
     return ", ".join(f"{name} {'/'.join(v)}" for name, v in CHECKED_ON.items())
+
+
+def _installed() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in CHECKED_ON:
+        with contextlib.suppress(PackageNotFoundError):
+            found.append(f"{name} {version(name)}")
+    return ", ".join(found)
 
 
 def require(owner: str) -> None:
@@ -64,18 +96,19 @@ def require(owner: str) -> None:
     absent = missing(owner)
     if absent:
         raise ImportError(f"phi2cli needs internals this library version lacks: {', '.join(absent)} "
-                          f"(checked on {_versions()}; torch {torch.__version__}, transformers "
-                          f"{transformers.__version__} installed)")  # fmt: skip
+                          f"(checked on {_versions()}; installed: {_installed()})")  # fmt: skip
     _checked.add(owner)
 
 
 for _owner in INTERNALS:
-    if _owner in sys.modules:  # loaded anyway: checking costs nothing
+    if _owner in sys.modules:  # loaded anyway: checking is a few lookups
         require(_owner)
 
 
 def foreach_copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     """targets[i].copy_(sources[i]) for all i, batched."""
+    import torch
+
     require("torch")
     torch._foreach_copy_(targets, sources)
 
@@ -83,6 +116,8 @@ def foreach_copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> No
 @contextlib.contextmanager
 def dynamo_settings(**settings: Any) -> Iterator[None]:
     """torch._dynamo config for the calls inside only (e.g. cache_size_limit), restored after."""
+    import torch._dynamo
+
     require("torch._dynamo")
     with torch._dynamo.config.patch(**settings):
         yield
@@ -111,37 +146,60 @@ def limit_to_one_gpu(args: Any) -> None:
         args._n_gpu = 1
 
 
-def attn_implementation(config: Any) -> str | None:
-    """The attention implementation transformers resolved for this config."""
-    require("transformers.configuration_utils")
-    return getattr(config, "_attn_implementation", None)
-
-
-def modeling_module(module: Any) -> Any:
-    """The transformers modeling module that defines this layer (its attention helpers)."""
-    return sys.modules[type(module).__module__]
-
-
 def bnb_step_parts_present(optimizer: Any) -> bool:
     """bitsandbytes' per-parameter step pieces (FlatAdamW8bit drives them without a GPU sync)."""
     return not missing("bitsandbytes.optim.optimizer") and \
         all(hasattr(optimizer, attribute.split(".")[-1]) for attribute in INTERNALS["bitsandbytes.optim.optimizer"])
 
 
-# The Trainer keeps the loss summed since its last log in instance attributes that train() creates
-# (no class attribute to check at import): read and written only here, None where they are absent.
-LOG_WINDOW_ATTRIBUTES = ("_tr_loss", "_globalstep_last_logged")
+def switch_hub_offline() -> None:
+    """huggingface_hub's (and a loaded datasets') offline flag on for this process: both read
+    HF_HUB_OFFLINE once at import and have no public switch, and transformers asks the hub's."""
+    require("huggingface_hub.constants")
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+    loaded = sys.modules.get("datasets.config")
+    if loaded is not None:  # a later import reads the environment variable instead
+        require("datasets.config")
+        loaded.HF_HUB_OFFLINE = True
 
 
-def log_window(trainer: Any) -> tuple[torch.Tensor, int] | None:
-    """(loss summed since the last log, the step last logged) of a training Trainer, else None."""
-    loss_sum, last_logged = (getattr(trainer, name, None) for name in LOG_WINDOW_ATTRIBUTES)
-    if not isinstance(loss_sum, torch.Tensor) or last_logged is None:
-        return None
-    return loss_sum, int(last_logged)
+def log_window(trainer: Any) -> tuple[Any, int] | None:
+    """(loss summed since the last log, the step it was logged at) of a training Trainer; None before train()."""
+    require("transformers.trainer")
+    loss_sum = getattr(trainer, "_tr_loss", None)  # set by train(), absent before
+    last_logged = getattr(trainer, "_globalstep_last_logged", None)
+    return None if loss_sum is None or last_logged is None else (loss_sum, int(last_logged))
 
 
-def set_log_window(trainer: Any, loss_sum: float, last_logged: int) -> None:
-    """Continue a logging window a checkpoint cut (adds to the Trainer's running loss sum)."""
+def continue_log_window(trainer: Any, loss_sum: float, last_logged: int) -> None:
+    """Add `loss_sum` to the Trainer's running log window and start the window at `last_logged`."""
+    require("transformers.trainer")
     trainer._tr_loss += loss_sum
     trainer._globalstep_last_logged = last_logged
+
+
+# The Trainer applies a micro-batch's loss scaling in two places and exposes neither as a value:
+# compute_loss (x processes when tokens are averaged across devices) and training_step (/ grad-accum
+# unless the loss was normalised by num_items_in_batch). The CUDA-graph step records forward and
+# backward together, bypassing both, so it has to apply the same factor itself; the rules below are
+# the Trainer's (5.17-5.24), and tests/test_compat.py pins them against its training_step.
+
+
+def compute_loss_scale(trainer: Any, num_items_in_batch: Any) -> int:
+    """What the Trainer's compute_loss multiplies a loss normalised by num_items_in_batch by."""
+    if (trainer.args.average_tokens_across_devices and num_items_in_batch is not None
+            and (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None)):  # fmt: skip
+        return trainer.accelerator.num_processes  # DDP then averages gradients over the processes
+    return 1
+
+
+def trainer_loss_scale(trainer: Any, num_items_in_batch: Any) -> float:
+    """What compute_loss and training_step together multiply a micro-batch's loss by."""
+    scaled_for_accumulation = getattr(trainer, "loss_is_scaled_for_ga", None)  # newer Trainers; not in 5.17
+    if scaled_for_accumulation is None:
+        scaled_for_accumulation = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) \
+            or trainer.compute_loss_func is not None  # fmt: skip
+    scale = 1.0 if scaled_for_accumulation else 1.0 / trainer.current_gradient_accumulation_steps
+    return scale * compute_loss_scale(trainer, num_items_in_batch)

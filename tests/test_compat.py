@@ -18,6 +18,22 @@ def test_a_missing_internal_is_named_with_the_checked_versions(monkeypatch):
         compat.require("torch")
 
 
+def test_an_instance_attribute_is_looked_up_in_the_owners_source(monkeypatch):
+    monkeypatch.setitem(compat.INTERNALS, "transformers.trainer", ("self._tr_loss", "self._no_such_window"))
+    assert compat.missing("transformers.trainer") == ["transformers.trainer.self._no_such_window"]
+
+
+def test_importing_compat_loads_no_library():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = "import sys, phi2cli.compat; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.strip() == "[]"
+
+
 def test_dynamo_settings_are_scoped_to_the_block():
     import torch._dynamo
 
@@ -54,3 +70,40 @@ def test_dequantize_base_keeps_the_nf4_values_bit_for_bit(tmp_path):
         assert type(modules[name]) is torch.nn.Linear and not modules[name].weight.requires_grad
         assert torch.equal(modules[name].weight, weight), name
     assert not model.is_loaded_in_4bit
+
+
+@pytest.mark.parametrize("labelled", [None, 15])
+def test_trainer_loss_scale_is_what_the_trainers_own_step_applies(tiny_phi_dir, tmp_path, labelled):
+    """The CUDA-graph step scales its loss by compat.trainer_loss_scale; the eager step leaves it to the
+    Trainer's compute_loss and training_step. Both must back-propagate the same loss: with
+    num_items_in_batch the loss is already a mean over the accumulated batch, without it a per-batch
+    mean that the Trainer divides by the accumulation steps."""
+    import torch
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from phi2cli.data.collate import PackedCollator
+    from phi2cli.data.prompts import IGNORE_INDEX
+    from phi2cli.kernels.loss import selective_causal_lm_loss
+    from phi2cli.training.trainer import Phi2Trainer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_phi_dir), dtype=torch.float32)
+    args = TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=4, use_cpu=True, report_to=[],
+                             average_tokens_across_devices=True)  # fmt: skip
+    trainer = Phi2Trainer(model=model, args=args, selective_head=True)
+    trainer.current_gradient_accumulation_steps = 4  # set by the training loop for each optimizer step
+    rows = [list(range(11, 11 + n)) for n in (20, 30, 9)]
+    batch = PackedCollator()([{"input_ids": ids, "labels": [IGNORE_INDEX] * (len(ids) - 5) + ids[-5:]}
+                              for ids in rows])  # fmt: skip
+    num_items = None if labelled is None else torch.tensor(labelled)
+    weight = model.get_output_embeddings().weight
+
+    stepped = trainer.training_step(model, dict(batch), num_items)
+    trainer_grad = weight.grad.clone()
+    model.zero_grad()
+    raw, count = selective_causal_lm_loss(model, dict(batch), num_items)
+    scale = compat.trainer_loss_scale(trainer, num_items)
+    (raw * scale).backward()
+
+    assert count == 15 and scale == (0.25 if labelled is None else 1.0)
+    torch.testing.assert_close(stepped, (raw * scale).detach())
+    torch.testing.assert_close(weight.grad, trainer_grad)

@@ -203,7 +203,7 @@ class Calls:
 @pytest.fixture(scope="module")
 def loaded(tiny_phi_dir):
     from phi2cli.config import Phi2Config, apply_overrides
-    from phi2cli.inference.generate import load_model
+    from phi2cli.inference.trained_model import load_model
 
     return load_model(apply_overrides(Phi2Config(), {"model.model": str(tiny_phi_dir)}).validate())
 

@@ -69,7 +69,8 @@ def test_packed_eval_loss_equals_the_per_example_token_weighted_loss(final, samp
     import torch
 
     from phi2cli.inference.evaluation import resolve_config
-    from phi2cli.inference.generate import eval_loss, labelled_tokens, load_model
+    from phi2cli.inference.eval_loss import eval_loss, labelled_tokens
+    from phi2cli.inference.trained_model import load_model
     from phi2cli.data.prompts import encode_example
 
     config = resolve_config(final, {})
@@ -123,7 +124,8 @@ def test_all_examples_when_the_split_has_fewer_than_samples(final, sample_data_d
 def test_batched_generation_gives_the_same_summaries_as_one_at_a_time(final, sample_data_dir):
     from phi2cli.config import GenerationConfig
     from phi2cli.inference.evaluation import resolve_config
-    from phi2cli.inference.generate import generate, load_model, stop_token_ids
+    from phi2cli.inference.generate import generate, stop_token_ids
+    from phi2cli.inference.trained_model import load_model
 
     loaded = load_model(resolve_config(final, {}), final)
     assert stop_token_ids(loaded.tokenizer) == [50256, 198, 628]  # EOS, "\n", "\n\n" of phi-2
@@ -162,7 +164,8 @@ def test_generation_stops_at_a_newline_token(final, sample_data_dir):
 
     from phi2cli.config import GenerationConfig
     from phi2cli.inference.evaluation import resolve_config
-    from phi2cli.inference.generate import generate, load_model
+    from phi2cli.inference.generate import generate
+    from phi2cli.inference.trained_model import load_model
 
     loaded = load_model(resolve_config(final, {}), final)
     document = read_jsonl(sample_data_dir / "validation.jsonl")[0]["document"]
@@ -201,7 +204,8 @@ def test_one_shared_forward_gives_the_two_passes_metrics_and_predictions(final):
 
 def test_articles_are_tokenized_once_for_the_loss_examples_and_the_prompts(final, sample_data_dir):
     from phi2cli.inference.evaluation import encode_examples, resolve_config
-    from phi2cli.inference.generate import encode_documents, load_model
+    from phi2cli.inference.generate import encode_documents
+    from phi2cli.inference.trained_model import load_model
     from phi2cli.data.prompts import encode_document, encode_example
 
     loaded = load_model(resolve_config(final, {}), final)

@@ -118,7 +118,7 @@ def test_fast_path_and_reference_path_give_the_same_loss(phi2_shape_dir):
 def test_fast_engine_with_lora_matches_the_reference_path(phi2_shape_dir):
     """Same batch, same (non-zero) LoRA weights, no dropout: the reference path (4-bit, PEFT's forward,
     fp16/bf16 autocast, padded, full logits) and the fast engine (dequantized bf16 without autocast,
-    lean LoRA forward, fused q/k/v, tanh-GELU kernel, packed varlen, selective head) give the same
+    lean LoRA forward, tanh-GELU kernel, packed varlen, selective head) give the same
     loss and gradients."""
     from peft import LoraConfig, get_peft_model
 
@@ -157,7 +157,6 @@ def test_fast_engine_with_lora_matches_the_reference_path(phi2_shape_dir):
 
     dequantize_base(model)
     assert lora_fast.install(model) == 4 * 32 and lora_fast.fuse_gelu(model) == 32
-    assert lora_fast.install_fused_qkv(model) == 32
     assert attention.register(80)
     model.set_attn_implementation(attention.NAME)
     packed = {k: (v.cuda() if hasattr(v, "cuda") else v) for k, v in PackedCollator(512)(features).items()}

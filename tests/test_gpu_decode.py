@@ -51,7 +51,7 @@ def load(model_dir: Path, dtype: str):
     from transformers import AutoModelForCausalLM
 
     from phi2cli.config import Phi2Config, apply_overrides
-    from phi2cli.inference.generate import LoadedModel
+    from phi2cli.inference.trained_model import LoadedModel
     from phi2cli.models.loading import load_tokenizer
     from phi2cli.data.prompts import PromptFormat
 
@@ -107,12 +107,8 @@ def bf16(phi2_shape_dir):
 def test_the_model_phi2_evaluate_loads_takes_the_fast_decoder(phi2_shape_dir):
     """4-bit load, NF4 dequantized once into bf16 linears: still plain modules of one dtype."""
     from phi2cli.config import GenerationConfig, Phi2Config, apply_overrides
-    from phi2cli.inference.generate import (
-        FAST_CUDA_GEN_BATCH,
-        default_batch_size,
-        load_model,
-        uses_fast_decoder,
-    )
+    from phi2cli.inference.generate import FAST_CUDA_GEN_BATCH, default_batch_size, uses_fast_decoder
+    from phi2cli.inference.trained_model import load_model
 
     loaded = load_model(apply_overrides(Phi2Config(), {"model.model": str(phi2_shape_dir)}).validate())
     try:
@@ -234,6 +230,7 @@ def test_shared_forward_matches_the_two_passes_and_times_evaluate_scoring(bf16):
 
     from phi2cli.inference import generate as inference
     from phi2cli.config import GenerationConfig, apply_overrides
+    from phi2cli.inference.eval_loss import eval_loss
     from phi2cli.inference.evaluation import encode_examples, score_articles
     from phi2cli.inference.shared_forward import decode_with_loss, unshared_tail
 
@@ -257,7 +254,7 @@ def test_shared_forward_matches_the_two_passes_and_times_evaluate_scoring(bf16):
     assert not [str(w.message) for w in caught if "CUDA graph capture failed" in str(w.message)]
     separate = graphed_decode(loaded.model, [prompts[i] for i in compared], stops, len(compared),
                               max_new_tokens=gen.max_new_tokens)  # fmt: skip
-    loss = inference.eval_loss(loaded, [encoded[i] for i in compared])
+    loss = eval_loss(loaded, [encoded[i] for i in compared])
     shared_loss = shared.loss_sum / shared.labelled
     first_token = sum(s[:1] == t[:1] for s, t in zip(shared.generated, separate)) / len(compared)
     prefixes = [common_prefix(s, t) for s, t in zip(shared.generated, separate)]

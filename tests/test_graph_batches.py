@@ -10,7 +10,7 @@ import torch
 
 from phi2cli.data.collate import HOST_KEYS, PackedCollator, model_inputs, real_tokens, sequence_lengths
 from phi2cli.config import Phi2Config, apply_overrides
-from phi2cli.training.engine import make_collator
+from phi2cli.training.trainer_inputs import make_collator
 from phi2cli.training.plan import resolve_plan
 from phi2cli.data.prompts import IGNORE_INDEX
 

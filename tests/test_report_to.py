@@ -54,7 +54,7 @@ def test_tensorboard_event_file_holds_the_logged_loss_and_learning_rate(tiny_phi
 
 def test_default_reports_nowhere():
     from phi2cli.config import Phi2Config
-    from phi2cli.training.engine import report_targets
+    from phi2cli.training.trainer_inputs import report_targets
 
     assert Phi2Config().train.report_to == "none" and report_targets("none") == []
 

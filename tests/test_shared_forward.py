@@ -23,7 +23,7 @@ MAX_NEW_TOKENS = 12
 def loaded(tiny_phi_dir):
     """The tiny Phi in float32 with sharp attention, so that a wrong key, value or position changes the tokens."""
     from phi2cli.config import Phi2Config, apply_overrides
-    from phi2cli.inference.generate import load_model
+    from phi2cli.inference.trained_model import load_model
 
     overrides = {"model.model": str(tiny_phi_dir), "data.max_length": MAX_LENGTH}
     loaded = load_model(apply_overrides(Phi2Config(), overrides).validate())
@@ -93,7 +93,7 @@ def shareable(loaded, articles, prompts) -> list[int]:
 @pytest.fixture(scope="module")
 def two_passes(loaded, articles, prompts, shareable):
     """greedy_decode's tokens for the shareable rows' prompts and eval_loss over their examples."""
-    from phi2cli.inference.generate import eval_loss
+    from phi2cli.inference.eval_loss import eval_loss
 
     tokens = greedy_decode(loaded.model, [prompts[i][0] for i in shareable], MAX_NEW_TOKENS, [], batch_size=16)
     return tokens, eval_loss(loaded, [articles[1][i] for i in shareable])
@@ -128,7 +128,8 @@ def test_stop_tokens_cut_rows_as_greedy_decode_does(loaded, articles, prompts, s
 @pytest.mark.parametrize("batch_size", [11, 4])
 def test_every_article_scored_as_by_the_two_passes(loaded, articles, prompts, shareable, batch_size):
     """Shared rows, rows apart (no example, a long summary) and their order: eval_loss and generate's results."""
-    from phi2cli.inference.generate import eval_loss, generate_prompts
+    from phi2cli.inference.eval_loss import eval_loss
+    from phi2cli.inference.generate import generate_prompts
 
     document_ids, examples = articles
     gen = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS)
@@ -147,7 +148,8 @@ def test_other_templates_share_the_forward_too(loaded, rows, template):
     from dataclasses import replace
 
     from phi2cli.inference.evaluation import encode_examples
-    from phi2cli.inference.generate import build_prompts, encode_documents, eval_loss, generate_prompts
+    from phi2cli.inference.eval_loss import eval_loss
+    from phi2cli.inference.generate import build_prompts, encode_documents, generate_prompts
     from phi2cli.data.prompts import PromptFormat
 
     other = replace(loaded, fmt=PromptFormat.create(template, loaded.tokenizer))
@@ -162,7 +164,8 @@ def test_other_templates_share_the_forward_too(loaded, rows, template):
 
 def test_out_of_memory_halves_the_batch_then_leaves_the_rest_to_the_two_passes(loaded, articles, prompts,
                                                                                monkeypatch):  # fmt: skip
-    from phi2cli.inference.generate import eval_loss, generate_prompts
+    from phi2cli.inference.eval_loss import eval_loss
+    from phi2cli.inference.generate import generate_prompts
 
     sizes = []
 
@@ -185,7 +188,7 @@ def loaded_llama(tmp_path_factory):
     from test_families import tiny_model
 
     from phi2cli.config import Phi2Config, apply_overrides
-    from phi2cli.inference.generate import load_model
+    from phi2cli.inference.trained_model import load_model
 
     model_dir = tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
     loaded = load_model(apply_overrides(Phi2Config(), {"model.model": str(model_dir),
@@ -202,7 +205,8 @@ def loaded_llama(tmp_path_factory):
 def llama_two_passes(loaded_llama, rows):
     """The Llama's shareable (prompt, example) pairs, greedy_decode's tokens and eval_loss over them."""
     from phi2cli.inference.evaluation import encode_examples
-    from phi2cli.inference.generate import build_prompts, encode_documents, eval_loss
+    from phi2cli.inference.eval_loss import eval_loss
+    from phi2cli.inference.generate import build_prompts, encode_documents
 
     document_ids = encode_documents(loaded_llama.tokenizer, [r["document"] for r in rows])
     examples = encode_examples(loaded_llama, rows, document_ids)

@@ -16,7 +16,7 @@ from phi2cli.errors import ConfigError, DataError, RunError
 from phi2cli.report.metrics import SENTENCE_SPLITTER, summary_metrics
 
 if TYPE_CHECKING:
-    from phi2cli.inference.generate import LoadedModel
+    from phi2cli.inference.trained_model import LoadedModel
     from phi2cli.data.prompts import EncodedExample
     from phi2cli.inference.shared_forward import Scored
 
@@ -69,7 +69,7 @@ def resolve_config(adapter_dir: str | Path, overrides: Mapping[str, Any], base_o
     Raises:
         RunError/ModelError for a missing or non-adapter directory; ConfigError for bad flags.
     """
-    from phi2cli.inference.generate import check_adapter_dir, run_config_for
+    from phi2cli.inference.trained_model import check_adapter_dir, run_config_for
 
     if not base_only:
         config, _ = run_config_for(check_adapter_dir(adapter_dir))
@@ -122,8 +122,8 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
     """
     from phi2cli.data.prepare import sample_rows
     from phi2cli.io.files import ensure_writable_dir, write_json_atomic, write_jsonl_atomic
-    from phi2cli.inference.generate import (attach_adapter, decoder_name, default_batch_size, encode_documents,
-                                            load_model)  # fmt: skip
+    from phi2cli.inference.generate import decoder_name, default_batch_size, encode_documents
+    from phi2cli.inference.trained_model import attach_adapter, load_model
 
     if options.samples < 1:
         raise ConfigError(f"--samples must be at least 1 (got {options.samples})")
@@ -251,7 +251,8 @@ def score_articles(loaded: LoadedModel, document_ids: Sequence[list[int]], encod
     Returns:
         shared_forward.Scored (shared_articles is 0 when the two passes ran).
     """
-    from phi2cli.inference.generate import build_prompts, eval_loss, generate_prompts, uses_fast_decoder
+    from phi2cli.inference.eval_loss import eval_loss
+    from phi2cli.inference.generate import build_prompts, generate_prompts, uses_fast_decoder
     from phi2cli.inference.shared_forward import Scored, loss_and_summaries
 
     examples = [e for e in encoded if e is not None]
@@ -371,7 +372,8 @@ def summarize(articles: Sequence[Article], adapter_dir: str | Path = DEFAULT_ADA
     Returns:
         (one SummaryResult per article in order, notes for the user)
     """
-    from phi2cli.inference.generate import default_batch_size, generate, load_model
+    from phi2cli.inference.generate import default_batch_size, generate
+    from phi2cli.inference.trained_model import load_model
 
     started = time.perf_counter()
     config = resolve_config(adapter_dir, overrides or {}, base_only)

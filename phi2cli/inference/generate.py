@@ -1,42 +1,23 @@
-"""A trained run at inference: base model (+ merged adapter), batched generation, eval loss.
+"""Summaries from a loaded model: prompts built as in training (the article cut to fit), batched
+generation, the choice of decoder.
 
-Prompts are built exactly as in training (the run's template through PromptFormat, the article
-cut by the same function). On CUDA a 4-bit base is dequantized once and the adapter merged into
-the bf16 weights, so no step pays for NF4 dequantization or LoRA matmuls.
+Plain greedy decoding of a supported model goes through the static-cache decoder
+(phi2cli.inference.decode); everything else through transformers' generate().
 """
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TextIO
 
-from phi2cli.config import RUN_CONFIG_NAME, GenerationConfig, Phi2Config, load_run_config
-from phi2cli.errors import ConfigError, DataError, DeviceError, ModelError, RunError
+from phi2cli.config import GenerationConfig
+from phi2cli.errors import ConfigError, DeviceError
+from phi2cli.inference.trained_model import LoadedModel
 from phi2cli.report.metrics import first_line
-from phi2cli.data.prompts import IGNORE_INDEX, EncodedExample, PromptFormat
 
 CUDA_GEN_BATCH = 128  # default articles per generate() call on a GPU (halved on out-of-memory)
 FAST_CUDA_GEN_BATCH = 256  # with the fast greedy decoder (it also caps a batch by free memory); see decode.py
-LOSS_TOKENS = {"cuda": 32768, "cpu": 4096}  # tokens per packed eval-loss batch
 Advance = Callable[[int], None]
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for inference and what is needed to prompt it as in training."""
-
-    model: Any
-    tokenizer: Any
-    fmt: PromptFormat
-    config: Phi2Config
-    device: str  # "cuda" or "cpu"
-    dtype: str  # weights' compute dtype
-    adapter_dir: Path | None = None  # None while it is the base model
-    merged: bool = False  # adapter folded into the weights
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -45,190 +26,6 @@ class Generated:
     prompt_tokens: int
     new_tokens: int  # tokens generated up to and including the stop token
     truncated: bool  # the article was cut to fit max_length - max_new_tokens
-
-
-@dataclass(frozen=True)
-class LossResult:
-    loss: float  # token-weighted mean cross-entropy over every labelled token of the set
-    perplexity: float
-    tokens: int  # labelled tokens scored
-    examples: int
-    seconds: float
-
-
-def check_adapter_dir(adapter_dir: str | Path) -> Path:
-    """The adapter directory, or a RunError/ModelError saying why it cannot be used."""
-    path = Path(adapter_dir)
-    if not path.exists():
-        raise RunError(f"adapter directory {path} does not exist; train one with 'phi2 train' or pass --adapter DIR")
-    if not path.is_dir():
-        raise RunError(f"--adapter {path} is a file; pass the directory written by 'phi2 train'")
-    if not (path / "adapter_config.json").is_file():
-        from phi2cli.io.checkpoints import checkpoints
-
-        saved = checkpoints(path)
-        hint = f"it holds checkpoints: pass --adapter {saved[-1]}" if saved else \
-            "train one with 'phi2 train', or pass --adapter DIR"  # fmt: skip
-        raise ModelError(f"{path} holds no adapter_config.json: not a LoRA adapter directory ({hint})")
-    return path
-
-
-def run_config_for(adapter_dir: str | Path) -> tuple[Phi2Config, dict[str, Any]]:
-    """The saved config of the run that wrote `adapter_dir` (in it, or beside a checkpoint-N)."""
-    path = Path(adapter_dir)
-    for folder in (path, path.parent):
-        if (folder / RUN_CONFIG_NAME).is_file():
-            return load_run_config(folder)
-    raise RunError(
-        f"{path} has no {RUN_CONFIG_NAME} (nor has its parent), so its prompt template is unknown; "
-        f"pass a directory written by 'phi2 train'"
-    )
-
-
-def _tokenizer_source(config: Phi2Config, adapter_dir: Path | None) -> str:
-    if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file():
-        return str(adapter_dir)  # the tokenizer saved with the run is the one training used
-    return config.model.tokenizer or config.model.model
-
-
-def load_model(config: Phi2Config, adapter_dir: str | Path | None = None) -> LoadedModel:
-    """Load the base model for inference, with the adapter merged in when one is given.
-
-    Args:
-        config: the run's config (model, template and max_length are used).
-        adapter_dir: a LoRA adapter directory; None for the base model alone.
-    Returns:
-        LoadedModel in eval mode with the KV cache on.
-    Raises:
-        ModelError, RunError, DeviceError, HubUnreachableError, ConfigError.
-    """
-    from phi2cli.models.loading import load_base_model, load_tokenizer, resolve_precision
-
-    from phi2cli.io.hub import check_hub_access
-
-    adapter_path = check_adapter_dir(adapter_dir) if adapter_dir is not None else None
-    hub_notes = check_hub_access(config, tokenizer=_tokenizer_source(config, adapter_path) != str(adapter_path))
-    precision = resolve_precision(config.model)
-    tokenizer = load_tokenizer(_tokenizer_source(config, adapter_path))
-    fmt = PromptFormat.create(config.data.template, tokenizer)
-    if precision.device == "cuda" and precision.quantization == "4bit":
-        from phi2cli.models.dequantized import load_dequantized_base
-
-        base = load_dequantized_base(config.model, precision, for_training=False)  # NF4 values, bf16 matmuls
-    else:
-        base = load_base_model(config.model, precision, for_training=False)
-    notes = hub_notes + ([precision.note] if precision.note and precision.device == "cuda" else [])
-    if precision.device == "cuda":
-        from phi2cli.kernels.lora import fuse_gelu
-
-        fuse_gelu(base)  # phi-2's gelu_new as one kernel (same formula)
-    base.eval()
-    base.requires_grad_(False)
-    loaded = LoadedModel(base, tokenizer, fmt, config, precision.device, precision.compute_dtype, notes=notes)
-    if adapter_path is not None:
-        attach_adapter(loaded, adapter_path)
-    return loaded
-
-
-def attach_adapter(loaded: LoadedModel, adapter_dir: str | Path) -> LoadedModel:
-    """Load a LoRA adapter onto `loaded.model` and merge it into the weights (in place)."""
-    from phi2cli.models.loading import load_adapter
-
-    path = check_adapter_dir(adapter_dir)
-    model = load_adapter(loaded.model, path)
-    if getattr(model, "is_loaded_in_8bit", False):  # merging into int8 weights would round them
-        loaded.notes.append("8-bit base: the adapter is applied unmerged (slower)")
-    else:
-        model = model.merge_and_unload()
-        loaded.merged = True
-    model.eval()
-    loaded.model, loaded.adapter_dir = model, path
-    return loaded
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-
-
-def _pack(features: Sequence[EncodedExample], budget: int) -> list[list[EncodedExample]]:
-    """Batches of at most `budget` tokens (one example minimum), examples sorted by length."""
-    from phi2cli.data.collate import token_groups
-
-    ordered = sorted(features, key=lambda f: len(f.input_ids))
-    return [[ordered[i] for i in group] for group in token_groups([len(f.input_ids) for f in ordered], budget)]
-
-
-def eval_loss(loaded: LoadedModel, examples: Sequence[EncodedExample], tokens_per_batch: int | None = None,
-              advance: Advance | None = None) -> LossResult:  # fmt: skip
-    """Training's eval loss over `examples`: packed rows through selective_causal_lm_loss.
-
-    The mean is token-weighted over the whole set (sum of every labelled token's loss / their
-    count), so it does not depend on how examples are batched. The Trainer's eval_loss averages
-    per-batch means instead; the two agree up to how unequal the batches' token counts are.
-    Only two scalars are kept per batch, never the logits.
-    """
-    import torch
-
-    from phi2cli.kernels import attention
-    from phi2cli.data.collate import PackedCollator
-    from phi2cli.kernels.loss import selective_causal_lm_loss
-
-    model, device = loaded.model, loaded.device
-    varlen = device == "cuda" and varlen_ready(model.config)
-    budget = tokens_per_batch or (LOSS_TOKENS["cuda"] if varlen else LOSS_TOKENS["cpu"])
-    collate = PackedCollator()
-    total, count = 0.0, 0
-    _sync(device)
-    start = time.perf_counter()
-    if varlen:  # the same packed-attention kernel as training's speed profile
-        model.set_attn_implementation(attention.NAME)
-    try:
-        with torch.inference_mode():
-            for batch_examples in _pack(examples, budget):
-                features = [{"input_ids": e.input_ids, "labels": e.labels} for e in batch_examples]
-                batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v
-                         for k, v in collate(features).items()}  # fmt: skip
-                loss_sum, labelled = selective_causal_lm_loss(model, batch, num_items=1)
-                total += float(loss_sum)
-                count += labelled
-                if advance:
-                    advance(len(batch_examples))
-    except torch.cuda.OutOfMemoryError:
-        raise DeviceError("the GPU ran out of memory computing the eval loss; use a shorter --max-length") from None
-    finally:
-        if varlen:
-            model.set_attn_implementation(loaded.config.model.attn_implementation)
-    _sync(device)
-    return loss_result(total, count, len(examples), time.perf_counter() - start)
-
-
-def varlen_ready(config: Any) -> bool:
-    """Register the packed varlen kernel for this model's attention shape; False where it cannot run it."""
-    from phi2cli.kernels import attention
-    from phi2cli.models.families import attention_shape, family_of, varlen_refusal
-
-    if family_of(getattr(config, "model_type", None)) is None:
-        return False
-    shape = attention_shape(config)
-    return varlen_refusal(shape) is None and attention.register(shape.head_dim, shape.heads, shape.kv_heads,
-                                                                 shape.sliding_window)  # fmt: skip
-
-
-def loss_result(loss_sum: float, labelled: int, examples: int, seconds: float) -> LossResult:
-    """The token-weighted mean loss and its perplexity; DataError when no token was labelled."""
-    if not labelled:
-        raise DataError("no labelled tokens to score; every example's summary was cut away")
-    loss = loss_sum / labelled
-    perplexity = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
-    return LossResult(loss, perplexity, labelled, examples, seconds)
-
-
-def labelled_tokens(example: EncodedExample) -> int:
-    """Tokens whose loss counts (the first label is never predicted)."""
-    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:

@@ -22,7 +22,9 @@ import torch
 
 from phi2cli.config import GenerationConfig
 from phi2cli.inference.decode import PREFILL_TOKENS, DecoderModules, StaticDecoder, cache_batches, cut_at_stop, prefill_groups
-from phi2cli.inference.generate import Generated, LoadedModel, LossResult
+from phi2cli.inference.eval_loss import LossResult
+from phi2cli.inference.generate import Generated
+from phi2cli.inference.trained_model import LoadedModel
 from phi2cli.data.prompts import EncodedExample
 
 
@@ -149,7 +151,8 @@ def loss_and_summaries(loaded: LoadedModel, document_ids: Sequence[list[int]],
     Raises:
         ConfigError, DataError, DeviceError as inference.eval_loss and inference.generate.
     """
-    from phi2cli.inference.generate import build_prompts, eval_loss, first_lines, generate_prompts, loss_result, stop_token_ids
+    from phi2cli.inference.eval_loss import eval_loss, loss_result
+    from phi2cli.inference.generate import build_prompts, first_lines, generate_prompts, stop_token_ids
 
     started = time.perf_counter()
     prompts = build_prompts(loaded, document_ids, gen.max_new_tokens)

@@ -89,7 +89,7 @@ def export_merged(adapter_dir: str | Path, output_dir: str | Path = DEFAULT_OUTP
 def _run_of(adapter_dir: str | Path, model: str | None) -> tuple[Path, Any]:
     """The checked adapter directory and its run's config (base model overridden by `model`)."""
     from phi2cli.config import apply_overrides
-    from phi2cli.inference.generate import check_adapter_dir, run_config_for
+    from phi2cli.inference.trained_model import check_adapter_dir, run_config_for
 
     adapter = check_adapter_dir(adapter_dir)
     config, _ = run_config_for(adapter)

@@ -8,7 +8,6 @@ them to offline mode.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -85,16 +84,10 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
 
 def go_offline() -> None:
     """Switch huggingface_hub, transformers and datasets to their offline mode for this process."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        from huggingface_hub import constants
+    from phi2cli.compat import switch_hub_offline
 
-        constants.HF_HUB_OFFLINE = True  # transformers reads it through huggingface_hub.is_offline_mode()
-    except ImportError:
-        pass
-    loaded = sys.modules.get("datasets.config")
-    if loaded is not None:  # read at import time; a later import sees the environment variable
-        loaded.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for libraries not imported yet
+    switch_hub_offline()  # for those already imported
 
 
 def cached(item: HubItem) -> bool:

@@ -49,10 +49,6 @@ def build_model(config: Phi2Config, plan: EnginePlan, precision: Any, paths: Any
         patched = lora_fast.install(model)
         paths.active("lean_lora", f"{patched} layers") if patched else \
             paths.fell_back("lean_lora", "no plain LoRA linear layer (PEFT's forward runs)")  # fmt: skip
-        if plan.fused_qkv:  # where q/k/v have plain (dequantized) base weights
-            fused = lora_fast.install_fused_qkv(model)
-            paths.active("fused_qkv", f"{fused} layers") if fused else \
-                paths.fell_back("fused_qkv", "no Phi attention with plain q/k/v LoRA layers")  # fmt: skip
         if lora_fast.fuse_gelu(model):
             paths.active("tanh_gelu")
     if plan.compile:
@@ -109,11 +105,9 @@ def family_plan(plan: EnginePlan, model_type: str | None) -> tuple[EnginePlan, s
     from phi2cli.models.families import family_of, unknown_family_note
 
     spec = family_of(model_type)
-    if spec is not None and spec.name != "phi" and plan.fused_qkv:
-        return dataclasses.replace(plan, fused_qkv=False), None  # FusedQKV mirrors Phi's attention only
     if spec is not None or plan.profile == "reference":
         return plan, None
-    plain = dataclasses.replace(plan, compile=False, cuda_graphs=False, fused_qkv=False, fused_kernels=False,
+    plain = dataclasses.replace(plan, compile=False, cuda_graphs=False, fused_kernels=False,
                                 flat_optimizer=False)  # fmt: skip
     return plain, unknown_family_note(model_type)
 
@@ -135,7 +129,7 @@ def model_config_of(model_name: str) -> Any:
 def record_plan_paths(paths: Any, plan: EnginePlan) -> None:
     """The fast paths the plan does not ask for, as off (with the profile as the reason)."""
     for name, wanted in (("dequantized_base", plan.dequantize_base), ("varlen_attention", plan.packed),
-                         ("lean_lora", plan.fused_kernels), ("fused_qkv", plan.fused_qkv),
+                         ("lean_lora", plan.fused_kernels),
                          ("compile", plan.compile), ("flat_optimizer", plan.flat_optimizer),
                          ("cuda_graphs", plan.cuda_graphs)):  # fmt: skip
         if not wanted:

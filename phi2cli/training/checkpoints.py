@@ -160,7 +160,7 @@ def restore_log_window(trainer: Any, checkpoint: str | Path) -> bool:
     sums = body.get("loss_sums", [body["loss_sum"]])
     if body["last_logged_step"] > trainer.state.global_step or len(sums) != trainer.args.world_size:
         return False
-    compat.set_log_window(trainer, sums[trainer.args.process_index], body["last_logged_step"])
+    compat.continue_log_window(trainer, sums[trainer.args.process_index], body["last_logged_step"])
     return True
 
 

@@ -35,7 +35,6 @@ class EnginePlan:
     autocast: bool = True  # bf16/fp16 autocast; False: the model computes in bf16 as stored
     fused_kernels: bool = False  # LoRA update fused into the B product, one-kernel tanh GELU (lora_fast)
     flat_optimizer: bool = False  # 8-bit AdamW over one flat buffer (optim.FlatAdamW8bit)
-    fused_qkv: bool = False  # q/k/v and their LoRA updates as batched products (lora_fast.FusedQKV)
     cuda_graphs: bool = False  # each micro-batch's forward + backward replayed from a CUDA graph (graphs.py)
     note: str | None = None
     scaling: str = "strong"  # strong: the recipe's global batch split over GPUs; weak: --per-gpu-batch on each
@@ -122,7 +121,6 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
         return EnginePlan("memory-saver", micro, accum, world_size, True, True, False, True, optimizer, note=note,
                           **lean, **scaling)  # fmt: skip
     compiled = cuda and train.compile
-    # Batched q/k/v saves kernel launches when layers run eagerly; compiled, separate products measured faster.
     # CUDA graphs need bf16 without a loss scaler (fp16 keeps autocast and its GradScaler, eagerly).
     graphs = cuda and bf16 and train.cuda_graphs
     graph_need = speed_memory_gib(total // world_size, config.data.max_length, graphs=True,
@@ -133,7 +131,7 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
                         f"training without CUDA graphs")  # fmt: skip
     bucket = graph_bucket_tokens(planned_steps(config, total), config.data.max_length)
     return EnginePlan("speed", micro, accum, world_size, True, False, quantized and cuda, True, optimizer,
-                      compile=compiled, note=note, fused_qkv=not compiled, cuda_graphs=graphs, **lean,
+                      compile=compiled, note=note, cuda_graphs=graphs, **lean,
                       **scaling, graph_bucket=bucket)  # fmt: skip
 
 

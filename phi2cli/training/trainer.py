@@ -10,12 +10,12 @@ from typing import Any, Callable
 import torch
 from transformers import Trainer, TrainerCallback
 
-from phi2cli.compat import require
+from phi2cli.compat import compute_loss_scale, require, trainer_loss_scale
 from phi2cli.data.collate import model_inputs, real_tokens, sequence_lengths
 from phi2cli.kernels.loss import selective_causal_lm_loss
 from phi2cli.training.timing import ThroughputMeter  # noqa: F401 (the engine's meter, importable from here)
 
-require("transformers.trainer")  # Phi2Trainer overrides _get_train_sampler and calls _prepare_inputs
+require("transformers.trainer")  # Phi2Trainer overrides _get_train_sampler and _save_checkpoint, calls _prepare_inputs
 
 
 class BalancedShards(torch.utils.data.Sampler):
@@ -159,14 +159,6 @@ class Phi2Trainer(Trainer):
         embeddings = self.accelerator.unwrap_model(self.model).get_input_embeddings()
         embeddings.neftune_noise_alpha = self.neftune_noise_alpha * math.sqrt(max(examples, 1))
 
-    def _loss_scale(self, num_items_in_batch: Any) -> float:
-        """What compute_loss and training_step multiply the loss by, so both paths give the same gradient."""
-        if num_items_in_batch is None:
-            return 1.0 / self.current_gradient_accumulation_steps
-        if self.args.average_tokens_across_devices:
-            return float(self.accelerator.num_processes)  # the all-reduce averages over processes
-        return 1.0
-
     def _graphed_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any,
                       tokens: int) -> torch.Tensor | None:  # fmt: skip
         """The micro-batch replayed from a CUDA graph; None when graphs are off from here on (eager)."""
@@ -177,7 +169,8 @@ class Phi2Trainer(Trainer):
         if self.graphed is None:
             self.graphed = GraphedTrainStep(self.accelerator.unwrap_model(model), bucket=self.graph_bucket)
         try:
-            loss = self.graphed(inputs, num_items_in_batch, self._loss_scale(num_items_in_batch), tokens)
+            scale = trainer_loss_scale(self, num_items_in_batch)  # what the eager step gets from the Trainer
+            loss = self.graphed(inputs, num_items_in_batch, scale, tokens)
         except GraphCaptureError as error:
             if self.accelerator.num_processes > 1:  # the other processes reduce gradients the graphed way
                 from phi2cli.errors import RunError
@@ -196,8 +189,9 @@ class Phi2Trainer(Trainer):
         if not self.selective_head:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, _ = selective_causal_lm_loss(model, dict(inputs), num_items_in_batch)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        scale = compute_loss_scale(self, num_items_in_batch)  # the Trainer's own compute_loss would apply it
+        if scale != 1:
+            loss = loss * scale
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
