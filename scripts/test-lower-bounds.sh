@@ -5,6 +5,11 @@
 #
 # torch 2.11 is a multi-GB download (CUDA build with its nvidia-* wheels); the other pins are small.
 # Keep LOWER in step with the lower bounds in pyproject.toml.
+#
+# Last run (2026-11-30): Python 3.11.7, x86_64, CPU only (2 cores); torch 2.11.0+cu130, transformers 5.17.0,
+# peft 0.21.0, bitsandbytes 0.50.0, accelerate 1.15.0, datasets 4.0.0 (huggingface_hub 1.33.0):
+# 509 passed, 3 skipped (2 need a non-root user, 1 needs trl), 45 deselected (gpu/slow);
+# 4.5 minutes with the pins already installed (installing them took 1.5 minutes more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-.venv-lower-bounds}"
