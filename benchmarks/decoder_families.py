@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     documents = [json.loads(line)["document"] for line in lines]
     work = args.work or Path(tempfile.mkdtemp(prefix="phi2-decoders-"))
     work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PHI2_CACHE", str(work / "cache"))
+    os.environ.setdefault("PHI2_CACHE_DIR", str(work / "cache"))
     results: dict[str, Any] = {"rows": {}}
     for row in rows:
         try:

@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"SmolLM2 GGUF not found at {args.smollm2}; pass --smollm2 or leave the row out")
     work = args.work or Path(tempfile.mkdtemp(prefix="phi2-families-"))
     work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PHI2_CACHE", str(work / "cache"))
+    os.environ.setdefault("PHI2_CACHE_DIR", str(work / "cache"))
     results: dict[str, Any] = {"rows": {}}
     if args.out.is_file() and not args.fresh:  # rows from an earlier run (another --rows subset) are kept
         results["rows"] = json.loads(args.out.read_text(encoding="utf-8")).get("rows", {})

@@ -81,12 +81,26 @@ def test_a_row_that_keeps_the_base_unquantized_sets_it_unless_the_user_chose(tin
 
 
 @pytest.mark.slow  # ~8 s reading the 98 MB file's tensor index
-def test_the_gguf_size_is_read_from_its_tensors_without_loading():
+def test_a_gguf_model_is_read_through_its_converted_directory(tmp_path, monkeypatch):
     if not SMOLLM2_GGUF.is_file():
         pytest.skip(f"SmolLM2 GGUF not found at {SMOLLM2_GGUF}")
-    parameters, model_type = model_size(str(SMOLLM2_GGUF))
-    assert model_type == "llama" and 130e6 < parameters < 140e6  # SmolLM2-135M
+    from transformers import AutoTokenizer
+
+    from phi2cli.models.loading import load_tokenizer, local_model
+
+    monkeypatch.setenv("PHI2_CACHE_DIR", str(tmp_path / "cache"))
+    converted = Path(local_model(str(SMOLLM2_GGUF)))
+    assert converted.parent == tmp_path / "cache" / "gguf" and (converted / "config.json").is_file()
+    assert local_model(str(SMOLLM2_GGUF)) == str(converted) and local_model("org/name") == "org/name"
+    # the GGUF's own tensor count (what the size rows were chosen with)
+    assert model_size(str(SMOLLM2_GGUF)) == (134_515_008, "llama")
     assert model_size("no/such-model") == (None, None)
+    ours = load_tokenizer(str(SMOLLM2_GGUF))  # from the converted directory, not the GGUF
+    direct = AutoTokenizer.from_pretrained(str(SMOLLM2_GGUF.parent), gguf_file=SMOLLM2_GGUF.name)
+    text = "The council said on Monday that the bridge will close. It reopens in 2027!"
+    assert ours(text)["input_ids"] == direct(text)["input_ids"]
+    assert (ours.eos_token_id, ours.chat_template) == (direct.eos_token_id, direct.chat_template)
+    assert ours.pad_token_id is not None
 
 
 def test_a_model_whose_size_cannot_be_read_keeps_the_reference_recipe():

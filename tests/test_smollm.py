@@ -24,7 +24,7 @@ def smollm2() -> Path:
 
 
 def test_chat_template_training_lowers_eval_loss_of_a_real_model(smollm2, xsum_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("PHI2_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PHI2_CACHE_DIR", str(tmp_path / "cache"))
     result = runner.invoke(app, [
         "train", "--model", str(smollm2), "--template", "chat", "--data-dir", str(xsum_dir), "--samples", "48",
         "--val-samples", "8", "--max-length", "384", "--lr", "1e-3", "--lora-targets", "all-linear",

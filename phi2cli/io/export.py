@@ -118,12 +118,10 @@ def _base_family_config(model: str) -> Any:
     unreadable (loading the model then says why)."""
     from transformers import AutoConfig
 
-    from phi2cli.models.loading import split_gguf
+    from phi2cli.models.loading import local_model
 
-    location, gguf_file = split_gguf(model)
     try:
-        return AutoConfig.from_pretrained(location, gguf_file=gguf_file) if gguf_file else \
-            AutoConfig.from_pretrained(location)  # fmt: skip
+        return AutoConfig.from_pretrained(local_model(model))
     except Exception:
         return None
 

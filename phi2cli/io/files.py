@@ -14,6 +14,14 @@ from typing import Any, Iterable, Iterator
 from phi2cli.errors import Phi2Error
 
 
+def cache_root() -> Path:
+    """phi2cli's cache (compiled kernels, converted .gguf models): PHI2_CACHE_DIR, else
+    $XDG_CACHE_HOME/phi2cli, else ~/.cache/phi2cli; it survives reboots and /tmp cleaning."""
+    if os.environ.get("PHI2_CACHE_DIR"):
+        return Path(os.environ["PHI2_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "phi2cli"
+
+
 # How writers that are not plain Python I/O say the disk is full: safetensors (Rust), torch.save (C++).
 _DISK_FULL_TEXTS = ("no space left on device", "storagefull", "os error 28", "file write failed",
                     "disk quota exceeded")  # fmt: skip

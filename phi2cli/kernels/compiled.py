@@ -52,8 +52,9 @@ def use_compile_cache() -> Path:
     """Keep compiled kernels in the user's cache directory (PHI2_CACHE_DIR, else $XDG_CACHE_HOME or
     ~/.cache, /phi2cli), so they survive reboots and /tmp cleaning; TORCHINDUCTOR_CACHE_DIR and
     TRITON_CACHE_DIR, when set, win."""
-    root = Path(os.environ.get("PHI2_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                / "phi2cli")  # fmt: skip
+    from phi2cli.io.files import cache_root
+
+    root = cache_root()
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))  # read at each compile, not import
     os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
     return root

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from phi2cli.config import Phi2Config, apply_overrides
@@ -144,28 +143,15 @@ def apply_recipe(config: Phi2Config, given: set[str] | frozenset[str]) -> tuple[
 
 
 def model_size(model: str) -> tuple[int | None, str | None]:
-    """(parameter count, model_type) of a .gguf file, local directory or cached hub model, read
-    without loading weights; (None, None) when it cannot be read here."""
-    path = Path(model).expanduser()
+    """(parameter count, model_type) of a .gguf file (through its converted directory, made once and
+    cached, which training reads too), local directory or cached hub model, read without loading
+    weights; (None, None) when it cannot be read here."""
     try:
-        if path.suffix.lower() == ".gguf" and path.is_file():
-            return _gguf_size(path)
-        return _config_size(model)
+        from phi2cli.models.loading import local_model
+
+        return _config_size(local_model(model))  # a .gguf: its converted directory, which training reads too
     except Exception:  # an unreadable model fails later, where it is loaded, with its own message
         return None, None
-
-
-def _gguf_size(path: Path) -> tuple[int, str | None]:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    parameters = sum(int(t.n_elements) for t in reader.tensors)
-    field = reader.fields.get("general.architecture")
-    arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
-    from phi2cli.models.families import GGUF_ARCHITECTURES
-
-    model_types = {gguf_arch: model_type for model_type, gguf_arch in GGUF_ARCHITECTURES.items()}
-    return parameters, model_types.get(arch or "", arch)
 
 
 def _config_size(model: str) -> tuple[int, str | None]:

@@ -114,14 +114,13 @@ def family_plan(plan: EnginePlan, model_type: str | None) -> tuple[EnginePlan, s
 
 def model_config_of(model_name: str) -> Any:
     """The transformers config of a local directory or .gguf file (None where it cannot be read cheaply)."""
-    from phi2cli.models.loading import split_gguf
+    from phi2cli.models.loading import local_model
 
     try:
-        location, gguf_file = split_gguf(model_name)
+        location = local_model(model_name)
         from transformers import AutoConfig
 
-        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        return AutoConfig.from_pretrained(location, **kwargs)
+        return AutoConfig.from_pretrained(location)
     except Exception:  # unreadable here: load_base_model reports the real problem
         return None
 

@@ -73,11 +73,10 @@ def check_host_memory(config: Any, plan: Any, precision: Any, train_set: Any) ->
         return
     from transformers import AutoConfig
 
-    from phi2cli.models.loading import split_gguf
+    from phi2cli.models.loading import local_model
 
-    location, gguf_file = split_gguf(config.model.model)
     try:
-        model_config = AutoConfig.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+        model_config = AutoConfig.from_pretrained(local_model(config.model.model))
     except Exception:  # noqa: BLE001 (loading the model reports what is wrong with it, in its own words)
         return
     dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}.get(precision.compute_dtype, 4)
