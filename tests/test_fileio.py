@@ -223,3 +223,23 @@ def test_a_live_process_temp_directory_is_left_alone(folder):
     busy.mkdir()
     assert fileio.recover_directory(final) == []
     assert busy.is_dir()
+
+
+def test_one_cache_root_for_compiled_kernels_and_converted_models(tmp_path, monkeypatch):
+    from phi2cli.io.files import cache_root
+    from phi2cli.kernels.compiled import use_compile_cache
+
+    monkeypatch.delenv("PHI2_CACHE_DIR", raising=False)
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # restored after the test, whatever it sets
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_root() == tmp_path / "home" / ".cache" / "phi2cli"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "phi2cli"
+    monkeypatch.setenv("PHI2_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine" == use_compile_cache()
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine" / "inductor")
