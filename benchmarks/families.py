@@ -153,10 +153,9 @@ def model_size(model: Path) -> tuple[int, int, int]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from phi2cli.models.loading import split_gguf
+    from phi2cli.models.loading import local_model
 
-    location, gguf_file = split_gguf(str(model))
-    config = AutoConfig.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+    config = AutoConfig.from_pretrained(local_model(str(model)))
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in meta.parameters())

@@ -194,11 +194,12 @@ def warm_model_cache(model: Path) -> None:
 def table_row(recipe: dict[str, Any], decoding: dict[str, Any]) -> str:
     """The chosen recipe and decoding written as a SizeRecipe row."""
     targets = "all-linear" if recipe["targets"] == "all-linear" else "attention"
+    quantization, neftune = recipe.get("quant", "auto"), recipe.get("neftune")
+    optional = [f'"{quantization}"'] if quantization != "auto" or neftune else []  # fields with defaults, in order
+    optional += [f"{float(neftune)}"] if neftune else []
     return (f'SizeRecipe("small (up to 0.5 B)", 0.5e9, {recipe["lr"]:g}, {float(recipe["epochs"])}, {recipe["warmup"]}, '
             f'"{targets}", {recipe["r"]}, {recipe["alpha"]}, {decoding["beams"]}, {float(decoding["lp"])}, '
-            f'{decoding["ngram"]}' + (f', "{recipe.get("quant", "auto")}"' if recipe.get("quant", "auto") != "auto"
-                                        or recipe.get("neftune") else "")
-            + (f', {float(recipe["neftune"])}' if recipe.get("neftune") else "") + ")")
+            + ", ".join([str(decoding["ngram"]), *optional]) + ")")
 
 
 def best(rows: list[dict[str, Any]]) -> dict[str, Any]:

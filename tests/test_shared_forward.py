@@ -22,10 +22,15 @@ MAX_NEW_TOKENS = 12
 @pytest.fixture(scope="module")
 def loaded(tiny_phi_dir):
     """The tiny Phi in float32 with sharp attention, so that a wrong key, value or position changes the tokens."""
+    return sharply_attending(tiny_phi_dir)
+
+
+def sharply_attending(model_dir):
+    """The model at `model_dir` loaded for inference, its query and key weights redrawn large."""
     from phi2cli.config import Phi2Config, apply_overrides
     from phi2cli.inference.trained_model import load_model
 
-    overrides = {"model.model": str(tiny_phi_dir), "data.max_length": MAX_LENGTH}
+    overrides = {"model.model": str(model_dir), "data.max_length": MAX_LENGTH}
     loaded = load_model(apply_overrides(Phi2Config(), overrides).validate())
     torch.manual_seed(0)
     with torch.no_grad():
@@ -187,18 +192,7 @@ def loaded_llama(tmp_path_factory):
     """A tiny Llama with grouped key/value heads (head_dim 24), float32, sharp attention."""
     from test_families import tiny_model
 
-    from phi2cli.config import Phi2Config, apply_overrides
-    from phi2cli.inference.trained_model import load_model
-
-    model_dir = tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
-    loaded = load_model(apply_overrides(Phi2Config(), {"model.model": str(model_dir),
-                                                       "data.max_length": MAX_LENGTH}).validate())  # fmt: skip
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for layer in loaded.model.model.layers:
-            layer.self_attn.q_proj.weight.normal_(0.0, 0.4)
-            layer.self_attn.k_proj.weight.normal_(0.0, 0.4)
-    return loaded
+    return sharply_attending(tiny_model("llama", tmp_path_factory.mktemp("tiny-llama")))
 
 
 @pytest.fixture(scope="module")

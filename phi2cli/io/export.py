@@ -113,19 +113,6 @@ def _merge(adapter: Path, config: Any, dtype: str) -> tuple[Any, Any]:
     return merged, tokenizer
 
 
-def _base_family_config(model: str) -> Any:
-    """The base model's transformers config (config.json or GGUF metadata) without its weights; None if
-    unreadable (loading the model then says why)."""
-    from transformers import AutoConfig
-
-    from phi2cli.models.loading import local_model
-
-    try:
-        return AutoConfig.from_pretrained(local_model(model))
-    except Exception:
-        return None
-
-
 @dataclass(frozen=True)
 class GGUFExportResult:
     gguf_path: Path
@@ -178,7 +165,9 @@ def export_gguf(adapter_dir: str | Path, output: str | Path | None = None, gguf_
     check_gguf_type(gguf_type)
     adapter, config = _run_of(adapter_dir, model)
     path, modelfile = gguf_paths(output, gguf_type, overwrite)
-    base_config = _base_family_config(config.model.model)
+    from phi2cli.models.loading import read_model_config
+
+    base_config = read_model_config(config.model.model)
     if base_config is not None:
         gguf_architecture(base_config)  # an unsupported family fails before the weights load
     merged, tokenizer = _merge(adapter, config, "float32")  # rounded once, to f16/q8_0, not twice

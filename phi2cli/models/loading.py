@@ -52,6 +52,29 @@ def local_model(name_or_path: str) -> str:
     return gguf_to_directory(name_or_path) if gguf_file else name_or_path
 
 
+def read_model_config(name_or_path: str) -> Any:
+    """The transformers config of a hub id, local directory or .gguf file (through its converted
+    directory), without weights; None where it cannot be read here (loading the model says why)."""
+    quiet_libraries()
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(local_model(name_or_path))
+    except Exception:  # noqa: BLE001 (the model's own load reports the problem in its words)
+        return None
+
+
+def parameter_count(config: Any) -> int:
+    """Exact parameter count of the architecture a config describes, built on the meta device (no
+    memory, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in skeleton.parameters())
+
+
 def _load_error(kind: str, name: str, err: Exception) -> Exception:
     text = str(err)
     path = Path(name).expanduser()

@@ -146,23 +146,12 @@ def model_size(model: str) -> tuple[int | None, str | None]:
     """(parameter count, model_type) of a .gguf file (through its converted directory, made once and
     cached, which training reads too), local directory or cached hub model, read without loading
     weights; (None, None) when it cannot be read here."""
-    try:
-        from phi2cli.models.loading import local_model
+    from phi2cli.models.loading import parameter_count, read_model_config
 
-        return _config_size(local_model(model))  # a .gguf: its converted directory, which training reads too
-    except Exception:  # an unreadable model fails later, where it is loaded, with its own message
+    config = read_model_config(model)  # a .gguf: its converted directory, which training reads too
+    if config is None:
         return None, None
-
-
-def _config_size(model: str) -> tuple[int, str | None]:
-    """Parameters of the model its config describes, built on the meta device (no memory, no weights)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from phi2cli.models.loading import quiet_libraries
-
-    quiet_libraries()
-    config = AutoConfig.from_pretrained(model)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in skeleton.parameters()), getattr(config, "model_type", None)
+    try:
+        return parameter_count(config), getattr(config, "model_type", None)
+    except Exception:  # an architecture this transformers cannot build fails later, where it is loaded
+        return None, None

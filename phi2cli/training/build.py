@@ -112,19 +112,6 @@ def family_plan(plan: EnginePlan, model_type: str | None) -> tuple[EnginePlan, s
     return plain, unknown_family_note(model_type)
 
 
-def model_config_of(model_name: str) -> Any:
-    """The transformers config of a local directory or .gguf file (None where it cannot be read cheaply)."""
-    from phi2cli.models.loading import local_model
-
-    try:
-        location = local_model(model_name)
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(location)
-    except Exception:  # unreadable here: load_base_model reports the real problem
-        return None
-
-
 def record_plan_paths(paths: Any, plan: EnginePlan) -> None:
     """The fast paths the plan does not ask for, as off (with the profile as the reason)."""
     for name, wanted in (("dequantized_base", plan.dequantize_base), ("varlen_attention", plan.packed),

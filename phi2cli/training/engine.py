@@ -12,7 +12,7 @@ from typing import Any, Callable
 from phi2cli.config import Phi2Config, save_run_config
 from phi2cli.errors import ConfigError, DeviceError, RunError, TrainingInterrupted
 from phi2cli.io.checkpoints import checkpoints  # noqa: F401 (re-exported)
-from phi2cli.training.build import (build_model, family_plan, model_config_of, record_trainer_paths,
+from phi2cli.training.build import (build_model, family_plan, record_trainer_paths,
                                     with_adapted_targets)
 from phi2cli.training.checkpoints import ResumePoint, finished_run, resume_point_problems
 from phi2cli.training.plan import resolve_plan
@@ -141,7 +141,7 @@ def train_locked(
 
     started = time.perf_counter()  # wall time from here; importing the libraries counts as loading
     from phi2cli.data import prepare as data_mod
-    from phi2cli.models.loading import load_tokenizer, memory_report, resolve_precision
+    from phi2cli.models.loading import load_tokenizer, memory_report, read_model_config, resolve_precision
     from phi2cli.training.trainer import (
         ContinueLogWindow, EvaluateAtEnd, Phi2Trainer, ProgressCallback, StopOnSignal, ThroughputMeter,
     )  # fmt: skip
@@ -165,7 +165,7 @@ def train_locked(
     world_size = state.num_processes
     from phi2cli.models.families import model_shape
 
-    model_config = model_config_of(config.model.model)
+    model_config = read_model_config(config.model.model)
     plan = resolve_plan(config, cuda=precision.device == "cuda", quantized=precision.quantization == "4bit",
                         free_gib=_free_gib(), world_size=world_size, bf16=precision.compute_dtype == "bfloat16",
                         shape=model_shape(model_config))  # fmt: skip

@@ -36,16 +36,6 @@ def available_bytes() -> int | None:
     return available
 
 
-def parameter_count(model_config: Any) -> int:
-    """Exact parameter count of the architecture, built on the meta device (no memory, no weights)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
-    return sum(p.numel() for p in model.parameters())
-
-
 def training_bytes(model_config: Any, parameters: int, dtype_bytes: int, tokens: int, longest: int,
                    labelled: int, checkpointing: bool, eager_attention: bool = False) -> int:  # fmt: skip
     """Rough peak host memory of training: weights + one micro-batch's activations + logits."""
@@ -71,13 +61,10 @@ def check_host_memory(config: Any, plan: Any, precision: Any, train_set: Any) ->
     available = available_bytes()
     if available is None:
         return
-    from transformers import AutoConfig
+    from phi2cli.models.loading import parameter_count, read_model_config
 
-    from phi2cli.models.loading import local_model
-
-    try:
-        model_config = AutoConfig.from_pretrained(local_model(config.model.model))
-    except Exception:  # noqa: BLE001 (loading the model reports what is wrong with it, in its own words)
+    model_config = read_model_config(config.model.model)
+    if model_config is None:
         return
     dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}.get(precision.compute_dtype, 4)
     columns = set(getattr(train_set, "column_names", ()))
