@@ -242,6 +242,8 @@ CASES = [
          "--resume continues the run in the output directory and --overwrite deletes it; pass only one of them"),
     case("train-model-is-a-text-file", lambda c: train(c, "--model", article(c)), 1,
          "article.txt is a file, not a tokenizer", "a .gguf file or a hub id"),
+    case("train-model-is-a-broken-gguf", lambda c: train(c, "--model", c.file("broken.gguf", b"not a gguf")), 1,
+         "broken.gguf is not a GGUF model transformers can read"),
     # --- evaluate ---
     case("evaluate-missing-adapter", lambda c: ["evaluate", "--adapter", c.path("nope")], 1,
          "adapter directory", "nope does not exist; train one with 'phi2 train' or pass --adapter DIR"),

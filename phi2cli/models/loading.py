@@ -81,6 +81,9 @@ def _load_error(kind: str, name: str, err: Exception) -> Exception:
     if path.is_file() and path.suffix.lower() != ".gguf":
         return ModelError(f"{name} is a file, not a {kind}: pass a {kind} directory (as saved by save_pretrained), "
                           f"a .gguf file or a hub id")  # fmt: skip
+    if path.is_file():  # a .gguf file that is there but not readable as a model
+        return ModelError(f"{name} is not a GGUF {kind} transformers can read "
+                          f"({text.splitlines()[0][:140] if text else err!r})")  # fmt: skip
     if path.exists() and path.is_dir():
         return ModelError(f"{name} holds no loadable {kind} ({text.splitlines()[0][:140] if text else err!r})")
     if name.startswith((".", "/", "~")) or (path.suffix and not path.exists()):
