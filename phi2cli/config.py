@@ -94,6 +94,7 @@ class TrainConfig:
     profile: str = _f("auto", "Engine profile: speed, memory-saver, reference; auto picks from free GPU memory.")
     compile: bool = _f(True, "torch.compile the decoder layers (CUDA, speed profile): ~2x faster steps after a one-time compile of about a minute (cached on disk for later runs).")
     cuda_graphs: bool = _f(True, "Replay each training step from a CUDA graph (CUDA, bf16, speed profile): the CPU stops being the bottleneck; each new batch shape is recorded once (about a second).")
+    graph_bucket: int = _f(0, "CUDA graphs: tokens a newly recorded batch shape is rounded up to (a multiple of 64); 0 picks it from the run's length: coarse for short runs (fewer recordings), fine for long ones (less padding).")
     seed: int = _f(42, "Seed for LoRA init, dropout and data order: same seed, same run.")
     report_to: str = _f("none", "Also log loss, learning rate and eval to: tensorboard, wandb, mlflow or none.")
     neftune_alpha: float = _f(0.0, "NEFTune: uniform noise of this scale on the input embeddings while training (0: off; the paper tries 5 to 15).")
@@ -263,6 +264,8 @@ def validation_problems(config: Phi2Config) -> list[str]:
     need(g.no_repeat_ngram_size >= 0, f"--no-repeat-ngram-size must be 0 or more (got {g.no_repeat_ngram_size})")
     need(0 <= g.min_new_tokens <= g.max_new_tokens,
          f"--min-new-tokens must be between 0 and --max-new-tokens {g.max_new_tokens} (got {g.min_new_tokens})")
+    need(t.graph_bucket == 0 or (t.graph_bucket >= 64 and t.graph_bucket % 64 == 0),
+         f"--graph-bucket must be 0 (chosen from the run's length) or a multiple of 64 (got {t.graph_bucket})")
     need(t.neftune_alpha >= 0, f"--neftune-alpha must be 0 (off) or positive (got {t.neftune_alpha})")
     need(g.temperature > 0, f"--temperature must be positive (got {g.temperature})")
     need(0 < g.top_p <= 1, f"--top-p must be in (0, 1] (got {g.top_p})")

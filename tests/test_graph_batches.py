@@ -10,6 +10,7 @@ import torch
 
 from phi2cli.data.collate import HOST_KEYS, PackedCollator, model_inputs, real_tokens, sequence_lengths
 from phi2cli.config import Phi2Config, apply_overrides
+from phi2cli.errors import ConfigError
 from phi2cli.training.trainer_inputs import make_collator
 from phi2cli.training.plan import resolve_plan
 from phi2cli.data.prompts import IGNORE_INDEX
@@ -160,15 +161,21 @@ def test_steady_rate_starts_after_the_last_new_recording(monkeypatch):
 def test_recorded_shapes_are_coarse_for_short_runs_and_fine_for_long_ones():
     from phi2cli.training.plan import graph_bucket_tokens, planned_steps
 
-    assert graph_bucket_tokens(625, 512) == 512  # the seed job: few recordings
-    assert graph_bucket_tokens(2_000, 512) == 256
+    assert graph_bucket_tokens(40, 512) == 512  # a short benchmark: few recordings
+    assert graph_bucket_tokens(625, 512) == 256  # the seed job
+    assert graph_bucket_tokens(2_000, 512) == 128
     assert graph_bucket_tokens(25_500, 512) == 128  # a full XSUM epoch: little padding
-    assert graph_bucket_tokens(625, 300) == 256 and graph_bucket_tokens(625, 200) == 128  # within max_length
+    assert graph_bucket_tokens(40, 300) == 256 and graph_bucket_tokens(40, 200) == 128  # within max_length
+    assert graph_bucket_tokens(40, 512, chosen=128) == 128 and graph_bucket_tokens(25_500, 512, chosen=64) == 64
     config = apply_overrides(Phi2Config(), {"data.samples": 1495, "train.epochs": 2.0})
     assert planned_steps(config, 8) == 374  # SmolLM2's recipe
     assert planned_steps(apply_overrides(config, {"train.max_steps": 625}), 8) == 625
     plan = resolve_plan(apply_overrides(config, {"train.max_steps": 625}), cuda=True, quantized=True, free_gib=140.0)
-    assert plan.graph_bucket == 512
+    assert plan.graph_bucket == 256
+    pinned = apply_overrides(config, {"train.max_steps": 625, "train.graph_bucket": 128})
+    assert resolve_plan(pinned, cuda=True, quantized=True, free_gib=140.0).graph_bucket == 128
+    with pytest.raises(ConfigError, match="--graph-bucket must be 0"):
+        apply_overrides(config, {"train.graph_bucket": 100}).validate()
 
 
 def test_a_new_shape_is_recorded_rounded_up_to_its_bucket_with_the_same_loss_and_gradient(tiny_phi_dir):

@@ -60,6 +60,7 @@ def train_command(
     profile: Annotated[Optional[str], opt("train.profile", "--profile")] = None,
     compile_layers: Annotated[Optional[bool], opt("train.compile", "--compile/--no-compile")] = None,
     cuda_graphs: Annotated[Optional[bool], opt("train.cuda_graphs", "--cuda-graphs/--no-cuda-graphs")] = None,
+    graph_bucket: Annotated[Optional[int], opt("train.graph_bucket", "--graph-bucket")] = None,
     train_seed: Annotated[Optional[int], opt("train.seed", "--train-seed")] = None,
     report_to: Annotated[Optional[str], opt("train.report_to", "--report-to")] = None,
     neftune_alpha: Annotated[Optional[float], opt("train.neftune_alpha", "--neftune-alpha")] = None,
@@ -100,7 +101,7 @@ def train_command(
         "train.max_steps": max_steps, "train.eval_every": eval_every, "train.logging_steps": logging_steps,
         "train.eval_batch_size": eval_batch_size, "train.optimizer": optimizer,
         "train.gradient_checkpointing": gradient_checkpointing, "train.profile": profile, "train.compile": compile_layers,
-        "train.cuda_graphs": cuda_graphs, "train.seed": train_seed, "train.report_to": report_to,
+        "train.cuda_graphs": cuda_graphs, "train.graph_bucket": graph_bucket, "train.seed": train_seed, "train.report_to": report_to,
         "train.neftune_alpha": neftune_alpha,
         "train.output_dir": output_dir, "train.final_dir": final_dir,
     })  # fmt: skip

@@ -129,24 +129,30 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
         graphs = False
         note = note or (f"{free_gib:.1f} GiB free on the GPU (CUDA graphs need ~{graph_need:.0f}): "
                         f"training without CUDA graphs")  # fmt: skip
-    bucket = graph_bucket_tokens(planned_steps(config, total), config.data.max_length)
+    bucket = graph_bucket_tokens(planned_steps(config, total), config.data.max_length, train.graph_bucket)
     return EnginePlan("speed", micro, accum, world_size, True, False, quantized and cuda, True, optimizer,
                       compile=compiled, note=note, cuda_graphs=graphs, **lean,
                       **scaling, graph_bucket=bucket)  # fmt: skip
 
 
-# Recording a new shape costs ~1.2 s (H200: 31 shapes in 30-42 s); padding a step by b/2 tokens on
-# average costs b / (2 x ~3,440 tokens) of a ~0.094 s step. Over a range of ~2,500 tokens per step,
-# range/b x 1.2 + steps x 0.094 x b / 6,880 is least at b = sqrt(2.2e8 / steps): ~600 for the
-# 625-step seed job, ~100 for a full XSUM epoch (25,500 steps).
+# Recording a new shape costs ~0.34 s after the first (H200: later_record_seconds_mean 0.29-0.37 s in
+# benchmarks/results/end_to_end.json and families.json); padding a step by b/2 tokens on average costs
+# b / (2 x ~3,000 real tokens) of a ~0.085 s step. Over a range of ~2,500 tokens per step,
+# range/b x 0.34 + steps x 0.085 x b / 6,000 is least at b = sqrt(6e7 / steps): 512 up to ~230 steps,
+# 256 up to ~920 (the 625-step seed job: ~310), 128 beyond (a full XSUM epoch, 25,500 steps: ~50).
 GRAPH_BUCKETS = (512, 256, 128)
+BUCKET_COST_RATIO = 6e7  # 2 x range x record seconds x tokens per step / step seconds
 
 
-def graph_bucket_tokens(steps: int, max_length: int) -> int:
-    """Token granularity of recorded CUDA-graph shapes: coarse for short runs (few recordings),
-    fine for long ones (little padding); never above max_length (the pad sequence's bound)."""
-    best = (2.2e8 / max(steps, 1)) ** 0.5
-    bucket = next((b for b in GRAPH_BUCKETS if b <= best), GRAPH_BUCKETS[-1])
+def graph_bucket_tokens(steps: int, max_length: int, chosen: int = 0) -> int:
+    """Token granularity of recorded CUDA-graph shapes: `chosen` (--graph-bucket) when given, else
+    coarse for short runs (few recordings) and fine for long ones (little padding); never above
+    max_length (the pad sequence's bound) unless that is below 128."""
+    if chosen:
+        bucket = chosen
+    else:
+        best = (BUCKET_COST_RATIO / max(steps, 1)) ** 0.5
+        bucket = next((b for b in GRAPH_BUCKETS if b <= best), GRAPH_BUCKETS[-1])
     while bucket > 128 and bucket > max_length:
         bucket //= 2
     return bucket
