@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,10 @@ def environment() -> dict[str, Any]:
             info[name] = __import__(name).__version__
         except Exception:
             info[name] = None
+    # Python's compiled-bytecode cache: a pip-installed package ships none until first import (or pip's
+    # own compile step); without one every process compiles thousands of modules from source.
+    info["bytecode_cache"] = ("off" if sys.flags.dont_write_bytecode
+                              else sys.pycache_prefix or "__pycache__ beside the sources")  # fmt: skip
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()

@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))  # phi2cli from this copy
 from common import ROOT, default_data_dir, environment, write_json  # noqa: E402
 
-GROUPS = {"ours": ["seed", "evaluate", "summarize", "report", "smollm2"],
+GROUPS = {"ours": ["seed", "evaluate", "summarize", "report", "smollm2", "smollm2_eager"],
           "peers": ["reference", "trl", "profiles"]}  # fmt: skip
 GROUPS["all"] = GROUPS["ours"] + GROUPS["peers"]
 PARTS = tuple(GROUPS["all"])
@@ -139,23 +139,29 @@ def part_report(ctx: dict[str, Any]) -> dict[str, Any]:
     return {"report_s": run["wall_s"] if run["rc"] == 0 else None, "report": run}
 
 
-def part_smollm2(ctx: dict[str, Any]) -> dict[str, Any]:
-    """examples/smollm2-xsum.sh's training command, timed as a user runs it."""
+def part_smollm2(ctx: dict[str, Any], name: str = "smollm2", extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """examples/smollm2-xsum.sh's training command, timed as a user runs it (plus `extra` flags)."""
     if not ctx["gguf"].is_file():
-        return {"smollm2_train_s": None, "smollm2": {"error": f"{ctx['gguf']} not found (--gguf)"}}
-    out, final = ctx["work"] / "smollm2", ctx["work"] / "smollm2-final"
+        return {f"{name}_train_s": None, name: {"error": f"{ctx['gguf']} not found (--gguf)"}}
+    out, final = ctx["work"] / name, ctx["work"] / f"{name}-final"
     args = ["train", "--model", str(ctx["gguf"]), "--template", "chat", "--data-dir", str(ctx["data_dir"]),
             "--samples", "1495", "--val-samples", "500", "--lr", "1e-3", "--lora-targets", "all-linear",
             "--epochs", "2", "--warmup-steps", "20", "--eval-every", "100", "--output-dir", str(out),
-            "--final-dir", str(final), "--overwrite"]  # fmt: skip
+            "--final-dir", str(final), "--overwrite", *extra]  # fmt: skip
     run = cli(args, env=cache_env(ctx["work"] / "cache"))
     facts = run_facts(final)
     throughput, timing = facts.get("throughput") or {}, facts.get("timing") or {}
     rate = throughput.get("steady_tokens_per_s") or timing.get("train_steps_tokens_per_s")
     run.update(timing=timing, steady_from_step=throughput.get("steady_from_step"),
                cuda_graphs=throughput.get("cuda_graphs"), global_step=facts.get("global_step"))  # fmt: skip
-    return {"smollm2_train_s": run["wall_s"] if run["rc"] == 0 else None, "smollm2_tokens_per_s": rate,
-            "smollm2": run}  # fmt: skip
+    run["flags"] = list(extra)
+    return {f"{name}_train_s": run["wall_s"] if run["rc"] == 0 else None, f"{name}_tokens_per_s": rate,
+            name: run}  # fmt: skip
+
+
+def part_smollm2_eager(ctx: dict[str, Any]) -> dict[str, Any]:
+    """The same job with --no-compile (CUDA graphs kept): does compiling pay for a 135 M model's 374 steps?"""
+    return part_smollm2(ctx, "smollm2_eager", ("--no-compile",))
 
 
 # ---- in-process parts (each in a child process) ----
@@ -396,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     began = time.perf_counter()
     runners = {"seed": part_seed, "evaluate": part_evaluate, "summarize": part_summarize, "report": part_report,
-               "smollm2": part_smollm2}  # fmt: skip
+               "smollm2": part_smollm2, "smollm2_eager": part_smollm2_eager}  # fmt: skip
     in_children = {"reference": part_reference, "trl": part_trl, "profiles": part_profiles}
     for part in parts:
         started = time.perf_counter()

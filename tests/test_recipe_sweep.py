@@ -23,16 +23,21 @@ def test_grid_is_the_product_of_the_given_axes_on_the_base_recipe():
     assert all(g["targets"] == "all-linear" and g["warmup"] == 20 for g in grid)
     assert sweep.parse_grid(None)[0] == sweep.BASE_RECIPE
     row = sweep.table_row(grid[3], sweep.parse_decodings("beams=4,lp=0.6,ngram=3")[1])
-    assert row == 'SizeRecipe("small (up to 0.5 B)", 0.5e9, 0.002, 3.0, 20, "all-linear", 32, 64, 4, 0.6, 3)'
+    assert row == ('SizeRecipe("small (up to 0.5 B)", 0.5e9, 0.002, 3.0, 20, "all-linear", 32, 64, 4, 0.6, 3, '
+                   'quantization="none", neftune_alpha=5.0)')
     from phi2cli.models.recipes import SizeRecipe
 
     assert eval(row, {"SizeRecipe": SizeRecipe}).learning_rate == 0.002  # noqa: S307 (it pastes as code)
-    kept = sweep.table_row(dict(grid[0], quant="none"), sweep.GREEDY)  # a bf16 base is written into the row
-    assert kept.endswith('32, 64, 1, 1.0, 0, "none")')
+    kept = sweep.table_row(dict(grid[0], quant="none", neftune=0), sweep.GREEDY)  # a bf16 base is written into the row
+    assert kept.endswith('32, 64, 1, 1.0, 0, quantization="none")')
     assert eval(kept, {"SizeRecipe": SizeRecipe}).quantization == "none"  # noqa: S307
     assert sweep.flags({"quant": "none"}, sweep.RECIPE_FLAGS) == ["--quantization", "none"]
-    noisy = eval(sweep.table_row(dict(grid[0], neftune=5), sweep.GREEDY), {"SizeRecipe": SizeRecipe})  # noqa: S307
+    noisy = eval(sweep.table_row(dict(grid[0], quant="auto", neftune=5), sweep.GREEDY), {"SizeRecipe": SizeRecipe})  # noqa: S307
     assert (noisy.quantization, noisy.neftune_alpha) == ("auto", 5.0)
+    whole = eval(sweep.table_row(dict(grid[0], quant="auto", maxlen=1024, dropout=0.1), sweep.GREEDY), {"SizeRecipe": SizeRecipe})  # noqa: S307
+    assert (whole.max_length, whole.lora_dropout, whole.quantization) == (1024, 0.1, "auto")
+    assert sweep.flags({"maxlen": 1024, "dropout": 0.1}, sweep.RECIPE_FLAGS) == \
+        ["--max-length", "1024", "--lora-dropout", "0.1"]  # fmt: skip
     assert sweep.flags({"lr": 0.002, "targets": "all-linear"}, sweep.RECIPE_FLAGS) == \
         ["--lr", "0.002", "--lora-targets", "all-linear"]  # fmt: skip
 

@@ -67,6 +67,10 @@ def test_a_row_that_keeps_the_base_unquantized_sets_it_unless_the_user_chose(tin
 
     assert "model.quantization" not in recipe_values(SIZE_RECIPES[-1], "phi")  # auto: 4-bit on CUDA, as given
     assert "train.neftune_alpha" not in recipe_values(SIZE_RECIPES[-1], "phi")  # the reference recipe has no noise
+    assert not {"lora.dropout", "data.max_length"} & set(recipe_values(SIZE_RECIPES[-1], "phi"))
+    longer = dataclasses.replace(row_for(135_000_000), max_length=1024, lora_dropout=0.1)
+    assert (recipe_values(longer, "llama")["data.max_length"], recipe_values(longer, "llama")["lora.dropout"]) == \
+        (1024, 0.1)  # fmt: skip
     bf16_small = dataclasses.replace(row_for(135_000_000), quantization="none", neftune_alpha=5.0)
     assert recipe_values(bf16_small, "llama")["model.quantization"] == "none"
     assert recipe_values(bf16_small, "llama")["train.neftune_alpha"] == 5.0
@@ -124,9 +128,10 @@ def test_train_prints_and_records_the_recipe(tiny_phi_dir, sample_data_dir):
               "--val-samples", "0", "--max-steps", "1", "--max-length", "128", "--lr", "0.01"]  # fmt: skip
     plain = runner.invoke(app, common, env={"COLUMNS": "300"})
     assert plain.exit_code == 0, plain.output
-    assert "recipe: small (up to 0.5 B)" in plain.output and "(yours: --lr)" in plain.output
+    assert "recipe: small (up to 0.5 B)" in plain.output and "(yours: --lr, --max-length)" in plain.output
     run = json.loads(Path("phi2-xsum-final/phi2_run.json").read_text())
-    assert run["recipe"]["row"].startswith("small") and run["recipe"]["given"] == ["train.learning_rate"]
+    assert run["recipe"]["row"].startswith("small")
+    assert run["recipe"]["given"] == ["train.learning_rate", "data.max_length"]
     assert run["config"]["train"]["epochs"] == 2.0 and run["config"]["lora"]["targets"] == ["all-linear"]
     assert run["config"]["train"]["learning_rate"] == 0.01 and run["config"]["train"]["neftune_alpha"] == 5.0
     assert run["config"]["model"]["quantization"] == "none"  # the small row keeps the base as loaded

@@ -17,7 +17,7 @@ from phi2cli.config import Phi2Config, apply_overrides
 REFERENCE_MODEL = "microsoft/phi-2"  # the reference run's model: never looked up, always the reference recipe
 RECIPE_KEYS = ("train.learning_rate", "train.epochs", "train.warmup_steps", "lora.targets", "lora.r", "lora.alpha",
                "generation.num_beams", "generation.length_penalty", "generation.no_repeat_ngram_size",
-               "model.quantization", "train.neftune_alpha")  # fmt: skip
+               "model.quantization", "train.neftune_alpha", "lora.dropout", "data.max_length")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,13 @@ class SizeRecipe:
     no_repeat_ngram_size: int
     quantization: str = "auto"  # "auto" (4-bit NF4 on CUDA) or "none": a small base kept in bf16
     neftune_alpha: float = 0.0  # NEFTune noise on the input embeddings while training (0: off)
+    lora_dropout: float = 0.05  # the reference recipe's
+    max_length: int = 512  # tokens per example (prompt and summary); longer articles are truncated
 
 
 # The small row was chosen on the 500 XSUM validation rows with SmolLM2-135M (benchmarks/recipe_sweep.py).
 # First sweep: r 32 / alpha 64 scored ROUGE-L 21.70, r 16 21.64, 3 epochs 21.44, lr 2e-3 21.36; beams 4
-# with n-gram blocking scored lower (20.88-21.16). Second sweep (benchmarks/results/recipe_sweep.json),
+# with n-gram blocking scored lower (20.88-21.16). Second sweep (benchmarks/results/recipe_sweep_second.json),
 # on r 32: the base kept as loaded instead of rounded to NF4 21.65 (4-bit: 21.71), the same plus NEFTune
 # alpha 5 22.07 (chosen), plus 3 epochs 21.15. The choice was then scored once on test (docs/RESULTS.md).
 # The medium row lies between the ends, unmeasured. The large row is the reference recipe and must stay
@@ -91,7 +93,8 @@ _FLAGS = {"train.learning_rate": "--lr", "train.epochs": "--epochs", "train.warm
           "generation.num_beams": "--num-beams",
           "generation.length_penalty": "--length-penalty",
           "generation.no_repeat_ngram_size": "--no-repeat-ngram-size", "model.quantization": "--quantization",
-          "train.neftune_alpha": "--neftune-alpha"}  # fmt: skip
+          "train.neftune_alpha": "--neftune-alpha", "lora.dropout": "--lora-dropout",
+          "data.max_length": "--max-length"}  # fmt: skip
 
 
 def _shown(value: Any) -> str:
@@ -115,11 +118,15 @@ def recipe_values(row: SizeRecipe, model_type: str | None) -> dict[str, Any]:
     targets = ("all-linear",) if row.lora_targets == "all-linear" else ()
     quantization = {"model.quantization": row.quantization} if row.quantization != "auto" else {}
     noise = {"train.neftune_alpha": row.neftune_alpha} if row.neftune_alpha else {}
+    # set only where the row differs from the reference recipe, so a row without them changes nothing
+    reference = SizeRecipe.__dataclass_fields__
+    extra = {key: getattr(row, name) for key, name in (("lora.dropout", "lora_dropout"), ("data.max_length", "max_length"))
+             if getattr(row, name) != reference[name].default}  # fmt: skip
     return {"train.learning_rate": row.learning_rate, "train.epochs": row.epochs,
             "train.warmup_steps": row.warmup_steps, "lora.targets": targets, "lora.r": row.lora_r,
             "lora.alpha": row.lora_alpha, "generation.num_beams": row.num_beams,
             "generation.length_penalty": row.length_penalty,
-            "generation.no_repeat_ngram_size": row.no_repeat_ngram_size, **quantization, **noise}  # fmt: skip
+            "generation.no_repeat_ngram_size": row.no_repeat_ngram_size, **quantization, **noise, **extra}  # fmt: skip
 
 
 def apply_recipe(config: Phi2Config, given: set[str] | frozenset[str]) -> tuple[Phi2Config, RecipeChoice]:
