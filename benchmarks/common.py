@@ -93,8 +93,9 @@ def environment() -> dict[str, Any]:
             info[name] = None
     # Python's compiled-bytecode cache: a pip-installed package ships none until first import (or pip's
     # own compile step); without one every process compiles thousands of modules from source.
-    info["bytecode_cache"] = ("off" if sys.flags.dont_write_bytecode
-                              else sys.pycache_prefix or "__pycache__ beside the sources")  # fmt: skip
+    # (PYTHONDONTWRITEBYTECODE stops new files being written, not existing ones being read.)
+    info["bytecode_cache"] = {"folder": sys.pycache_prefix or "__pycache__ beside the sources",
+                              "written_on_import": not sys.flags.dont_write_bytecode}  # fmt: skip
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()

@@ -162,8 +162,8 @@ def test_recorded_shapes_are_coarse_for_short_runs_and_fine_for_long_ones():
     from phi2cli.training.plan import graph_bucket_tokens, planned_steps
 
     assert graph_bucket_tokens(40, 512) == 512  # a short benchmark: few recordings
-    assert graph_bucket_tokens(625, 512) == 256  # the seed job
-    assert graph_bucket_tokens(2_000, 512) == 128
+    assert graph_bucket_tokens(625, 512) == 512  # the seed job
+    assert graph_bucket_tokens(2_000, 512) == 256
     assert graph_bucket_tokens(25_500, 512) == 128  # a full XSUM epoch: little padding
     assert graph_bucket_tokens(40, 300) == 256 and graph_bucket_tokens(40, 200) == 128  # within max_length
     assert graph_bucket_tokens(40, 512, chosen=128) == 128 and graph_bucket_tokens(25_500, 512, chosen=64) == 64
@@ -171,7 +171,7 @@ def test_recorded_shapes_are_coarse_for_short_runs_and_fine_for_long_ones():
     assert planned_steps(config, 8) == 374  # SmolLM2's recipe
     assert planned_steps(apply_overrides(config, {"train.max_steps": 625}), 8) == 625
     plan = resolve_plan(apply_overrides(config, {"train.max_steps": 625}), cuda=True, quantized=True, free_gib=140.0)
-    assert plan.graph_bucket == 256
+    assert plan.graph_bucket == 512
     pinned = apply_overrides(config, {"train.max_steps": 625, "train.graph_bucket": 128})
     assert resolve_plan(pinned, cuda=True, quantized=True, free_gib=140.0).graph_bucket == 128
     with pytest.raises(ConfigError, match="--graph-bucket must be 0"):

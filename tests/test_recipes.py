@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from phi2cli.cli import app
 from phi2cli.config import Phi2Config, apply_overrides, given_keys
-from phi2cli.models.recipes import SIZE_RECIPES, apply_recipe, model_size, recipe_values, row_for
+from phi2cli.models.recipes import REFERENCE_MODEL, SIZE_RECIPES, apply_recipe, model_size, recipe_values, row_for
 
 from conftest import SMOLLM2_GGUF
 
@@ -57,6 +57,24 @@ def test_a_small_model_gets_the_small_row_except_what_the_user_set(tiny_phi_dir,
     assert "train.learning_rate" not in choice.chosen and choice.chosen["train.warmup_steps"] == 20
     line = choice.line()
     assert "--warmup-steps 20" in line and "--lora-targets all-linear" in line and "(yours: --lr, --epochs)" in line
+
+
+def test_a_small_model_skips_compiling_in_a_short_run_unless_the_user_chose(tiny_phi_dir):
+    from phi2cli.config import build_config
+    from phi2cli.models.recipes import COMPILE_PAYS_AFTER_STEPS
+
+    model = {"model.model": str(tiny_phi_dir), "data.samples": 1495}
+    config, choice = apply_recipe(build_config(None, model), {"model.model", "data.samples"})
+    assert config.train.compile is False and choice.chosen["train.compile"] is False  # 374 steps
+    assert "--no-compile (a short run)" in choice.line()
+    long_run = {**model, "train.max_steps": COMPILE_PAYS_AFTER_STEPS}
+    config, choice = apply_recipe(build_config(None, long_run), set(long_run))
+    assert config.train.compile is True and "train.compile" not in choice.chosen
+    asked = {**model, "train.compile": True}
+    config, choice = apply_recipe(build_config(None, asked), set(asked))
+    assert config.train.compile is True and choice.given == ("train.compile",)
+    config, _ = apply_recipe(build_config(None, {"model.model": REFERENCE_MODEL}), {"model.model"})
+    assert config.train.compile is True  # phi-2: the reference row always compiles
 
 
 def test_a_row_that_keeps_the_base_unquantized_sets_it_unless_the_user_chose(tiny_phi_dir, monkeypatch):

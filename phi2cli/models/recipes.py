@@ -17,7 +17,8 @@ from phi2cli.config import Phi2Config, apply_overrides
 REFERENCE_MODEL = "microsoft/phi-2"  # the reference run's model: never looked up, always the reference recipe
 RECIPE_KEYS = ("train.learning_rate", "train.epochs", "train.warmup_steps", "lora.targets", "lora.r", "lora.alpha",
                "generation.num_beams", "generation.length_penalty", "generation.no_repeat_ngram_size",
-               "model.quantization", "train.neftune_alpha", "lora.dropout", "data.max_length")  # fmt: skip
+               "model.quantization", "train.neftune_alpha", "lora.dropout", "data.max_length",
+               "train.compile")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class SizeRecipe:
     neftune_alpha: float = 0.0  # NEFTune noise on the input embeddings while training (0: off)
     lora_dropout: float = 0.05  # the reference recipe's
     max_length: int = 512  # tokens per example (prompt and summary); longer articles are truncated
+    compile_from_steps: int = 0  # torch.compile the decoder layers only for runs of this many steps or more (0: always)
 
 
 # The small row was chosen on the 500 XSUM validation rows with SmolLM2-135M (benchmarks/recipe_sweep.py).
@@ -46,8 +48,16 @@ class SizeRecipe:
 # alpha 5 22.07 (chosen), plus 3 epochs 21.15. The choice was then scored once on test (docs/RESULTS.md).
 # The medium row lies between the ends, unmeasured. The large row is the reference recipe and must stay
 # equal to the config defaults (a test checks it).
+#
+# Compiling a 135 M model's layers costs more than it saves in a short run: SmolLM2's 374-step job on an
+# H200 (benchmarks/results/end_to_end.json, smollm2 vs smollm2_eager) spent 31.3 s compiling and recording
+# against 14.1 s without compiling (+17.1 s), for steps 11 ms faster (12.1 s vs 16.3 s): it pays after
+# ~1,500 steps. phi-2's steps run twice as fast compiled, so the larger rows always compile.
+COMPILE_PAYS_AFTER_STEPS = 1500
+
 SIZE_RECIPES = (
-    SizeRecipe("small (up to 0.5 B)", 0.5e9, 1e-3, 2.0, 20, "all-linear", 32, 64, 1, 1.0, 0, "none", 5.0),
+    SizeRecipe("small (up to 0.5 B)", 0.5e9, 1e-3, 2.0, 20, "all-linear", 32, 64, 1, 1.0, 0, "none", 5.0,
+               compile_from_steps=COMPILE_PAYS_AFTER_STEPS),
     SizeRecipe("medium (0.5-2 B)", 2e9, 5e-4, 2.0, 30, "all-linear", 16, 32, 1, 1.0, 0),  # between the ends, unmeasured
     SizeRecipe("large (over 2 B, reference)", float("inf"), 2e-4, 1.0, 50, "attention", 16, 32, 1, 1.0, 0),
 )
@@ -82,6 +92,7 @@ class RecipeChoice:
         parts = [f"{_FLAGS[k]} {_shown(v)}" for k, v in self.chosen.items()
                  if not (greedy and k in ("generation.length_penalty", "generation.no_repeat_ngram_size"))]
         parts = ["greedy decoding" if p == "--num-beams 1" else p for p in parts]
+        parts = [{"--compile False": "--no-compile (a short run)", "--compile True": "--compile"}.get(p, p) for p in parts]
         text = f"recipe: {self.row} for {size}{family}: " + (", ".join(parts) if parts else "nothing left to choose")
         if self.given:
             text += f" (yours: {', '.join(_FLAGS[k] for k in self.given)})"
@@ -94,7 +105,7 @@ _FLAGS = {"train.learning_rate": "--lr", "train.epochs": "--epochs", "train.warm
           "generation.length_penalty": "--length-penalty",
           "generation.no_repeat_ngram_size": "--no-repeat-ngram-size", "model.quantization": "--quantization",
           "train.neftune_alpha": "--neftune-alpha", "lora.dropout": "--lora-dropout",
-          "data.max_length": "--max-length"}  # fmt: skip
+          "data.max_length": "--max-length", "train.compile": "--compile"}  # fmt: skip
 
 
 def _shown(value: Any) -> str:
@@ -145,8 +156,14 @@ def apply_recipe(config: Phi2Config, given: set[str] | frozenset[str]) -> tuple[
     values = recipe_values(row, model_type)
     chosen = {k: v for k, v in values.items() if k not in given}
     yours = tuple(k for k in RECIPE_KEYS if k in given)
-    return apply_overrides(config, chosen, "recipe").validate(), RecipeChoice(row.name, parameters, model_type,
-                                                                               chosen, yours)  # fmt: skip
+    config = apply_overrides(config, chosen, "recipe")
+    if row.compile_from_steps and config.train.compile and "train.compile" not in given:
+        from phi2cli.training.plan import examples_per_step, planned_steps
+
+        if planned_steps(config, examples_per_step(config)) < row.compile_from_steps:
+            chosen["train.compile"] = False
+            config = apply_overrides(config, {"train.compile": False}, "recipe")
+    return config.validate(), RecipeChoice(row.name, parameters, model_type, chosen, yours)
 
 
 def model_size(model: str) -> tuple[int | None, str | None]:

@@ -135,13 +135,15 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
                       **scaling, graph_bucket=bucket)  # fmt: skip
 
 
-# Recording a new shape costs ~0.34 s after the first (H200: later_record_seconds_mean 0.29-0.37 s in
-# benchmarks/results/end_to_end.json and families.json); padding a step by b/2 tokens on average costs
-# b / (2 x ~3,000 real tokens) of a ~0.085 s step. Over a range of ~2,500 tokens per step,
-# range/b x 0.34 + steps x 0.085 x b / 6,000 is least at b = sqrt(6e7 / steps): 512 up to ~230 steps,
-# 256 up to ~920 (the 625-step seed job: ~310), 128 beyond (a full XSUM epoch, 25,500 steps: ~50).
+# Recording a new shape costs ~0.35 s after the first (H200: later_record_seconds_mean 0.29-0.37 s in
+# benchmarks/results/end_to_end.json and families.json), and halving the bucket does not halve the
+# padding alone: it multiplies the recordings by ~1.7 (the 625-step seed job: 16 at 512 tokens, 27 at
+# 256, 11 x 0.35 = 3.9 s more, against ~2.3 s of padding saved at ~128 fewer tokens of a ~3,000-token,
+# 0.085 s step). So a bucket halves where steps x 0.0037 s passes the extra recordings' cost:
+# b = sqrt(2.2e8 / steps) picks 512 up to ~840 steps (the seed job), 256 up to ~3,400, 128 beyond
+# (a full XSUM epoch, 25,500 steps).
 GRAPH_BUCKETS = (512, 256, 128)
-BUCKET_COST_RATIO = 6e7  # 2 x range x record seconds x tokens per step / step seconds
+BUCKET_COST_RATIO = 2.2e8
 
 
 def graph_bucket_tokens(steps: int, max_length: int, chosen: int = 0) -> int:
