@@ -33,6 +33,8 @@ def test_the_large_row_is_the_reference_recipe_and_phi2_is_left_exactly_as_it_wa
     for dotted, value in large.items():
         section, name = dotted.split(".")
         assert getattr(getattr(defaults, section), name) == value, dotted
+    row = SIZE_RECIPES[-1]  # fields a row leaves out when they equal the reference: the config's defaults
+    assert (row.lora_dropout, row.max_length) == (defaults.lora.dropout, defaults.data.max_length)
     config, choice = apply_recipe(defaults, set())
     assert config == defaults
     assert choice.row.startswith("large") and choice.line().startswith("recipe: large (over 2 B, reference) for phi-2")
@@ -86,9 +88,9 @@ def test_a_row_that_keeps_the_base_unquantized_sets_it_unless_the_user_chose(tin
     assert "model.quantization" not in recipe_values(SIZE_RECIPES[-1], "phi")  # auto: 4-bit on CUDA, as given
     assert "train.neftune_alpha" not in recipe_values(SIZE_RECIPES[-1], "phi")  # the reference recipe has no noise
     assert not {"lora.dropout", "data.max_length"} & set(recipe_values(SIZE_RECIPES[-1], "phi"))
-    longer = dataclasses.replace(row_for(135_000_000), max_length=1024, lora_dropout=0.1)
+    longer = dataclasses.replace(row_for(135_000_000), max_length=2048, lora_dropout=0.1)
     assert (recipe_values(longer, "llama")["data.max_length"], recipe_values(longer, "llama")["lora.dropout"]) == \
-        (1024, 0.1)  # fmt: skip
+        (2048, 0.1)  # fmt: skip
     bf16_small = dataclasses.replace(row_for(135_000_000), quantization="none", neftune_alpha=5.0)
     assert recipe_values(bf16_small, "llama")["model.quantization"] == "none"
     assert recipe_values(bf16_small, "llama")["train.neftune_alpha"] == 5.0

@@ -164,7 +164,7 @@ def throughput_lines(throughput: dict[str, Any]) -> list[str]:
     graphs = throughput.get("cuda_graphs")
     if graphs:
         lines.append(f"CUDA graphs: {graphs['recordings']} batch shapes recorded in {graphs['record_seconds']:.1f} s "
-                     f"(the first includes compiling), {graphs['replays_of_a_longer_shape']} batches replayed a "
+                     f"(the first includes any compiling), {graphs['replays_of_a_longer_shape']} batches replayed a "
                      f"longer shape")  # fmt: skip
     return lines
 
