@@ -216,3 +216,26 @@ def test_a_new_shape_is_recorded_rounded_up_to_its_bucket_with_the_same_loss_and
         model.zero_grad(set_to_none=True)
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
     assert torch.allclose(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+
+
+def test_evaluation_batches_are_larger_on_the_speed_profile_unless_the_user_chose():
+    from types import SimpleNamespace
+
+    from phi2cli.training.plan import EVAL_BATCH, SPEED_EVAL_BATCH
+    from phi2cli.training.trainer_inputs import training_arguments
+
+    config = Phi2Config()
+    speed = resolve_plan(config, cuda=True, quantized=True, free_gib=140.0)
+    saver = resolve_plan(config, cuda=True, quantized=True, free_gib=4.0)
+    reference = resolve_plan(apply_overrides(config, {"train.profile": "reference"}), cuda=True, quantized=True,
+                             free_gib=140.0)  # fmt: skip
+    assert (speed.profile, saver.profile) == ("speed", "memory-saver")
+    assert (speed.eval_batch, saver.eval_batch, reference.eval_batch) == (SPEED_EVAL_BATCH, EVAL_BATCH, EVAL_BATCH)
+    chosen = resolve_plan(apply_overrides(config, {"train.eval_batch_size": 16}), cuda=True, quantized=True,
+                          free_gib=140.0)  # fmt: skip
+    assert chosen.eval_batch == 16
+    cpu = SimpleNamespace(device="cpu", compute_dtype="float32")
+    args = training_arguments(apply_overrides(config, {"train.output_dir": "out"}), speed, cpu, has_eval=True)
+    assert args.per_device_eval_batch_size == SPEED_EVAL_BATCH
+    with pytest.raises(ConfigError, match="--eval-batch-size must be 0"):
+        apply_overrides(config, {"train.eval_batch_size": -1}).validate()

@@ -40,6 +40,7 @@ class EnginePlan:
     scaling: str = "strong"  # strong: the recipe's global batch split over GPUs; weak: --per-gpu-batch on each
     lr_scale: float = 1.0  # weak scaling: sqrt(global batch / the recipe's), applied to --lr
     graph_bucket: int = 128  # CUDA graphs: tokens per recorded-shape step (graph_bucket_tokens)
+    eval_batch: int = 8  # examples per evaluation batch (eval_batch_examples)
 
     @property
     def examples_per_step(self) -> int:
@@ -112,14 +113,15 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
     if profile == "reference":
         micro, accum = split_global_batch(total, world_size, train.batch_size)
         return EnginePlan("reference", micro, accum, world_size, False, train.gradient_checkpointing,
-                          False, False, optimizer, note=note, **scaling)  # fmt: skip
+                          False, False, optimizer, note=note, eval_batch=train.eval_batch_size or EVAL_BATCH,
+                          **scaling)  # fmt: skip
     micro, accum = split_global_batch(total, world_size, total)
     lean = {"autocast": not (cuda and bf16), "fused_kernels": True,
             "flat_optimizer": cuda and optimizer in FLAT_OPTIMIZERS}  # fmt: skip
     if profile == "memory-saver":
         # No torch.compile here: bitsandbytes' 4-bit layers break the graphs and it ran slower (measured).
         return EnginePlan("memory-saver", micro, accum, world_size, True, True, False, True, optimizer, note=note,
-                          **lean, **scaling)  # fmt: skip
+                          eval_batch=train.eval_batch_size or EVAL_BATCH, **lean, **scaling)  # fmt: skip
     compiled = cuda and train.compile
     # CUDA graphs need bf16 without a loss scaler (fp16 keeps autocast and its GradScaler, eagerly).
     graphs = cuda and bf16 and train.cuda_graphs
@@ -132,8 +134,18 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
     bucket = graph_bucket_tokens(planned_steps(config, total), config.data.max_length, train.graph_bucket)
     return EnginePlan("speed", micro, accum, world_size, True, False, quantized and cuda, True, optimizer,
                       compile=compiled, note=note, cuda_graphs=graphs, **lean,
-                      **scaling, graph_bucket=bucket)  # fmt: skip
+                      **scaling, graph_bucket=bucket,
+                      eval_batch=train.eval_batch_size or SPEED_EVAL_BATCH)  # fmt: skip
 
+
+# Examples per evaluation batch when --eval-batch-size is 0. The speed profile packs them into one row
+# and keeps no activations for backward, so 64 (~25k real XSUM tokens, near the 32k-token batches of
+# `phi2 evaluate`'s loss) fit wherever it trains: fewer, larger forwards than 8 at a time, each of which
+# waits on the CPU launching the layers (phi-2 seed job on an H200: 4.8 s per 500-row evaluation at 8,
+# against 2.9 s for `phi2 evaluate`'s loss on the same rows). The other profiles keep 8: they run
+# where memory is short.
+EVAL_BATCH = 8
+SPEED_EVAL_BATCH = 64
 
 # Recording a new shape costs ~0.35 s after the first (H200: later_record_seconds_mean 0.29-0.37 s in
 # benchmarks/results/end_to_end.json and families.json), and halving the bucket does not halve the

@@ -19,7 +19,7 @@ def training_arguments(config: Phi2Config, plan: EnginePlan, precision: Any, has
     args = TrainingArguments(
         output_dir=train.output_dir,
         per_device_train_batch_size=plan.micro_batch,
-        per_device_eval_batch_size=train.eval_batch_size,
+        per_device_eval_batch_size=plan.eval_batch,
         gradient_accumulation_steps=plan.grad_accum,
         num_train_epochs=train.epochs,
         max_steps=train.max_steps,
