@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["environment"] = environment()
     results["command"] = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     results["settings"] = {"steps": args.steps, "ablation_steps": args.ablation_steps, "tiny": args.tiny,
-                           "graph_bucket": GRAPH_BUCKET, "eval_samples": args.eval_samples, "max_new_tokens": args.max_new_tokens,
+                           "graph_bucket": GRAPH_BUCKET, "eval_samples": args.eval_samples,
+                           "max_new_tokens": args.max_new_tokens,
                            "data_dir": str(args.data_dir)}  # fmt: skip
     write_json(args.out, results)
     print_table(results)

@@ -32,9 +32,10 @@ def test_grid_is_the_product_of_the_given_axes_on_the_base_recipe():
     assert kept.endswith('32, 64, 1, 1.0, 0, quantization="none")')
     assert eval(kept, {"SizeRecipe": SizeRecipe}).quantization == "none"  # noqa: S307
     assert sweep.flags({"quant": "none"}, sweep.RECIPE_FLAGS) == ["--quantization", "none"]
-    noisy = eval(sweep.table_row(dict(grid[0], quant="auto", neftune=5), sweep.GREEDY), {"SizeRecipe": SizeRecipe})  # noqa: S307
+    row_of = lambda recipe: eval(sweep.table_row(recipe, sweep.GREEDY), {"SizeRecipe": SizeRecipe})  # noqa: E731,S307
+    noisy = row_of(dict(grid[0], quant="auto", neftune=5))
     assert (noisy.quantization, noisy.neftune_alpha) == ("auto", 5.0)
-    whole = eval(sweep.table_row(dict(grid[0], quant="auto", maxlen=1024, dropout=0.1), sweep.GREEDY), {"SizeRecipe": SizeRecipe})  # noqa: S307
+    whole = row_of(dict(grid[0], quant="auto", maxlen=1024, dropout=0.1))
     assert (whole.max_length, whole.lora_dropout, whole.quantization) == (1024, 0.1, "auto")
     assert sweep.flags({"maxlen": 1024, "dropout": 0.1}, sweep.RECIPE_FLAGS) == \
         ["--max-length", "1024", "--lora-dropout", "0.1"]  # fmt: skip

@@ -101,7 +101,8 @@ def train_command(
         "train.max_steps": max_steps, "train.eval_every": eval_every, "train.logging_steps": logging_steps,
         "train.eval_batch_size": eval_batch_size, "train.optimizer": optimizer,
         "train.gradient_checkpointing": gradient_checkpointing, "train.profile": profile, "train.compile": compile_layers,
-        "train.cuda_graphs": cuda_graphs, "train.graph_bucket": graph_bucket, "train.seed": train_seed, "train.report_to": report_to,
+        "train.cuda_graphs": cuda_graphs, "train.graph_bucket": graph_bucket, "train.seed": train_seed,
+        "train.report_to": report_to,
         "train.neftune_alpha": neftune_alpha,
         "train.output_dir": output_dir, "train.final_dir": final_dir,
     })  # fmt: skip

@@ -94,7 +94,8 @@ class RecipeChoice:
         parts = [f"{_FLAGS[k]} {_shown(v)}" for k, v in self.chosen.items()
                  if not (greedy and k in ("generation.length_penalty", "generation.no_repeat_ngram_size"))]
         parts = ["greedy decoding" if p == "--num-beams 1" else p for p in parts]
-        parts = [{"--compile False": "--no-compile (a short run)", "--compile True": "--compile"}.get(p, p) for p in parts]
+        shown = {"--compile False": "--no-compile (a short run)", "--compile True": "--compile"}
+        parts = [shown.get(p, p) for p in parts]
         text = f"recipe: {self.row} for {size}{family}: " + (", ".join(parts) if parts else "nothing left to choose")
         if self.given:
             text += f" (yours: {', '.join(_FLAGS[k] for k in self.given)})"
@@ -133,8 +134,8 @@ def recipe_values(row: SizeRecipe, model_type: str | None) -> dict[str, Any]:
     noise = {"train.neftune_alpha": row.neftune_alpha} if row.neftune_alpha else {}
     # set only where the row differs from the reference recipe, so a row without them changes nothing
     reference = SizeRecipe.__dataclass_fields__
-    extra = {key: getattr(row, name) for key, name in (("lora.dropout", "lora_dropout"), ("data.max_length", "max_length"))
-             if getattr(row, name) != reference[name].default}  # fmt: skip
+    optional = (("lora.dropout", "lora_dropout"), ("data.max_length", "max_length"))
+    extra = {key: getattr(row, name) for key, name in optional if getattr(row, name) != reference[name].default}
     return {"train.learning_rate": row.learning_rate, "train.epochs": row.epochs,
             "train.warmup_steps": row.warmup_steps, "lora.targets": targets, "lora.r": row.lora_r,
             "lora.alpha": row.lora_alpha, "generation.num_beams": row.num_beams,
