@@ -6,9 +6,10 @@
 #   EXTRA="--quantization none" bash examples/smollm2-xsum.sh   # CPU: full precision, slow
 #
 # The settings differ from phi-2's defaults where a 135 M model needs it (see docs/RESULTS.md):
-# learning rate 1e-3 instead of 2e-4, LoRA on every linear layer, 2 epochs. phi2 train now takes
-# such values from its table by model size (phi2cli/models/recipes.py) when no flag is given; the
-# flags below pin the values the published numbers came from.
+# learning rate 1e-3 instead of 2e-4, LoRA on every linear layer, 2 epochs. phi2 train takes such
+# values from its table by model size (phi2cli/models/recipes.py) when no flag is given; the flags
+# below pin the first of them, and the table adds the rest (base kept in bf16, NEFTune noise, no
+# compiling in a run this short), printed at the start of the run.
 set -euo pipefail
 MODEL=${MODEL:-../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 DATA=${DATA:-../shared/data/xsum}
