@@ -91,11 +91,9 @@ class RecipeChoice:
             "phi-2" if self.model_type == "phi" and self.row == SIZE_RECIPES[-1].name else "size unknown"  # fmt: skip
         family = f", {self.model_type}" if self.model_type and self.parameters else ""
         greedy = self.chosen.get("generation.num_beams") == 1
-        parts = [f"{_FLAGS[k]} {_shown(v)}" for k, v in self.chosen.items()
+        parts = [_flag(k, v) for k, v in self.chosen.items()
                  if not (greedy and k in ("generation.length_penalty", "generation.no_repeat_ngram_size"))]
         parts = ["greedy decoding" if p == "--num-beams 1" else p for p in parts]
-        shown = {"--compile False": "--no-compile (a short run)", "--compile True": "--compile"}
-        parts = [shown.get(p, p) for p in parts]
         text = f"recipe: {self.row} for {size}{family}: " + (", ".join(parts) if parts else "nothing left to choose")
         if self.given:
             text += f" (yours: {', '.join(_FLAGS[k] for k in self.given)})"
@@ -109,6 +107,17 @@ _FLAGS = {"train.learning_rate": "--lr", "train.epochs": "--epochs", "train.warm
           "generation.no_repeat_ngram_size": "--no-repeat-ngram-size", "model.quantization": "--quantization",
           "train.neftune_alpha": "--neftune-alpha", "lora.dropout": "--lora-dropout",
           "data.max_length": "--max-length", "train.compile": "--compile"}  # fmt: skip
+
+
+_WHY = {"train.compile": "a short run"}  # a switch the table turns off, and why
+
+
+def _flag(key: str, value: Any) -> str:
+    """A chosen value as the flag that would set it: --name value, or --name / --no-name for a switch."""
+    if isinstance(value, bool):
+        flag = _FLAGS[key] if value else "--no-" + _FLAGS[key][2:]
+        return f"{flag} ({_WHY[key]})" if key in _WHY and not value else flag
+    return f"{_FLAGS[key]} {_shown(value)}"
 
 
 def _shown(value: Any) -> str:
@@ -126,21 +135,23 @@ def row_for(parameters: int | None) -> SizeRecipe:
     return next(r for r in SIZE_RECIPES if parameters <= r.max_parameters)
 
 
+# config key -> SizeRecipe field, for the fields whose defaults are the reference recipe's
+OPTIONAL_FIELDS = (("model.quantization", "quantization"), ("train.neftune_alpha", "neftune_alpha"),
+                   ("lora.dropout", "lora_dropout"), ("data.max_length", "max_length"))
+
+
 def recipe_values(row: SizeRecipe, model_type: str | None) -> dict[str, Any]:
     """A row as dotted config values, LoRA targets resolved for the model's family."""
     # "attention": empty, meaning the family's q/k/v/output projections (phi2cli.models.families), found at load
     targets = ("all-linear",) if row.lora_targets == "all-linear" else ()
-    quantization = {"model.quantization": row.quantization} if row.quantization != "auto" else {}
-    noise = {"train.neftune_alpha": row.neftune_alpha} if row.neftune_alpha else {}
-    # set only where the row differs from the reference recipe, so a row without them changes nothing
-    reference = SizeRecipe.__dataclass_fields__
-    optional = (("lora.dropout", "lora_dropout"), ("data.max_length", "max_length"))
-    extra = {key: getattr(row, name) for key, name in optional if getattr(row, name) != reference[name].default}
+    # fields with defaults: set only where the row differs from them, so a row without them changes nothing
+    defaults = SizeRecipe.__dataclass_fields__
+    extra = {key: getattr(row, name) for key, name in OPTIONAL_FIELDS if getattr(row, name) != defaults[name].default}
     return {"train.learning_rate": row.learning_rate, "train.epochs": row.epochs,
             "train.warmup_steps": row.warmup_steps, "lora.targets": targets, "lora.r": row.lora_r,
             "lora.alpha": row.lora_alpha, "generation.num_beams": row.num_beams,
             "generation.length_penalty": row.length_penalty,
-            "generation.no_repeat_ngram_size": row.no_repeat_ngram_size, **quantization, **noise, **extra}  # fmt: skip
+            "generation.no_repeat_ngram_size": row.no_repeat_ngram_size, **extra}  # fmt: skip
 
 
 def apply_recipe(config: Phi2Config, given: set[str] | frozenset[str]) -> tuple[Phi2Config, RecipeChoice]:

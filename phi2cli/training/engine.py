@@ -217,7 +217,7 @@ def train_locked(
 
     from phi2cli.training.host_memory import check_host_memory
 
-    check_host_memory(config, plan, precision, train_set)
+    check_host_memory(config, plan, precision, train_set, model_config)
     if recipe is not None and display is not None and is_main:  # once the checks passed: this run will train
         from phi2cli.models.recipes import RecipeChoice
 

@@ -50,8 +50,10 @@ def training_bytes(model_config: Any, parameters: int, dtype_bytes: int, tokens:
     return int(parameters * dtype_bytes + activations + logits + RUNTIME_BYTES)
 
 
-def check_host_memory(config: Any, plan: Any, precision: Any, train_set: Any) -> None:
+def check_host_memory(config: Any, plan: Any, precision: Any, train_set: Any, model_config: Any = None) -> None:
     """Refuse a CPU run whose estimate exceeds the available host memory (GPU runs train on the GPU).
+
+    model_config: the model's transformers config where the caller has read it already.
 
     Raises:
         DeviceError with the estimate, what is available and what to change.
@@ -63,7 +65,8 @@ def check_host_memory(config: Any, plan: Any, precision: Any, train_set: Any) ->
         return
     from phi2cli.models.loading import parameter_count, read_model_config
 
-    model_config = read_model_config(config.model.model)
+    if model_config is None:
+        model_config = read_model_config(config.model.model)
     if model_config is None:
         return
     dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}.get(precision.compute_dtype, 4)

@@ -40,7 +40,7 @@ class EnginePlan:
     scaling: str = "strong"  # strong: the recipe's global batch split over GPUs; weak: --per-gpu-batch on each
     lr_scale: float = 1.0  # weak scaling: sqrt(global batch / the recipe's), applied to --lr
     graph_bucket: int = 128  # CUDA graphs: tokens per recorded-shape step (graph_bucket_tokens)
-    eval_batch: int = 8  # examples per evaluation batch (eval_batch_examples)
+    eval_batch: int = 8  # examples per evaluation batch (--eval-batch-size, or EVAL_BATCH / SPEED_EVAL_BATCH)
 
     @property
     def examples_per_step(self) -> int:
@@ -107,21 +107,21 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
             note = f"{free_gib:.1f} GiB free on the GPU (speed needs ~{need:.0f}): using the memory-saver profile"
         else:
             profile = "speed"
+    eval_batch = train.eval_batch_size or (SPEED_EVAL_BATCH if profile == "speed" else EVAL_BATCH)
     optimizer = train.optimizer
     if not cuda and ("paged" in optimizer or "8bit" in optimizer):
         optimizer = "adamw_torch"  # bitsandbytes' paged 8-bit optimizers need CUDA
     if profile == "reference":
         micro, accum = split_global_batch(total, world_size, train.batch_size)
         return EnginePlan("reference", micro, accum, world_size, False, train.gradient_checkpointing,
-                          False, False, optimizer, note=note, eval_batch=train.eval_batch_size or EVAL_BATCH,
-                          **scaling)  # fmt: skip
+                          False, False, optimizer, note=note, eval_batch=eval_batch, **scaling)  # fmt: skip
     micro, accum = split_global_batch(total, world_size, total)
     lean = {"autocast": not (cuda and bf16), "fused_kernels": True,
             "flat_optimizer": cuda and optimizer in FLAT_OPTIMIZERS}  # fmt: skip
     if profile == "memory-saver":
         # No torch.compile here: bitsandbytes' 4-bit layers break the graphs and it ran slower (measured).
         return EnginePlan("memory-saver", micro, accum, world_size, True, True, False, True, optimizer, note=note,
-                          eval_batch=train.eval_batch_size or EVAL_BATCH, **lean, **scaling)  # fmt: skip
+                          eval_batch=eval_batch, **lean, **scaling)  # fmt: skip
     compiled = cuda and train.compile
     # CUDA graphs need bf16 without a loss scaler (fp16 keeps autocast and its GradScaler, eagerly).
     graphs = cuda and bf16 and train.cuda_graphs
@@ -135,7 +135,7 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
     return EnginePlan("speed", micro, accum, world_size, True, False, quantized and cuda, True, optimizer,
                       compile=compiled, note=note, cuda_graphs=graphs, **lean,
                       **scaling, graph_bucket=bucket,
-                      eval_batch=train.eval_batch_size or SPEED_EVAL_BATCH)  # fmt: skip
+                      eval_batch=eval_batch)  # fmt: skip
 
 
 # Examples per evaluation batch when --eval-batch-size is 0. The speed profile packs them into one row
