@@ -9,7 +9,7 @@ checks the internals of every library module already loaded (a few attribute loo
 the first time one of them is used.
 
 Checked on: torch 2.11, 2.13 and 2.14, transformers 5.17 and 5.24, peft 0.21, bitsandbytes 0.50,
-accelerate 1.15, huggingface_hub 1.33 and 2.4, datasets 4.0 and 5.2.
+accelerate 1.15, huggingface_hub 1.33 and 2.4, datasets 4.0 and 5.2, gguf 0.19.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 CHECKED_ON = {"torch": ("2.11", "2.13", "2.14"), "transformers": ("5.17", "5.24"), "peft": ("0.21",),
               "bitsandbytes": ("0.50",), "accelerate": ("1.15",), "huggingface_hub": ("1.33", "2.4"),
-              "datasets": ("4.0", "5.2")}  # fmt: skip
+              "datasets": ("4.0", "5.2"), "gguf": ("0.19",)}  # fmt: skip
 
 # owner module -> its internals used here: attribute paths, or "self.x" for an attribute its classes
 # set on their instances (found in the module's source: it exists only on a live object)
@@ -42,6 +42,7 @@ INTERNALS: dict[str, tuple[str, ...]] = {
                                      "self.initialized"),  # FlatAdamW8bit drives the step pieces itself
     "huggingface_hub.constants": ("HF_HUB_OFFLINE",),  # read from the environment once, at import
     "datasets.config": ("HF_HUB_OFFLINE",),  # datasets' copy of it, also read at import
+    "gguf": ("GGUFReader", "get_tensor_name_map"),  # transformers looks both up per call: cached per conversion
 }  # fmt: skip
 _checked: set[str] = set()
 
@@ -203,3 +204,35 @@ def trainer_loss_scale(trainer: Any, num_items_in_batch: Any) -> float:
             or trainer.compute_loss_func is not None  # fmt: skip
     scale = 1.0 if scaled_for_accumulation else 1.0 / trainer.current_gradient_accumulation_steps
     return scale * compute_loss_scale(trainer, num_items_in_batch)
+
+
+# Reading a .gguf model with transformers (5.17-5.24) parses the whole file three times (config,
+# tokenizer, weights: its 49k-entry vocabulary is read one numpy view per field part) and rebuilds
+# gguf's tensor-name table once per module (397 times for SmolLM2-135M). Both are looked up on the
+# gguf package at call time, so within one conversion they are served from a cache: SmolLM2's model
+# and tokenizer load in 7.3 s instead of 17.1 s on a 2-core CPU, bit for bit the same
+# (tests/test_gguf_export.py compares both ways).
+
+
+@contextlib.contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """gguf.GGUFReader and gguf.get_tensor_name_map memoised for the calls inside, restored after."""
+    require("gguf")
+    import functools
+
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def cached_reader(path: Any, mode: str = "r") -> Any:
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = cached_reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map

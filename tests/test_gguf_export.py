@@ -252,3 +252,44 @@ def test_pre_tokenizer_is_read_from_the_tokenizer_structure():
         {"type": "Digits", "individual_digits": True}, {**byte_level, "use_regex": True}]}}) == "smollm"  # fmt: skip
     with pytest.raises(ModelError, match="pre-splits text with \\['Metaspace'\\]"):
         pre_tokenizer_name({"pre_tokenizer": {"type": "Metaspace"}})
+
+
+def test_reading_a_gguf_parses_it_once_and_gives_the_same_model_and_tokenizer(tiny_phi_dir, tmp_path):
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from phi2cli.compat import gguf_parsed_once
+    from phi2cli.io.gguf_export import write_gguf
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=51200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))  # fmt: skip
+    write_gguf(model, AutoTokenizer.from_pretrained(tiny_phi_dir), tmp_path / "l.gguf", "f16", "tiny llama")
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    built: list[str] = []
+
+    def counting_reader(*args, **kwargs):
+        built.append("reader")
+        return reader(*args, **kwargs)
+
+    def load():
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="l.gguf", dtype=torch.float32)
+        return loaded.state_dict(), AutoTokenizer.from_pretrained(tmp_path, gguf_file="l.gguf")
+
+    gguf.GGUFReader = counting_reader
+    try:
+        plain_state, plain_tokenizer = load()
+        plain_reads = len(built)
+        built.clear()
+        with gguf_parsed_once():
+            state, tokenizer = load()
+        assert gguf.GGUFReader is counting_reader and gguf.get_tensor_name_map is name_map  # restored
+    finally:
+        gguf.GGUFReader = reader
+    assert plain_reads == 3 and len(built) == 1  # config, tokenizer and weights each parsed the file before
+    assert state.keys() == plain_state.keys() and all(torch.equal(state[k], plain_state[k]) for k in state)
+    assert torch.equal(state["model.layers.1.mlp.up_proj.weight"], model.state_dict()["model.layers.1.mlp.up_proj.weight"].half().float())
+    assert tokenizer.get_vocab() == plain_tokenizer.get_vocab()
+    text = "The council said the bridge would reopen on Monday."
+    assert tokenizer(text).input_ids == plain_tokenizer(text).input_ids

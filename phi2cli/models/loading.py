@@ -173,9 +173,12 @@ def gguf_to_directory(gguf_path: str) -> str:
 
     from phi2cli.io.files import atomic_directory
 
+    from phi2cli.compat import gguf_parsed_once
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        with gguf_parsed_once():
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as err:
         raise _load_error("model", gguf_path, err) from None
     # The weights are plain float32 now; drop the GGUF marker that makes save_pretrained refuse.
