@@ -110,6 +110,10 @@ class GenerationConfig:
     do_sample: bool = _f(False, "Sample instead of greedy/beam decoding.")
     temperature: float = _f(1.0, "Sampling temperature (with --sample).")
     top_p: float = _f(1.0, "Nucleus sampling mass (with --sample).")
+    mbr_samples: int = _f(0, "Minimum-Bayes-risk decoding: also sample this many summaries per article and keep the one "
+                             "that agrees most (ROUGE-L) with the others and the greedy one; 0: off. "
+                             "--num-beams above 1 or --sample turn it off unless it is given too.")
+    mbr_temperature: float = _f(0.7, "Sampling temperature of the --mbr-samples summaries.")
     batch_size: int = _f(32, "Articles summarized per batch.")
 
 
@@ -270,6 +274,11 @@ def validation_problems(config: Phi2Config) -> list[str]:
     need(g.temperature > 0, f"--temperature must be positive (got {g.temperature})")
     need(0 < g.top_p <= 1, f"--top-p must be in (0, 1] (got {g.top_p})")
     need(g.batch_size >= 1, f"--gen-batch-size must be at least 1 (got {g.batch_size})")
+    need(g.mbr_samples >= 0, f"--mbr-samples must be 0 (off) or positive (got {g.mbr_samples})")
+    need(g.mbr_temperature > 0, f"--mbr-temperature must be positive (got {g.mbr_temperature})")
+    need(not g.mbr_samples or (g.num_beams == 1 and not g.do_sample),
+         f"--mbr-samples {g.mbr_samples} chooses among sampled summaries and the greedy one: "
+         f"use it with --num-beams 1 and without --sample, or pass --mbr-samples 0")
     return problems
 
 

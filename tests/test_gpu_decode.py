@@ -345,3 +345,29 @@ def test_grouped_head_families_decode_with_a_captured_step(kind):
     assert identical >= COMPARED - 1  # at most one near-tie of two logits may resolve differently
     assert packed  # torch's varlen kernel takes the grouped heads on this GPU
     assert [g[0] for g in graphed] == [e[0] for e in eager]  # the same prefill
+
+
+def test_sampled_copies_through_the_captured_step(bf16):
+    """MBR's samples: one prefill per article copied to every sample's row, tokens drawn inside the
+    graphed step; the same first tokens as eager steps (same prefill, same uniforms), samples that
+    differ, and the time for 64 articles x 32 samples recorded."""
+    from phi2cli.inference.decode import sample_decode
+    from phi2cli.inference.generate import stop_token_ids
+
+    prompts = prompts_of(bf16, articles()[:64])
+    stops = stop_token_ids(bf16.tokenizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        graphed = sample_decode(bf16.model, prompts, 32, 0.7, MAX_NEW_TOKENS, stops, batch_size=64, seed=3)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+    assert not [w for w in caught if "CUDA graph capture failed" in str(w.message)]
+    eager = sample_decode(bf16.model, prompts[:4], 32, 0.7, MAX_NEW_TOKENS, stops, batch_size=4, cuda_graph=False,
+                          seed=3)  # fmt: skip
+    tokens = sum(len(row) for article in graphed for row in article)
+    record("decode_bf16_sampled_copies", articles=len(prompts), copies=32, seconds=round(seconds, 2),
+           sampled_tokens=tokens, tokens_per_s=round(tokens / seconds))  # fmt: skip
+    assert [[row[0] for row in article] for article in graphed[:4]] == [[row[0] for row in article] for article in eager]
+    assert all(len({tuple(row) for row in article}) > 1 for article in graphed)

@@ -59,6 +59,18 @@ def test_a_small_model_gets_the_small_row_except_what_the_user_set(tiny_phi_dir,
     assert "train.learning_rate" not in choice.chosen and choice.chosen["train.warmup_steps"] == 20
     line = choice.line()
     assert "--warmup-steps 20" in line and "--lora-targets all-linear" in line and "(yours: --lr, --epochs)" in line
+    assert config.generation.mbr_samples == 32 and "greedy + 32 samples, the most agreed kept (--mbr-samples 32)" in line
+    assert config.generation.mbr_temperature == 0.7 and "--mbr-temperature" not in line  # the config default
+
+
+def test_beam_search_set_in_a_config_file_replaces_the_small_rows_mbr(tiny_phi_dir, tmp_path):
+    from phi2cli.config import build_config
+
+    (tmp_path / "c.yaml").write_text("generation:\n  num_beams: 4\n")
+    overrides = {"model.model": str(tiny_phi_dir)}
+    config, choice = apply_recipe(build_config(tmp_path / "c.yaml", overrides), given_keys(tmp_path / "c.yaml", overrides))
+    assert (config.generation.num_beams, config.generation.mbr_samples) == (4, 0)
+    assert "generation.mbr_samples" not in choice.chosen and "--mbr-samples" not in choice.line()
 
 
 def test_a_small_model_skips_compiling_in_a_short_run_unless_the_user_chose(tiny_phi_dir):

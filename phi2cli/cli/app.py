@@ -137,6 +137,8 @@ MinNewTokensOpt = Annotated[Optional[int], opt("generation.min_new_tokens", "--m
 SampleOpt = Annotated[Optional[bool], opt("generation.do_sample", "--sample/--greedy")]
 TemperatureOpt = Annotated[Optional[float], opt("generation.temperature", "--temperature")]
 TopPOpt = Annotated[Optional[float], opt("generation.top_p", "--top-p")]
+MbrSamplesOpt = Annotated[Optional[int], opt("generation.mbr_samples", "--mbr-samples")]
+MbrTemperatureOpt = Annotated[Optional[float], opt("generation.mbr_temperature", "--mbr-temperature")]
 GenBatchOpt = Annotated[Optional[int], opt("generation.batch_size", "--gen-batch-size")]
 
 
@@ -154,7 +156,8 @@ def data_overrides(**values: Any) -> dict[str, Any]:
         "do_sample": "generation.do_sample", "temperature": "generation.temperature",
         "top_p": "generation.top_p", "gen_batch_size": "generation.batch_size",
         "length_penalty": "generation.length_penalty", "no_repeat_ngram_size": "generation.no_repeat_ngram_size",
-        "min_new_tokens": "generation.min_new_tokens",
+        "min_new_tokens": "generation.min_new_tokens", "mbr_samples": "generation.mbr_samples",
+        "mbr_temperature": "generation.mbr_temperature",
     }  # fmt: skip
     return {names[k]: v for k, v in values.items()}
 

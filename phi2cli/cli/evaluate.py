@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from phi2cli.cli.app import (
-    DataDirOpt, DocFieldOpt, GenBatchOpt, IdFieldOpt, LengthPenaltyOpt, MaxNewTokensOpt, MinNewTokensOpt,
+    DataDirOpt, DocFieldOpt, GenBatchOpt, MbrSamplesOpt, MbrTemperatureOpt, IdFieldOpt, LengthPenaltyOpt, MaxNewTokensOpt, MinNewTokensOpt,
     NoRepeatNgramOpt, NumBeamsOpt, SampleOpt, SeedOpt, SumFieldOpt, TemperatureOpt, TestFileOpt, TopPOpt, ValFileOpt, command, console,
     data_overrides,
 )  # fmt: skip
@@ -82,6 +82,8 @@ def evaluate_command(
     do_sample: SampleOpt = None,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
+    mbr_samples: MbrSamplesOpt = None,
+    mbr_temperature: MbrTemperatureOpt = None,
     gen_batch_size: GenBatchOpt = None,
 ) -> None:  # fmt: skip
     """Score an adapter: eval loss, perplexity, ROUGE-1/2/L/Lsum and summary length.
@@ -105,6 +107,7 @@ def evaluate_command(
         max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature,
         top_p=top_p, gen_batch_size=gen_batch_size, length_penalty=length_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens,
+        mbr_samples=mbr_samples, mbr_temperature=mbr_temperature,
     )  # fmt: skip
     options = EvaluateOptions(
         adapter_dir=str(adapter), split=split, samples=samples, data_file=str(data_file) if data_file else None,

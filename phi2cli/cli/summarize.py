@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from phi2cli.cli.app import (
-    GenBatchOpt, LengthPenaltyOpt, MaxNewTokensOpt, MinNewTokensOpt, NoRepeatNgramOpt, NumBeamsOpt, SampleOpt,
+    GenBatchOpt, LengthPenaltyOpt, MbrSamplesOpt, MbrTemperatureOpt, MaxNewTokensOpt, MinNewTokensOpt, NoRepeatNgramOpt, NumBeamsOpt, SampleOpt,
     TemperatureOpt, TopPOpt, command, console, data_overrides,
 )  # fmt: skip
 from phi2cli.cli.evaluate import RunModelOpt
@@ -41,6 +41,8 @@ def summarize_command(
     do_sample: SampleOpt = None,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
+    mbr_samples: MbrSamplesOpt = None,
+    mbr_temperature: MbrTemperatureOpt = None,
     gen_batch_size: GenBatchOpt = None,
 ) -> None:  # fmt: skip
     """Summarize news articles in one sentence, prompted exactly as in training.
@@ -63,7 +65,8 @@ def summarize_command(
     overrides = data_overrides(model=model, max_new_tokens=max_new_tokens, num_beams=num_beams,
                                do_sample=do_sample, temperature=temperature, top_p=top_p,
                                gen_batch_size=gen_batch_size, length_penalty=length_penalty,
-                               no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens)  # fmt: skip
+                               no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens,
+                               mbr_samples=mbr_samples, mbr_temperature=mbr_temperature)  # fmt: skip
     articles = read_articles(inputs, document_field)
     stream = sys.stdout if len(articles) == 1 and not as_json and sys.stdout.isatty() else None
     timings: dict[str, float] = {}

@@ -1,4 +1,5 @@
-"""Fast greedy decoding for Phi, Llama/Mistral and Qwen2 models: one prefill, a static KV cache, a CUDA-graphed step.
+"""Fast greedy decoding and sampling for Phi, Llama/Mistral and Qwen2 models: one prefill, a static
+KV cache, a CUDA-graphed step.
 
 Hugging Face generate() grows its cache and runs a Python-heavy forward for every token. Here the
 prompts of a batch go through the model once (packed and padding-free on CUDA), their keys and
@@ -8,6 +9,9 @@ a CPU it runs eagerly, which is how the tests check it token for token against g
 The cache-filling forward can also run longer inputs that begin with the prompts (the eval-loss
 examples, in phi2cli.inference.shared_forward) and cache only their first tokens; the step then feeds the
 prompts' remaining tokens as known ones before it decodes.
+Sampling (sample_decode, for minimum-Bayes-risk decoding) prefills each prompt once, copies its keys
+and values to every sample's cache row, and draws each token inside the graphed step from the row's
+own uniform numbers (phi2cli.inference.sampling: the same samples whatever the batch).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phi2cli.inference.sampling import uniform_rows
 from phi2cli.kernels.attention import causal_varlen
 
 PREFILL_TOKENS = {"cuda": 32768, "cpu": 4096}  # prompt tokens per prefill forward (bounds activation memory)
@@ -136,8 +141,14 @@ class DecoderModules:
         hidden = hidden + projected
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
-    def next_ids(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.final_norm(hidden)).argmax(dim=-1)
+    def next_ids(self, hidden: torch.Tensor, temperature: float = 0.0, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+        """The greedy token after each hidden state, or (with uniforms [rows]) one drawn from softmax(logits / T)."""
+        logits = self.lm_head(self.final_norm(hidden))
+        if uniforms is None:
+            return logits.argmax(dim=-1)
+        from phi2cli.inference.sampling import draw
+
+        return draw(logits, uniforms, temperature)
 
 
 class StaticDecoder:
@@ -146,10 +157,17 @@ class StaticDecoder:
     Row b holds prompt b's keys and values at positions 0..len_b-1; its i-th new token goes to
     len_b + i. `tokens` and `positions` are the step's only inputs, updated in place by it, so
     the step has fixed shapes and no host synchronisation and can be replayed as a CUDA graph.
+    With copies > 1, prompt b fills rows b * copies .. b * copies + copies - 1 (one per sample); with
+    uniforms [rows, max_new_tokens] (sampling.uniform_rows), new token i of row r is drawn at
+    `temperature` with uniforms[r, i] instead of taken greedily.
     """
 
-    def __init__(self, phi: DecoderModules, rows: int, cache_len: int, longest_input: int = 0) -> None:
+    def __init__(self, phi: DecoderModules, rows: int, cache_len: int, longest_input: int = 0, copies: int = 1,
+                 temperature: float = 0.0, uniforms: torch.Tensor | None = None) -> None:  # fmt: skip
         self.phi, self.rows, self.cache_len = phi, rows, cache_len
+        self.copies, self.temperature = copies, temperature
+        self.uniforms = None if uniforms is None else uniforms.to(phi.device)
+        self.starts = torch.zeros(rows, dtype=torch.long, device=phi.device)  # each row's prompt length
         shape = (rows, phi.kv_heads, cache_len, phi.head_dim)
         # zeros, not empty: a masked slot still enters softmax(.) @ V, and 0 x NaN would be NaN
         self.keys = [torch.zeros(shape, dtype=phi.dtype, device=phi.device) for _ in phi.layers]
@@ -163,15 +181,20 @@ class StaticDecoder:
         self.steps = 0
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> None:
-        """Fill the cache with every prompt's keys and values; set up the step for the first new token."""
+        """Fill the cache with every prompt's keys and values (in each of its `copies` rows); set up
+        the step for the first new token."""
         phi, first_ids = self.phi, []
         for start, group in prefill_groups(prompts, PREFILL_TOKENS[phi.device.type], self.packed):
             lengths = [len(p) for p in group]
             tokens = torch.tensor(list(itertools.chain.from_iterable(group)), dtype=torch.long, device=phi.device)
             last = torch.tensor(list(itertools.accumulate(lengths)), device=phi.device) - 1
-            first_ids.append(phi.next_ids(self.forward(tokens, lengths, start, lengths, last)))
+            hidden = self.forward(tokens, lengths, start, lengths, last).repeat_interleave(self.copies, dim=0)
+            rows = slice(start * self.copies, (start + len(group)) * self.copies)
+            first_ids.append(phi.next_ids(hidden, self.temperature, None if self.uniforms is None else self.uniforms[rows, 0]))
         self.tokens.copy_(torch.cat(first_ids))
-        self.positions.copy_(torch.tensor([len(p) for p in prompts], dtype=torch.long))
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        self.positions.copy_(lengths.repeat_interleave(self.copies))
+        self.starts.copy_(self.positions)
 
     def forward(self, tokens: torch.Tensor, lengths: Sequence[int], first_row: int, cached: Sequence[int],
                 picks: torch.Tensor) -> torch.Tensor:  # fmt: skip
@@ -179,7 +202,8 @@ class StaticDecoder:
 
         Args:
             tokens: the sequences laid end to end (on the model's device).
-            lengths: tokens per sequence; sequence i goes to cache row first_row + i.
+            lengths: tokens per sequence; sequence i goes to cache row first_row + i (to rows
+                (first_row + i) * copies + c, c < copies, where the decoder holds copies).
             cached: positions 0..cached[i]-1 of sequence i are written to its cache row; the row's
                 later slots are left to the steps, which write each before any step reads it.
             picks: indices into `tokens` whose final hidden states are wanted.
@@ -206,8 +230,10 @@ class StaticDecoder:
         for index, layer in enumerate(phi.layers):
             normed = layer.input_layernorm(hidden)
             query, key, value = phi.qkv(layer, normed, cos, sin)  # [tokens, (kv_)heads, head_dim]
-            self.keys[index][slot_rows, :, slot_positions] = key if kept is None else key[kept]
-            self.values[index][slot_rows, :, slot_positions] = value if kept is None else value[kept]
+            for copy in range(self.copies):  # a write per copy: no copies-times larger temporary
+                self.keys[index][slot_rows * self.copies + copy, :, slot_positions] = key if kept is None else key[kept]
+                self.values[index][slot_rows * self.copies + copy, :, slot_positions] = \
+                    value if kept is None else value[kept]  # fmt: skip
             attended = causal_varlen(query, key, value, bounds, max(lengths), phi.scaling)
             hidden = phi.finish_layer(layer, hidden, normed, attended.reshape(len(tokens), -1))
         return hidden[picks]
@@ -230,8 +256,10 @@ class StaticDecoder:
         for index, layer in enumerate(phi.layers):
             normed = layer.input_layernorm(hidden)
             query, key, value = (t.transpose(1, 2) for t in phi.qkv(layer, normed, cos, sin))  # [rows, heads, w, d]
-            self.keys[index][first_row : first_row + count, :, :written] = key[:, :, :written]
-            self.values[index][first_row : first_row + count, :, :written] = value[:, :, :written]
+            for copy in range(self.copies):
+                rows_of_copy = slice(first_row * self.copies + copy, (first_row + count) * self.copies, self.copies)
+                self.keys[index][rows_of_copy, :, :written] = key[:, :, :written]
+                self.values[index][rows_of_copy, :, :written] = value[:, :, :written]
             attended = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=phi.scaling,
                                                       enable_gqa=phi.kv_heads != phi.heads)  # fmt: skip
             hidden = phi.finish_layer(layer, hidden, normed, attended.transpose(1, 2).reshape(count, width, -1))
@@ -273,7 +301,11 @@ class StaticDecoder:
             attended = F.scaled_dot_product_attention(query.unsqueeze(2), keys, values, attn_mask=mask,
                                                       scale=phi.scaling, enable_gqa=phi.kv_heads != phi.heads)  # fmt: skip
             hidden = phi.finish_layer(layer, hidden, normed, attended.reshape(self.rows, -1))
-        self.tokens.copy_(phi.next_ids(hidden))
+        uniforms = None
+        if self.uniforms is not None:  # the token after new token i (at starts + i) is new token i + 1
+            column = (positions - self.starts + 1).clamp_(0, self.uniforms.shape[1] - 1)
+            uniforms = self.uniforms.gather(1, column.unsqueeze(1)).squeeze(1)
+        self.tokens.copy_(phi.next_ids(hidden, self.temperature, uniforms))
         self.positions.add_(1)
 
     def advance(self, cuda_graph: bool) -> None:
@@ -323,30 +355,51 @@ def greedy_decode(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: 
         ValueError for an empty prompt; torch.cuda.OutOfMemoryError when even the batch's cache
         does not fit.
     """
+    return [samples[0] for samples in sample_decode(model, prompts, 1, 0.0, max_new_tokens, stop_ids, batch_size,
+                                                    cuda_graph=cuda_graph)]  # fmt: skip
+
+
+def sample_decode(model: Any, prompts: Sequence[Sequence[int]], copies: int, temperature: float,
+                  max_new_tokens: int, stop_ids: Sequence[int], batch_size: int, cuda_graph: bool = True,
+                  advance: Any = None, seed: int = 0) -> list[list[list[int]]]:  # fmt: skip
+    """`copies` continuations of each prompt sampled at `temperature` (0: greedy, one copy is enough);
+    as greedy_decode otherwise, with batch_size counting prompts. Sample c of a prompt depends only
+    on (seed, the prompt, c) and the model (phi2cli.inference.sampling), not on its batch. `advance`
+    is called with the number of prompts done after each batch.
+    """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1 or not prompts:
-        return [[] for _ in prompts]
+        return [[[] for _ in range(copies)] for _ in prompts]
     phi = DecoderModules(model)
-    results: list[list[int]] = [[] for _ in prompts]
+    results: list[list[list[int]]] = [[] for _ in prompts]
     with torch.inference_mode():
-        for chunk, cache_len in cache_batches(phi, prompts, max_new_tokens, batch_size):
-            generated = _decode_batch(phi, [prompts[i] for i in chunk], max_new_tokens, cache_len, cuda_graph)
-            for index, row in zip(chunk, generated):
-                results[index] = cut_at_stop(row, stop_ids)
+        for chunk, cache_len in cache_batches(phi, prompts, max_new_tokens, batch_size, copies, temperature > 0):
+            batch = [prompts[i] for i in chunk]
+            uniforms = uniform_rows(batch, copies, max_new_tokens, seed) if temperature > 0 else None
+            decoder = StaticDecoder(phi, len(chunk) * copies, cache_len, copies=copies, temperature=temperature,
+                                    uniforms=uniforms)  # fmt: skip
+            decoder.prefill(batch)
+            generated = decoder.decode(max_new_tokens, cuda_graph)
+            for position, index in enumerate(chunk):
+                rows = generated[position * copies : (position + 1) * copies]
+                results[index] = [cut_at_stop(row, stop_ids) for row in rows]
+            if advance:
+                advance(len(chunk))
     return results
 
 
-def cache_batches(phi: DecoderModules, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                  batch_size: int) -> Iterator[tuple[list[int], int]]:  # fmt: skip
+def cache_batches(phi: DecoderModules, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int,
+                  copies: int = 1, sampling: bool = False) -> Iterator[tuple[list[int], int]]:  # fmt: skip
     """Prompt indices per batch, longest first (similar lengths share a cache width), with the
-    batch's cache length; at most batch_size rows, and on CUDA what free memory holds (checked
-    when the batch is asked for, after the previous one is done)."""
+    batch's cache length; at most batch_size prompts, and on CUDA what free memory holds for their
+    rows (`copies` per prompt; checked when the batch is asked for, after the previous one is done)."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     start = 0
     while start < len(order):
         cache_len = len(prompts[order[start]]) + max_new_tokens
-        rows = max(1, min(batch_size, len(order) - start, rows_that_fit(phi, cache_len)))
+        fit = rows_that_fit(phi, cache_len, sampling) // copies
+        rows = max(1, min(batch_size, len(order) - start, fit))
         yield order[start : start + rows], cache_len
         start += rows
 
@@ -358,22 +411,16 @@ def cut_at_stop(row: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
     return list(row[:end])
 
 
-def _decode_batch(phi: DecoderModules, prompts: Sequence[Sequence[int]], max_new_tokens: int, cache_len: int,
-                  cuda_graph: bool) -> list[list[int]]:  # fmt: skip
-    decoder = StaticDecoder(phi, len(prompts), cache_len)
-    decoder.prefill(prompts)
-    return decoder.decode(max_new_tokens, cuda_graph)
-
-
-def rows_that_fit(phi: DecoderModules, cache_len: int) -> int:
-    """Rows whose KV cache (and the step's logits) fit in free GPU memory beside a prefill's activations."""
+def rows_that_fit(phi: DecoderModules, cache_len: int, sampling: bool = False) -> int:
+    """Rows whose KV cache (and the step's logits; in float32 with their cumulative sum when sampling) fit in
+    free GPU memory beside a prefill's activations."""
     if phi.device.type != "cuda":
         return 1 << 30
     free, _ = torch.cuda.mem_get_info(phi.device)
     free += torch.cuda.memory_reserved(phi.device) - torch.cuda.memory_allocated(phi.device)  # cached blocks
     size = torch.finfo(phi.dtype).bits // 8
     hidden, cached = phi.heads * phi.head_dim, phi.kv_heads * phi.head_dim
-    per_row = (len(phi.layers) * 2 * cached * cache_len + 2 * phi.vocab) * size + 4 * phi.vocab
+    per_row = (len(phi.layers) * 2 * cached * cache_len + 2 * phi.vocab) * size + (16 if sampling else 4) * phi.vocab
     prefill = PREFILL_TOKENS["cuda"] * (4 * phi.intermediate + 12 * hidden) * size  # MLP temporaries, q/k/v...
     return int((free * MEMORY_SHARE - prefill) // per_row)
 

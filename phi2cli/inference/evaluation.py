@@ -82,6 +82,9 @@ def resolve_config(adapter_dir: str | Path, overrides: Mapping[str, Any], base_o
                     f"--base-only needs --model MODEL, or a run in {adapter_dir} to take the base model from"
                 ) from None
             config = Phi2Config()
+    if overrides.get("generation.mbr_samples") is None and \
+            ((overrides.get("generation.num_beams") or 1) > 1 or overrides.get("generation.do_sample")):
+        overrides = {**overrides, "generation.mbr_samples": 0}  # beams or sampling asked for: the run's MBR steps aside
     if any(overrides.get(key) for key in SOURCE_KEYS):  # a data source flag replaces the run's whole source
         cleared = dataclasses.replace(config.data, data_dir=None, train_file=None, validation_file=None, test_file=None)
         config = dataclasses.replace(config, data=cleared)
@@ -198,6 +201,7 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
             "max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams, "length_penalty": g.length_penalty,
             "no_repeat_ngram_size": g.no_repeat_ngram_size, "min_new_tokens": g.min_new_tokens,
             "do_sample": g.do_sample, "temperature": g.temperature, "top_p": g.top_p, "gen_batch_size": batch_size,
+            "mbr_samples": g.mbr_samples, "mbr_temperature": g.mbr_temperature,
             "decoding": decoder_name(loaded, g),  # what produced the summaries, in words
             "max_length": data.max_length, "loss_on": data.loss_on, "template": data.template, "seed": data.seed,
             "loss_reduction": LOSS_REDUCTION, "rouge": "F-measure x 100, Porter stemming, mean over articles",
@@ -252,14 +256,22 @@ def score_articles(loaded: LoadedModel, document_ids: Sequence[list[int]], encod
         shared_forward.Scored (shared_articles is 0 when the two passes ran).
     """
     from phi2cli.inference.eval_loss import eval_loss
-    from phi2cli.inference.generate import build_prompts, generate_prompts, uses_fast_decoder
+    from phi2cli.inference.generate import build_prompts, consensus_summaries, generate_prompts, uses_fast_decoder
     from phi2cli.inference.shared_forward import Scored, loss_and_summaries
 
     examples = [e for e in encoded if e is not None]
     advance_loss = track(f"{label}: eval loss", len(examples))
     advance_summaries = track(f"{label}: summaries", len(document_ids))
     if shared_forward and uses_fast_decoder(loaded, gen):
-        return loss_and_summaries(loaded, document_ids, encoded, gen, batch_size, advance_loss, advance_summaries)
+        if not gen.mbr_samples:
+            return loss_and_summaries(loaded, document_ids, encoded, gen, batch_size, advance_loss, advance_summaries)
+        plain = dataclasses.replace(gen, mbr_samples=0)  # the shared forward gives the greedy candidates
+        scored = loss_and_summaries(loaded, document_ids, encoded, plain, batch_size, advance_loss, None)
+        started = time.perf_counter()
+        prompts = build_prompts(loaded, document_ids, gen.max_new_tokens)
+        chosen = consensus_summaries(loaded, prompts, gen, batch_size, advance_summaries, greedy=scored.generated)
+        return Scored(scored.loss, chosen, scored.generation_seconds + time.perf_counter() - started,
+                      scored.shared_articles)  # fmt: skip
     loss = eval_loss(loaded, examples, advance=advance_loss)
     started = time.perf_counter()
     prompts = build_prompts(loaded, document_ids, gen.max_new_tokens)

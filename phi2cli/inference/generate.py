@@ -2,11 +2,14 @@
 generation, the choice of decoder.
 
 Plain greedy decoding of a supported model goes through the static-cache decoder
-(phi2cli.inference.decode); everything else through transformers' generate().
+(phi2cli.inference.decode); everything else through transformers' generate(). With --mbr-samples,
+each article's greedy summary and its samples (same decoders) go to phi2cli.inference.consensus,
+which keeps one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TextIO
 
@@ -84,9 +87,10 @@ def decoder_choice() -> str:
 
 
 def uses_fast_decoder(loaded: LoadedModel, gen: GenerationConfig, streaming: bool = False) -> bool:
-    """Plain greedy (no n-gram blocking, no minimum length), not streamed, PHI2_DECODER not 'hf', and a
-    model the static-cache decoder supports (phi2cli.inference.decode); everything else goes through
-    transformers' generate(). The length penalty only acts on beams."""
+    """Plain greedy (no n-gram blocking, no minimum length; with or without --mbr-samples, whose samples
+    it also draws), not streamed, PHI2_DECODER not 'hf', and a model the static-cache decoder supports
+    (phi2cli.inference.decode); everything else goes through transformers' generate(). The length
+    penalty only acts on beams."""
     if (gen.do_sample or gen.num_beams != 1 or streaming or gen.no_repeat_ngram_size or gen.min_new_tokens
             or decoder_choice() == "hf"):
         return False
@@ -110,9 +114,14 @@ def decoder_fallback(loaded: LoadedModel, gen: GenerationConfig) -> str | None:
 def decoder_name(loaded: LoadedModel, gen: GenerationConfig) -> str:
     """Which decoder produces the summaries, as recorded in metrics.json."""
     if uses_fast_decoder(loaded, gen):
-        return "static-cache greedy (phi2cli.inference.decode)"
-    kind = "sampling" if gen.do_sample else "beam search" if gen.num_beams > 1 else "greedy"
-    return f"transformers generate ({kind})"
+        name = "static-cache greedy (phi2cli.inference.decode)"
+    else:
+        kind = "sampling" if gen.do_sample else "beam search" if gen.num_beams > 1 else "greedy"
+        name = f"transformers generate ({kind})"
+    if gen.mbr_samples:
+        name += (f" + {gen.mbr_samples} samples at temperature {gen.mbr_temperature:g}, the one agreeing most "
+                 f"(ROUGE-L) kept (minimum Bayes risk, phi2cli.inference.consensus)")
+    return name
 
 
 def generate(loaded: LoadedModel, documents: Sequence[str], gen: GenerationConfig, batch_size: int,
@@ -130,6 +139,7 @@ def generate_prompts(loaded: LoadedModel, prompts: Sequence[tuple[list[int], boo
     Plain greedy decoding of a supported Phi model goes through phi2cli.inference.decode (one prefill,
     a static KV cache, a CUDA-graphed step); beam search, sampling, n-gram blocking, a minimum
     length, streaming and other models through Hugging Face generate() on left-padded batches.
+    With gen.mbr_samples, see consensus_summaries.
 
     Args:
         loaded: from load_model.
@@ -144,6 +154,12 @@ def generate_prompts(loaded: LoadedModel, prompts: Sequence[tuple[list[int], boo
     """
     import torch
 
+    if gen.mbr_samples:
+        chosen = consensus_summaries(loaded, prompts, gen, batch_size, advance)
+        if stream is not None and len(chosen) == 1:  # nothing to show until the samples are in
+            stream.write(chosen[0].text + "\n")
+            stream.flush()
+        return chosen
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i][0]))  # longest first: OOM shows early
     results: list[Generated | None] = [None] * len(prompts)
     config = _generation_config(loaded, gen)
@@ -174,6 +190,71 @@ def generate_prompts(loaded: LoadedModel, prompts: Sequence[tuple[list[int], boo
     return [r for r in results if r is not None]
 
 
+def consensus_summaries(loaded: LoadedModel, prompts: Sequence[tuple[list[int], bool]], gen: GenerationConfig,
+                        batch_size: int, advance: Advance | None = None,
+                        greedy: Sequence[Generated] | None = None) -> list[Generated]:  # fmt: skip
+    """Minimum-Bayes-risk summaries: each article's greedy summary (`greedy`, or decoded here) and
+    gen.mbr_samples samples at gen.mbr_temperature, of which consensus.consensus_pick keeps one.
+
+    The samples come from the static-cache decoder where greedy decoding does (prefilled once per
+    article, batch_size articles at a time as free memory allows), else from generate() with each
+    prompt repeated (batch_size sequences at a time). Either way sample c of an article depends only
+    on the run's seed, the article and c (phi2cli.inference.sampling), so an article gets the same
+    summary alone or in a batch. Generated.new_tokens is the kept summary's.
+    """
+    from phi2cli.inference.consensus import consensus_pick
+
+    plain = dataclasses.replace(gen, mbr_samples=0)
+    if greedy is None:
+        greedy = generate_prompts(loaded, prompts, plain, batch_size)
+    copies, seed = gen.mbr_samples, loaded.config.data.seed
+    if uses_fast_decoder(loaded, plain):
+        from phi2cli.inference.decode import sample_decode
+
+        rows = sample_decode(loaded.model, [p[0] for p in prompts], copies, gen.mbr_temperature, gen.max_new_tokens,
+                             stop_token_ids(loaded.tokenizer), batch_size, advance=advance, seed=seed)  # fmt: skip
+        samples = [first_lines(loaded, article_rows) for article_rows in rows]
+    else:
+        samples = _samples_from_generate(loaded, [p[0] for p in prompts], plain, copies, gen.mbr_temperature,
+                                         max(1, batch_size // copies), advance)  # fmt: skip
+    chosen = []
+    for first, drawn_texts in zip(greedy, samples):
+        candidates = [(first.text, first.new_tokens), *drawn_texts]
+        text, new_tokens = candidates[consensus_pick([c[0] for c in candidates])]
+        chosen.append(dataclasses.replace(first, text=text, new_tokens=new_tokens))
+    return chosen
+
+
+def _samples_from_generate(loaded: LoadedModel, prompts: Sequence[list[int]], plain: GenerationConfig, copies: int,
+                           temperature: float, articles_per_batch: int,
+                           advance: Advance | None) -> list[list[tuple[str, int]]]:  # fmt: skip
+    """`copies` (text, new tokens) samples per prompt from generate(), drawn as the static-cache
+    decoder draws them (sampling.UniformRowsProcessor after the settings' own processors)."""
+    from phi2cli.inference.batching import halving_batches
+    from phi2cli.inference.sampling import uniform_rows
+
+    config = _generation_config(loaded, plain)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[list[tuple[str, int]]] = [[] for _ in prompts]
+
+    def run(chunk: Sequence[int]) -> None:
+        batch = [prompts[i] for i in chunk]
+        uniforms = uniform_rows(batch, copies, plain.max_new_tokens, loaded.config.data.seed)
+        rows = _generate_batch(loaded, [p for p in batch for _ in range(copies)], config, None,
+                               sampling=(uniforms, temperature))  # fmt: skip
+        for position, index in enumerate(chunk):
+            results[index] = rows[position * copies : (position + 1) * copies]
+        if advance:
+            advance(len(chunk))
+
+    def single_too_big() -> None:
+        raise DeviceError(f"the GPU ran out of memory sampling {copies} summaries of one article; "
+                          f"lower --mbr-samples or --max-new-tokens")  # fmt: skip
+
+    halving_batches(order, articles_per_batch, run, single_too_big)
+    return results
+
+
 def _generation_config(loaded: LoadedModel, gen: GenerationConfig) -> Any:
     from transformers import GenerationConfig as HFGenerationConfig
 
@@ -199,9 +280,11 @@ def generate_kwargs(gen: GenerationConfig) -> dict[str, Any]:
     return kwargs
 
 
-def _generate_batch(loaded: LoadedModel, prompts: list[list[int]], config: Any,
-                    streamer: Any) -> list[tuple[str, int]]:  # fmt: skip
-    """Left-pad a batch (generation appends on the right), generate, decode each first line."""
+def _generate_batch(loaded: LoadedModel, prompts: list[list[int]], config: Any, streamer: Any,
+                    sampling: tuple[Any, float] | None = None) -> list[tuple[str, int]]:  # fmt: skip
+    """Left-pad a batch (generation appends on the right), generate, decode each first line.
+    `sampling`: (uniforms [rows, max_new_tokens], temperature) to draw each row's tokens with
+    (sampling.UniformRowsProcessor; `config` is then greedy)."""
     import torch
 
     width = max(len(p) for p in prompts)
@@ -212,9 +295,17 @@ def _generate_batch(loaded: LoadedModel, prompts: list[list[int]], config: Any,
         input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, width - len(ids):] = 1
     device = loaded.model.device
+    processors = []
+    if sampling is not None:
+        from transformers import LogitsProcessorList
+
+        from phi2cli.inference.sampling import UniformRowsProcessor
+
+        processors = LogitsProcessorList([UniformRowsProcessor(sampling[0].to(device), width, sampling[1])])
     with torch.inference_mode():
         out = loaded.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                    generation_config=config, streamer=streamer)  # fmt: skip
+                                    generation_config=config, streamer=streamer,
+                                    logits_processor=processors or None)  # fmt: skip
     from phi2cli.inference.decode import cut_at_stop
 
     return first_lines(loaded, [cut_at_stop(row, config.eos_token_id) for row in out[:, width:].tolist()])

@@ -18,7 +18,7 @@ REFERENCE_MODEL = "microsoft/phi-2"  # the reference run's model: never looked u
 RECIPE_KEYS = ("train.learning_rate", "train.epochs", "train.warmup_steps", "lora.targets", "lora.r", "lora.alpha",
                "generation.num_beams", "generation.length_penalty", "generation.no_repeat_ngram_size",
                "model.quantization", "train.neftune_alpha", "lora.dropout", "data.max_length",
-               "train.compile")  # fmt: skip
+               "train.compile", "generation.mbr_samples", "generation.mbr_temperature")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class SizeRecipe:
     lora_dropout: float = 0.05  # the reference recipe's (the config default; a test checks)
     max_length: int = 1024  # tokens per example, the config default; longer articles are truncated
     compile_from_steps: int = 0  # torch.compile the decoder layers only for runs of this many steps or more (0: always)
+    mbr_samples: int = 0  # summaries: minimum-Bayes-risk choice among the greedy one and this many samples (0: greedy)
+    mbr_temperature: float = 0.7  # the config default
 
 
 # The small row was chosen on the 500 XSUM validation rows with SmolLM2-135M (benchmarks/recipe_sweep.py).
@@ -57,9 +59,16 @@ class SizeRecipe:
 # ~1,500 steps. phi-2's steps run twice as fast compiled, so the larger rows always compile.
 COMPILE_PAYS_AFTER_STEPS = 1500
 
+# Decoding, chosen on the same validation rows with this row's adapter (benchmarks/mbr_sweep.py,
+# benchmarks/results/mbr_validation.json): greedy 21.82; the minimum-Bayes-risk pick among the greedy
+# summary and 4 / 8 / 16 / 32 samples at temperature 0.7: 21.99 / 22.19 / 23.15 / 23.94 (at 1.0:
+# 21.29 / 21.93 / 22.72 / 23.01; 1.0 with top-p 0.9: 23.56 at 32). Drawing 32 samples of a 135 M model
+# is cheap next to its training; the larger rows keep greedy decoding (the reference recipe's).
+MBR_SAMPLES_SMALL = 32
+
 SIZE_RECIPES = (
     SizeRecipe("small (up to 0.5 B)", 0.5e9, 1e-3, 2.0, 20, "all-linear", 32, 64, 1, 1.0, 0, "none", 5.0,
-               compile_from_steps=COMPILE_PAYS_AFTER_STEPS),
+               compile_from_steps=COMPILE_PAYS_AFTER_STEPS, mbr_samples=MBR_SAMPLES_SMALL),
     SizeRecipe("medium (0.5-2 B)", 2e9, 5e-4, 2.0, 30, "all-linear", 16, 32, 1, 1.0, 0),  # between the ends, unmeasured
     SizeRecipe("large (over 2 B, reference)", float("inf"), 2e-4, 1.0, 50, "attention", 16, 32, 1, 1.0, 0),
 )
@@ -91,9 +100,12 @@ class RecipeChoice:
             "phi-2" if self.model_type == "phi" and self.row == SIZE_RECIPES[-1].name else "size unknown"  # fmt: skip
         family = f", {self.model_type}" if self.model_type and self.parameters else ""
         greedy = self.chosen.get("generation.num_beams") == 1
+        mbr = self.chosen.get("generation.mbr_samples")
+        decoding = f"greedy + {mbr} samples, the most agreed kept (--mbr-samples {mbr})" if mbr else "greedy decoding"
         parts = [_flag(k, v) for k, v in self.chosen.items()
-                 if not (greedy and k in ("generation.length_penalty", "generation.no_repeat_ngram_size"))]
-        parts = ["greedy decoding" if p == "--num-beams 1" else p for p in parts]
+                 if not (greedy and k in ("generation.length_penalty", "generation.no_repeat_ngram_size"))
+                 and not (greedy and mbr and k == "generation.mbr_samples")]  # fmt: skip
+        parts = [decoding if p == "--num-beams 1" else p for p in parts]
         text = f"recipe: {self.row} for {size}{family}: " + (", ".join(parts) if parts else "nothing left to choose")
         if self.given:
             text += f" (yours: {', '.join(_FLAGS[k] for k in self.given)})"
@@ -106,7 +118,8 @@ _FLAGS = {"train.learning_rate": "--lr", "train.epochs": "--epochs", "train.warm
           "generation.length_penalty": "--length-penalty",
           "generation.no_repeat_ngram_size": "--no-repeat-ngram-size", "model.quantization": "--quantization",
           "train.neftune_alpha": "--neftune-alpha", "lora.dropout": "--lora-dropout",
-          "data.max_length": "--max-length", "train.compile": "--compile"}  # fmt: skip
+          "data.max_length": "--max-length", "train.compile": "--compile",
+          "generation.mbr_samples": "--mbr-samples", "generation.mbr_temperature": "--mbr-temperature"}  # fmt: skip
 
 
 _WHY = {"train.compile": "a short run"}  # a switch the table turns off, and why
@@ -137,7 +150,8 @@ def row_for(parameters: int | None) -> SizeRecipe:
 
 # config key -> SizeRecipe field, for the fields whose defaults are the reference recipe's
 OPTIONAL_FIELDS = (("model.quantization", "quantization"), ("train.neftune_alpha", "neftune_alpha"),
-                   ("lora.dropout", "lora_dropout"), ("data.max_length", "max_length"))
+                   ("lora.dropout", "lora_dropout"), ("data.max_length", "max_length"),
+                   ("generation.mbr_samples", "mbr_samples"), ("generation.mbr_temperature", "mbr_temperature"))
 
 
 def recipe_values(row: SizeRecipe, model_type: str | None) -> dict[str, Any]:
@@ -169,6 +183,8 @@ def apply_recipe(config: Phi2Config, given: set[str] | frozenset[str]) -> tuple[
     # phi-2, or a model whose size cannot be read here: the reference recipe (targets: the family's, found at load)
     values = recipe_values(row, model_type)
     chosen = {k: v for k, v in values.items() if k not in given}
+    if given & {"generation.num_beams", "generation.do_sample"}:  # the user's beams or sampling replace the row's MBR
+        chosen.pop("generation.mbr_samples", None)
     yours = tuple(k for k in RECIPE_KEYS if k in given)
     config = apply_overrides(config, chosen, "recipe")
     if row.compile_from_steps and config.train.compile and "train.compile" not in given:
