@@ -135,6 +135,9 @@ def test_mbr_keeps_one_of_the_greedy_and_sampled_candidates_and_records_it(final
     assert sorted(c[0] for c in seen) == sorted(plain)  # the greedy summary is the first candidate
     assert sorted(kept) == sorted(c[real_pick(c)] for c in seen)
     assert any(len(set(c)) > 1 for c in seen)  # the samples are not all the greedy summary
+    tokens = [json.loads(Path(f"{d}/metrics-validation.json").read_text())["timings"]["generated_tokens"]
+              for d in ("greedy", "mbr")]  # fmt: skip
+    assert tokens[1] > 2 * tokens[0]  # the samples' tokens count as generated (the rate is the decoder's)
 
 
 def test_beams_or_sampling_asked_for_turn_the_runs_mbr_off(final, generate_calls):

@@ -349,8 +349,8 @@ def test_grouped_head_families_decode_with_a_captured_step(kind):
 
 def test_sampled_copies_through_the_captured_step(bf16):
     """MBR's samples: one prefill per article copied to every sample's row, tokens drawn inside the
-    graphed step; the same first tokens as eager steps (same prefill, same uniforms), samples that
-    differ, and the time for 64 articles x 32 samples recorded."""
+    graphed step; the same first tokens as eager steps of the same batch (same prefill, same
+    uniforms), samples that differ, and the time for 64 articles x 32 samples recorded."""
     from phi2cli.inference.decode import sample_decode
     from phi2cli.inference.generate import stop_token_ids
 
@@ -364,10 +364,17 @@ def test_sampled_copies_through_the_captured_step(bf16):
         torch.cuda.synchronize()
         seconds = time.perf_counter() - started
     assert not [w for w in caught if "CUDA graph capture failed" in str(w.message)]
+    few = sample_decode(bf16.model, prompts[:4], 32, 0.7, MAX_NEW_TOKENS, stops, batch_size=4, seed=3)
     eager = sample_decode(bf16.model, prompts[:4], 32, 0.7, MAX_NEW_TOKENS, stops, batch_size=4, cuda_graph=False,
                           seed=3)  # fmt: skip
     tokens = sum(len(row) for article in graphed for row in article)
     record("decode_bf16_sampled_copies", articles=len(prompts), copies=32, seconds=round(seconds, 2),
            sampled_tokens=tokens, tokens_per_s=round(tokens / seconds))  # fmt: skip
-    assert [[row[0] for row in article] for article in graphed[:4]] == [[row[0] for row in article] for article in eager]
+    firsts = [[row[0] for row in article] for article in few]
+    assert firsts == [[row[0] for row in article] for article in eager]
+    # In a batch of 64 the prefill's bf16 kernels differ; a random-weight model's near-uniform
+    # softmax then moves a uniform across a token boundary now and then (measured: 2 of 32 first
+    # tokens of one article, each to the neighbouring token id).
+    same = sum(a == b for x, y in zip(firsts, [[row[0] for row in article] for article in graphed[:4]]) for a, b in zip(x, y))
+    assert same >= 0.8 * len(firsts) * 32
     assert all(len({tuple(row) for row in article}) > 1 for article in graphed)

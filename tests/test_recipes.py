@@ -38,6 +38,7 @@ def test_the_large_row_is_the_reference_recipe_and_phi2_is_left_exactly_as_it_wa
     config, choice = apply_recipe(defaults, set())
     assert config == defaults
     assert choice.row.startswith("large") and choice.line().startswith("recipe: large (over 2 B, reference) for phi-2")
+    assert "--lora-r 16, --lora-alpha 32" in choice.line() and "LoRA on the attention projections" in choice.line()
     assert recipe_values(SIZE_RECIPES[-1], "llama")["lora.targets"] == ()  # the family's, resolved at load
     from phi2cli.models.families import default_lora_targets
 

@@ -166,7 +166,8 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
         prefix = "" if label == "tuned" else "base_"
         scored = score_articles(loaded, document_ids, encoded, config.generation, batch_size,
                                 options.shared_forward, track, label)  # fmt: skip
-        seconds, new_tokens = scored.generation_seconds, sum(g.new_tokens for g in scored.generated)
+        seconds = scored.generation_seconds
+        new_tokens = sum(g.new_tokens + g.sampled_tokens for g in scored.generated)  # MBR's samples are work too
         timings.update({f"{prefix}loss_seconds": scored.loss.seconds, f"{prefix}generation_seconds": seconds,
                         f"{prefix}generated_tokens": new_tokens,
                         f"{prefix}generated_tokens_per_second": new_tokens / seconds if seconds else 0.0})  # fmt: skip

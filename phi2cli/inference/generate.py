@@ -29,6 +29,7 @@ class Generated:
     prompt_tokens: int
     new_tokens: int  # tokens generated up to and including the stop token
     truncated: bool  # the article was cut to fit max_length - max_new_tokens
+    sampled_tokens: int = 0  # with --mbr-samples: the tokens of its samples (new_tokens: the kept summary's)
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -221,7 +222,8 @@ def consensus_summaries(loaded: LoadedModel, prompts: Sequence[tuple[list[int], 
     for first, drawn_texts in zip(greedy, samples):
         candidates = [(first.text, first.new_tokens), *drawn_texts]
         text, new_tokens = candidates[consensus_pick([c[0] for c in candidates])]
-        chosen.append(dataclasses.replace(first, text=text, new_tokens=new_tokens))
+        chosen.append(dataclasses.replace(first, text=text, new_tokens=new_tokens,
+                                          sampled_tokens=sum(n for _, n in drawn_texts)))  # fmt: skip
     return chosen
 
 

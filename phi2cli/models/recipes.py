@@ -54,7 +54,7 @@ class SizeRecipe:
 # equal to the config defaults (a test checks it).
 #
 # Compiling a 135 M model's layers costs more than it saves in a short run: SmolLM2's 374-step job on an
-# H200 (benchmarks/results/end_to_end.json, smollm2 vs smollm2_eager) spent 31.3 s compiling and recording
+# H200 (benchmarks/results/end_to_end_previous.json, smollm2_compiled vs smollm2_eager) spent 31.3 s compiling and recording
 # against 14.1 s without compiling (+17.1 s), for steps 11 ms faster (12.1 s vs 16.3 s): it pays after
 # ~1,500 steps. phi-2's steps run twice as fast compiled, so the larger rows always compile.
 COMPILE_PAYS_AFTER_STEPS = 1500
@@ -127,6 +127,8 @@ _WHY = {"train.compile": "a short run"}  # a switch the table turns off, and why
 
 def _flag(key: str, value: Any) -> str:
     """A chosen value as the flag that would set it: --name value, or --name / --no-name for a switch."""
+    if key == "lora.targets" and not value:  # empty: the family's attention projections
+        return "LoRA on the attention projections"
     if isinstance(value, bool):
         flag = _FLAGS[key] if value else "--no-" + _FLAGS[key][2:]
         return f"{flag} ({_WHY[key]})" if key in _WHY and not value else flag

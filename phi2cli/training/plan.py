@@ -142,13 +142,15 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
 # and keeps no activations for backward, so 64 (~25k real XSUM tokens, near the 32k-token batches of
 # `phi2 evaluate`'s loss) fit wherever it trains: fewer, larger forwards than 8 at a time, each of which
 # waits on the CPU launching the layers (phi-2 seed job on an H200: 4.8 s per 500-row evaluation at 8,
-# against 2.9 s for `phi2 evaluate`'s loss on the same rows). The other profiles keep 8: they run
-# where memory is short.
+# against 2.9 s for `phi2 evaluate`'s loss on the same rows). Measured since: SmolLM2's four evaluations
+# went from 14.1 s to 3.0 s, but the phi-2 seed job's two took 9.5 s at 64 against 9.7 s at 8
+# (benchmarks/results/end_to_end.json and end_to_end_previous.json): there the forwards themselves are
+# the cost. The other profiles keep 8: they run where memory is short.
 EVAL_BATCH = 8
 SPEED_EVAL_BATCH = 64
 
 # Recording a new shape costs ~0.35 s after the first (H200: later_record_seconds_mean 0.29-0.37 s in
-# benchmarks/results/end_to_end.json and families.json), and halving the bucket does not halve the
+# benchmarks/results/end_to_end*.json and families.json), and halving the bucket does not halve the
 # padding alone: it multiplies the recordings by ~1.7 (the 625-step seed job: 16 at 512 tokens, 27 at
 # 256, 11 x 0.35 = 3.9 s more, against ~2.3 s of padding saved at ~128 fewer tokens of a ~3,000-token,
 # 0.085 s step). So a bucket halves where steps x 0.0037 s passes the extra recordings' cost:
