@@ -259,3 +259,20 @@ def test_default_gpu_batch_is_larger_only_where_the_fast_decoder_runs(loaded, mo
         inference.CUDA_GEN_BATCH  # greedy through generate()
     assert inference.default_batch_size(on_gpu, 7, GenerationConfig()) == 7
     assert inference.default_batch_size(loaded, None, GenerationConfig()) == loaded.config.generation.batch_size
+
+
+def test_mbr_summaries_are_the_same_through_both_decoders_and_reach_the_stream(loaded, documents, monkeypatch):
+    from phi2cli.config import GenerationConfig
+    from phi2cli.inference import generate as inference
+
+    gen = GenerationConfig(max_new_tokens=6, mbr_samples=4, mbr_temperature=1.0)
+    calls = Calls(monkeypatch, loaded)
+    fast = inference.generate(loaded, documents, gen, batch_size=2)
+    assert calls.hf == 0 and all(g.sampled_tokens > 0 for g in fast)
+    stream = io.StringIO()
+    alone = inference.generate(loaded, documents[3:4], gen, batch_size=1, stream=stream)
+    assert alone == fast[3:4]  # an article's samples do not depend on its batch
+    assert stream.getvalue() == fast[3].text + "\n"  # shown once picked
+    monkeypatch.setattr(inference, "uses_fast_decoder", lambda *args, **kwargs: False)
+    slow = inference.generate(loaded, documents, gen, batch_size=2)
+    assert calls.hf > 0 and slow == fast
