@@ -1,7 +1,7 @@
 """Pick a small model's recipe and decoding on the validation rows, then score the choice once on test.
 
     python benchmarks/recipe_sweep.py [--model GGUF_OR_DIR] [--data-dir DIR] [--time-budget 540]
-        [--grid lr=1e-3,2e-3 --grid epochs=2,3] [--decodings "greedy; beams=4,lp=1.0,ngram=3"]
+        [--grid lr=1e-3,2e-3 --grid epochs=2,3] [--decodings "greedy; beams=4,lp=1.0,ngram=3; mbr=32,mbrt=0.7"]
 
 Every run goes through the real command line (`python -m phi2cli train` / `evaluate` subprocesses):
 1. train each candidate recipe, --parallel at once on the GPU (the recipe flags are always given,
@@ -37,8 +37,9 @@ RECIPE_FLAGS = {"lr": "--lr", "epochs": "--epochs", "warmup": "--warmup-steps", 
                 "r": "--lora-r", "alpha": "--lora-alpha", "neftune": "--neftune-alpha",
                 "quant": "--quantization", "dropout": "--lora-dropout", "maxlen": "--max-length"}  # fmt: skip
 DECODING_FLAGS = {"beams": "--num-beams", "lp": "--length-penalty", "ngram": "--no-repeat-ngram-size",
-                  "min": "--min-new-tokens"}  # fmt: skip
-GREEDY = {"beams": 1, "lp": 1.0, "ngram": 0, "min": 0}
+                  "min": "--min-new-tokens", "mbr": "--mbr-samples", "mbrt": "--mbr-temperature"}  # fmt: skip
+# every key given, so that "greedy" stays greedy under a run whose recipe decodes otherwise (MBR)
+GREEDY = {"beams": 1, "lp": 1.0, "ngram": 0, "min": 0, "mbr": 0, "mbrt": 0.7}
 # the table's small row (phi2cli/models/recipes.py): --grid axes change it one key at a time
 BASE_RECIPE = {"lr": 1e-3, "epochs": 2, "warmup": 20, "targets": "all-linear", "r": 32, "alpha": 64, "quant": "none",
                "neftune": 5}  # fmt: skip
@@ -197,7 +198,10 @@ def table_row(recipe: dict[str, Any], decoding: dict[str, Any]) -> str:
     optional = {"quantization": f'"{recipe["quant"]}"' if recipe.get("quant", "auto") != "auto" else None,
                 "neftune_alpha": float(recipe["neftune"]) if recipe.get("neftune") else None,
                 "lora_dropout": float(recipe["dropout"]) if recipe.get("dropout") is not None else None,
-                "max_length": int(recipe["maxlen"]) if recipe.get("maxlen") else None}  # fmt: skip
+                "max_length": int(recipe["maxlen"]) if recipe.get("maxlen") else None,
+                "mbr_samples": int(decoding["mbr"]) if decoding.get("mbr") else None,
+                "mbr_temperature": float(decoding["mbrt"]) if decoding.get("mbr") and decoding.get("mbrt") != 0.7
+                else None}  # fmt: skip
     keywords = [f"{name}={value}" for name, value in optional.items() if value is not None]
     return (f'SizeRecipe("small (up to 0.5 B)", 0.5e9, {recipe["lr"]:g}, {float(recipe["epochs"])}, {recipe["warmup"]}, '
             f'"{targets}", {recipe["r"]}, {recipe["alpha"]}, {decoding["beams"]}, {float(decoding["lp"])}, '
@@ -302,9 +306,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "table_row": table_row(chosen["recipe"], chosen["decoding"])}  # fmt: skip
     save(sweep, args)
 
-    # 3. Test, once per reported decoding: greedy (beside the base model) and the best beam setting.
-    beams = [r for r in scored if r["decoding"]["beams"] > 1]
-    reported = [dict(GREEDY)] + ([best(beams)["decoding"]] if beams else [])
+    # 3. Test, once per reported decoding: greedy (beside the base model) and the best other one (beams or MBR).
+    others = [r for r in scored if r["decoding"] != GREEDY]
+    reported = [dict(GREEDY)] + ([best(others)["decoding"]] if others else [])
     for number, decoding in enumerate(reported):
         out = folder / f"test-{number}"
         result, seconds, metrics_path = evaluate(args, folder / "final", "test", decoding, out, compare_base=number == 0)

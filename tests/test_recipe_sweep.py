@@ -44,10 +44,18 @@ def test_grid_is_the_product_of_the_given_axes_on_the_base_recipe():
 
 
 def test_decodings_always_start_with_greedy_and_bad_keys_stop_the_sweep():
-    decodings = sweep.parse_decodings("beams=4,lp=0.6,ngram=3")
-    assert decodings == [sweep.GREEDY, {"beams": 4, "lp": 0.6, "ngram": 3, "min": 0}]
+    decodings = sweep.parse_decodings("beams=4,lp=0.6,ngram=3; mbr=32,mbrt=0.5")
+    assert decodings == [sweep.GREEDY, {"beams": 4, "lp": 0.6, "ngram": 3, "min": 0, "mbr": 0, "mbrt": 0.7},
+                         {"beams": 1, "lp": 1.0, "ngram": 0, "min": 0, "mbr": 32, "mbrt": 0.5}]  # fmt: skip
     assert sweep.flags(decodings[1], sweep.DECODING_FLAGS) == \
-        ["--num-beams", "4", "--length-penalty", "0.6", "--no-repeat-ngram-size", "3", "--min-new-tokens", "0"]  # fmt: skip
+        ["--num-beams", "4", "--length-penalty", "0.6", "--no-repeat-ngram-size", "3", "--min-new-tokens", "0",
+         "--mbr-samples", "0", "--mbr-temperature", "0.7"]  # fmt: skip
+    # greedy says --mbr-samples 0: an adapter whose recipe decodes with MBR is still scored greedy
+    assert sweep.flags(sweep.GREEDY, sweep.DECODING_FLAGS)[-4:] == ["--mbr-samples", "0", "--mbr-temperature", "0.7"]
+    from phi2cli.models.recipes import SizeRecipe
+
+    row = eval(sweep.table_row(sweep.BASE_RECIPE, decodings[2]), {"SizeRecipe": SizeRecipe})  # noqa: S307
+    assert (row.mbr_samples, row.mbr_temperature) == (32, 0.5)
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         sweep.parse_decodings("beam=4")
     with pytest.raises(SystemExit, match="KEY=V1,V2"):
