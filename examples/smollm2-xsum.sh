@@ -9,7 +9,8 @@
 # learning rate 1e-3 instead of 2e-4, LoRA on every linear layer, 2 epochs. phi2 train takes such
 # values from its table by model size (phi2cli/models/recipes.py) when no flag is given; the flags
 # below pin the first of them, and the table adds the rest (base kept in bf16, NEFTune noise, no
-# compiling in a run this short), printed at the start of the run.
+# compiling in a run this short, and summaries picked among the greedy one and 32 samples by
+# minimum Bayes risk, which evaluate and summarize then use), printed at the start of the run.
 set -euo pipefail
 MODEL=${MODEL:-../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 DATA=${DATA:-../shared/data/xsum}
