@@ -369,7 +369,10 @@ def test_rouge_table_from_final_dir_beside_default_run(isolated_env):
     assert "| Metric | Tuned | Base | Delta |" in out
     assert "| rouge1 | 34.12 | 21.03 | +13.09 |" in out and "| perplexity | 8.32 | — | — |" in out
     assert "| eval_loss | 2.1183 | 2.6100 | -0.4917 |" in out
-    assert "samples: 200" in out
+    assert "samples: 200" in out and "decoding: greedy" in out
+    with_mbr = {**METRICS, "settings": {"num_beams": 1, "mbr_samples": 32, "mbr_temperature": 0.7}}
+    (isolated_env / "phi2-xsum-final" / "metrics.json").write_text(json.dumps(with_mbr), encoding="utf-8")
+    assert "decoding: greedy + 32 samples at temperature 0.7, minimum-Bayes-risk pick" in run("--format", "markdown")[1]
 
 
 def test_report_shows_the_newest_evaluation_and_names_the_others(isolated_env):

@@ -201,6 +201,20 @@ def _analysis_rows(a: Analysis) -> list[tuple[str, str]]:
     return rows
 
 
+def _decoding(settings: dict[str, Any]) -> str:
+    """How the scored summaries were decoded, in a few words ("" where the metrics do not say)."""
+    samples, beams = as_number(settings.get("mbr_samples")), as_number(settings.get("num_beams"))
+    if samples:
+        temperature = as_number(settings.get("mbr_temperature"))
+        at = f" at temperature {temperature:g}" if temperature is not None else ""
+        return f"greedy + {samples:g} samples{at}, minimum-Bayes-risk pick"
+    if settings.get("do_sample"):
+        return "sampling"
+    if beams is not None:
+        return f"beam search ({beams:g} beams)" if beams > 1 else "greedy"
+    return ""
+
+
 def _rouge_section(data: dict[str, Any]) -> Section:
     columns = [c for c in ("tuned", "base", "delta") if isinstance(data.get(c), dict)]
     keys = [k for k in _METRIC_ORDER if any(as_number(data[c].get(k)) is not None for c in columns)]
@@ -220,6 +234,9 @@ def _rouge_section(data: dict[str, Any]) -> Section:
         return f"{value:{'+' if column == 'delta' else ''}.{decimals}f}"
 
     about = [f"{k}: {data[k]}" for k in ("model", "adapter", "split", "samples") if data.get(k) not in (None, "")]
+    decoding = _decoding(settings)
+    if decoding:
+        about.append(f"decoding: {decoding}")
     rows = [(k, *(cell(c, k) for c in columns)) for k in keys]
     return Section("ROUGE (phi2 evaluate)", ("Metric", *(c.title() for c in columns)), rows, "l" + "r" * len(columns),
                    " · ".join(about))
