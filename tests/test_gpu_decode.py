@@ -316,7 +316,8 @@ def random_prompt_ids(count: int) -> list[list[int]]:
 def test_grouped_head_families_decode_with_a_captured_step(kind):
     """GQA through the captured step: fp32 (no TF32) equals generate(); bf16 runs the packed varlen
     prefill with grouped heads and its graph replay starts as its eager steps do."""
-    from phi2cli.inference.decode import DecoderModules, StaticDecoder, cut_at_stop, supports
+    from phi2cli.inference.decode import StaticDecoder, cut_at_stop, supports
+    from phi2cli.inference.decoder_modules import DecoderModules
 
     prompts = random_prompt_ids(COMPARED)
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32

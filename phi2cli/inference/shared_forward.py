@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from phi2cli.config import GenerationConfig
-from phi2cli.inference.decode import PREFILL_TOKENS, DecoderModules, StaticDecoder, cache_batches, cut_at_stop, prefill_groups
+from phi2cli.inference.decode import PREFILL_TOKENS, StaticDecoder, cache_batches, cut_at_stop, prefill_groups
+from phi2cli.inference.decoder_modules import DecoderModules
 from phi2cli.inference.eval_loss import LossResult
 from phi2cli.inference.generate import Generated
 from phi2cli.inference.trained_model import LoadedModel
