@@ -13,7 +13,8 @@ F = 2PR / (P + R) over the longest common subsequence; tests compare it with rou
 RougeScorer pair by pair. The pairs are scored here rather than by RougeScorer.score because an
 article's 33 candidates make 528 pairs: each text is tokenized and stemmed once instead of once per
 pair, identical candidates are scored once, and the LCS length comes from a bit-parallel loop.
-500 articles' picks take 1.5 s instead of 160 s on one CPU core.
+500 articles x 33 candidates (drawn from real XSUM summaries, duplicates included) took 2.6 s
+against about 240 s through RougeScorer.score (2-core CPU).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def consensus_pick(candidates: Sequence[str]) -> int:
     """
     if not candidates:
         raise ValueError("no candidates to choose from")
-    tokens = [rouge_tokens(text) for text in candidates]
+    by_text = {text: rouge_tokens(text) for text in dict.fromkeys(candidates)}  # each distinct text stemmed once
+    tokens = [by_text[text] for text in candidates]
     counts = Counter(tokens)
     distinct = list(counts)
     agreement = dict.fromkeys(distinct, 0.0)
