@@ -1,6 +1,11 @@
-"""Where the time of one optimizer step goes: torch.profiler over the speed profile, after warm-up.
+"""Where the time of one optimizer step goes: torch.profiler over steps 4-6 of a run, after warm-up.
 
     python benchmarks/profile_step.py --model /tmp/phi2-random --data-dir DIR --out results/train_profile.txt
+    python benchmarks/profile_step.py --model SmolLM2-135M-Instruct.Q4_1.gguf --set data.template=chat \
+        --set lora.targets=all-linear --set model.quantization=none --set train.compile=false --out OUT.txt
+
+A --model that does not exist is made as a random-weight phi-2-shaped model; --set gives any config
+key (as `phi2 config` lists them), after the defaults and this script's short-run settings.
 """
 
 from __future__ import annotations
@@ -8,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -20,6 +26,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=ROOT / "examples" / "data" / "xsum-sample")
     parser.add_argument("--profile", default="speed")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_profile.txt")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
     args = parser.parse_args()
 
     import torch
@@ -28,25 +35,32 @@ def main() -> None:
     from phi2cli.config import Phi2Config, apply_overrides
     from phi2cli.training.engine import train
 
-    make_random_phi2(args.model)
+    if not args.model.exists():
+        make_random_phi2(args.model)
     work = Path(tempfile.mkdtemp(prefix="phi2-profile-"))
     config = apply_overrides(Phi2Config(), {
         "model.model": str(args.model), "data.data_dir": str(args.data_dir), "data.samples": 64,
         "data.val_samples": 0, "data.max_length": 512, "train.max_steps": 7, "train.profile": args.profile,
         "train.output_dir": str(work / "run"), "train.final_dir": str(work / "final"), "train.eval_every": 1000,
+        **dict(item.partition("=")[::2] for item in args.set),
     }).validate()  # fmt: skip
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                   torch.profiler.ProfilerActivity.CUDA])  # fmt: skip
 
+    window: list[float] = []
+
     class Window(TrainerCallback):  # profile steps 4-6 (after allocator and kernel warm-up)
         def on_step_begin(self, a, state, control, **kw):
             if state.global_step == 3:
+                torch.cuda.synchronize()
+                window.append(time.perf_counter())
                 profiler.__enter__()
 
         def on_step_end(self, a, state, control, **kw):
             if state.global_step == 6:
                 torch.cuda.synchronize()
                 profiler.__exit__(None, None, None)
+                window.append(time.perf_counter())
 
     train(config, callbacks=[Window()])
     averages = profiler.key_averages()
@@ -54,9 +68,12 @@ def main() -> None:
 
     kernels = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1e3 / 3
     host = sum(e.self_cpu_time_total for e in averages) / 1e3 / 3
-    lines = [f"profile {args.profile}, steps 4-6 of 8 examples (max 512 tokens), per step:",
-             f"GPU kernel time {kernels:.1f} ms per step; host (CPU) time {host:.1f} ms per step", "",
-             averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)]  # fmt: skip
+    lines = [f"profile {args.profile} ({args.model.name}; {' '.join(args.set) or 'defaults'}), steps 4-6 of 8 "
+             f"examples (max 512 tokens), per step:",
+             f"GPU kernel time {kernels:.1f} ms per step; host (CPU) time {host:.1f} ms per step; wall time "
+             f"{(window[1] - window[0]) * 1e3 / 3:.1f} ms per step (profiler on)", "",
+             averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60), "",
+             "by host time:", averages.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60)]  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines[:2]))

@@ -164,7 +164,7 @@ def test_no_compile_flag_is_recorded_with_the_engine_plan(tiny_phi_dir, sample_d
     plan = run["plan"]
     assert plan["profile"] == "speed" and not plan["compile"]
     assert plan["fused_kernels"]
-    assert set(run["fast_paths"]) == {"dequantized_base", "varlen_attention", "lean_lora", "tanh_gelu", "compile",
+    assert set(run["fast_paths"]) == {"dequantized_base", "varlen_attention", "lean_lora", "tanh_gelu", "compile", "torch_nf4",
                                       "flat_optimizer", "cuda_graphs"}  # uncompiled layers get no extra path
 
 

@@ -84,6 +84,37 @@ def test_speed_profile_dequantizes_once_and_uses_varlen_attention(phi2_shape_dir
     record("speed_profile", **result.memory, train_runtime_s=round(result.metrics["train_runtime"], 2))
 
 
+def test_memory_saver_compiles_4bit_layers_that_hold_bitsandbytes_codes_and_values(phi2_shape_dir, tmp_path):
+    """The memory-saver on a GPU: NF4 layers in torch operations (bitsandbytes' codes, its dequantized
+    values bit for bit), compiled, checkpointed; its losses are the eager 4-bit layers' (same dropout
+    masks: compiled layers draw them with torch's eager kernels) to bf16 rounding."""
+    import bitsandbytes as bnb
+
+    from phi2cli.kernels.nf4 import NF4Linear, from_linear4bit
+    from phi2cli.training.engine import train
+
+    losses, models = {}, {}
+    for name, compile_ in (("eager", False), ("compiled", True)):
+        keep = Keep()
+        config = gpu_config(phi2_shape_dir, "memory-saver", tmp_path / name, **{"train.compile": compile_})
+        result = train(config, callbacks=[keep()])
+        assert result.plan.gradient_checkpointing and result.plan.compile == compile_
+        paths = json.loads((result.final_dir / "phi2_run.json").read_text())["fast_paths"]
+        assert paths["torch_nf4"]["status"] == paths["compile"]["status"] == ("active" if compile_ else "off")
+        history = json.loads((result.output_dir / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+        losses[name] = [e["loss"] for e in history if "loss" in e]
+        models[name] = keep.model
+        record(f"memory_saver_{name}", **result.memory, losses=losses[name],
+               train_runtime_s=round(result.metrics["train_runtime"], 2))  # fmt: skip
+    layers = [m for m in models["compiled"].modules() if isinstance(m, NF4Linear)]
+    assert len(layers) == 32 * 6 and not any(isinstance(m, bnb.nn.Linear4bit) for m in models["compiled"].modules())
+    four_bit = [m for m in models["eager"].modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in four_bit[:6] + four_bit[-6:]:
+        expected = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        assert torch.equal(from_linear4bit(layer).dequantized(), expected)
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=2e-2)
+
+
 def test_fast_path_and_reference_path_give_the_same_loss(phi2_shape_dir):
     """One batch of 8 real examples: padded 4-bit HF loss vs packed, dequantized, varlen, selective-head loss."""
 

@@ -84,7 +84,9 @@ def test_fast_profiles_drop_autocast_only_for_bf16_and_flatten_only_8bit_adamw(p
     plan = resolve_plan(config, cuda=True, quantized=True, free_gib=140.0)
     assert (plan.autocast, plan.fused_kernels, plan.flat_optimizer) == (False, True, True)
     eager = resolve_plan(apply_overrides(config, {"train.compile": False}), cuda=True, quantized=True, free_gib=140.0)
-    assert dataclasses.replace(eager, compile=plan.compile) == plan  # --no-compile changes nothing else
+    # --no-compile changes nothing else (the memory-saver's NF4 layers in torch serve compiling only)
+    assert dataclasses.replace(eager, compile=plan.compile, torch_nf4=plan.torch_nf4) == plan
+    assert plan.compile and not eager.compile and plan.torch_nf4 == (profile == "memory-saver") and not eager.torch_nf4
     fp16 = resolve_plan(config, cuda=True, quantized=True, free_gib=140.0, bf16=False)
     assert fp16.autocast and fp16.fused_kernels  # fp16 keeps autocast and its loss scaling
     torch_adam = resolve_plan(apply_overrides(config, {"train.optimizer": "adamw_torch"}), cuda=True,
@@ -94,6 +96,15 @@ def test_fast_profiles_drop_autocast_only_for_bf16_and_flatten_only_8bit_adamw(p
     reference = resolve_plan(apply_overrides(config, {"train.profile": "reference"}), cuda=True, quantized=True,
                              free_gib=140.0)  # fmt: skip
     assert (reference.autocast, reference.fused_kernels, reference.flat_optimizer) == (True, False, False)
+
+
+def test_memory_saver_compiles_only_a_4bit_base_on_cuda():
+    config = apply_overrides(Phi2Config(), {"train.profile": "memory-saver"})
+    for cuda, quantized in ((True, False), (False, True), (False, False)):
+        plan = resolve_plan(config, cuda=cuda, quantized=quantized, free_gib=140.0 if cuda else None)
+        assert (plan.compile, plan.torch_nf4, plan.cuda_graphs) == (False, False, False), (cuda, quantized)
+    plan = resolve_plan(config, cuda=True, quantized=True, free_gib=140.0)
+    assert (plan.compile, plan.torch_nf4, plan.cuda_graphs, plan.gradient_checkpointing) == (True, True, False, True)
 
 
 def test_gpus_flag_is_taken_out_and_the_rest_forwarded():

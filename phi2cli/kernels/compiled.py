@@ -30,11 +30,13 @@ class CompileState:
 class GuardedForward:
     """A layer's forward that runs compiled until compiling fails, then eagerly."""
 
-    def __init__(self, eager: Callable[..., Any], state: CompileState) -> None:
+    def __init__(self, eager: Callable[..., Any], state: CompileState, eager_random: bool = False) -> None:
         import torch
 
         self.eager, self.state = eager, state
-        self.compiled = torch.compile(eager, dynamic=True)
+        # eager_random: dropout draws through torch's own kernels, the masks an eager layer draws
+        options = {"fallback_random": True} if eager_random else None
+        self.compiled = torch.compile(eager, dynamic=True, options=options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.state.failed:
@@ -60,14 +62,19 @@ def use_compile_cache() -> Path:
     return root
 
 
-def compile_layers(model: Any, layer_classes: tuple[str, ...], on_failure: Callable[[BaseException], None]) -> int:
-    """Compile every decoder layer whose class is in `layer_classes`; returns how many."""
+def compile_layers(model: Any, layer_classes: tuple[str, ...], on_failure: Callable[[BaseException], None],
+                   eager_random: bool = False) -> int:  # fmt: skip
+    """Compile every decoder layer whose class is in `layer_classes`; returns how many.
+
+    eager_random: random numbers (dropout) come from torch's eager kernels, so a compiled layer
+    draws the masks the eager one draws from the same generator state.
+    """
     use_compile_cache()
     state = CompileState(on_failure)
     count = 0
     for module in model.modules():
         if type(module).__name__ in layer_classes:
-            module.forward = GuardedForward(module.forward, state)
+            module.forward = GuardedForward(module.forward, state, eager_random)
             count += 1
     return count
 

@@ -51,13 +51,21 @@ def build_model(config: Phi2Config, plan: EnginePlan, precision: Any, paths: Any
             paths.fell_back("lean_lora", "no plain LoRA linear layer (PEFT's forward runs)")  # fmt: skip
         if lora_fast.fuse_gelu(model):
             paths.active("tanh_gelu")
+    if plan.torch_nf4:
+        from phi2cli.kernels.nf4 import swap_linear4bit
+
+        swapped = swap_linear4bit(model)
+        paths.active("torch_nf4", f"{swapped} layers") if swapped else \
+            paths.fell_back("torch_nf4", "no NF4 4-bit linear layer (bitsandbytes' layers run)")  # fmt: skip
     if plan.compile:
         from phi2cli.kernels.compiled import compile_layers, describe
 
         def compile_failed(error: BaseException) -> None:
             paths.fell_back("compile", f"{describe(error)}; the decoder layers run eagerly")
 
-        if spec and compile_layers(model, spec.layer_classes, compile_failed):
+        # Under gradient checkpointing the recompute must redraw the forward's dropout masks: torch's
+        # eager random kernels do that from the generator state checkpointing restores (tested on the CPU).
+        if spec and compile_layers(model, spec.layer_classes, compile_failed, plan.gradient_checkpointing):
             paths.active("compile")
         else:
             paths.fell_back("compile", "no decoder layer of a known family to compile")
@@ -115,7 +123,7 @@ def family_plan(plan: EnginePlan, model_type: str | None) -> tuple[EnginePlan, s
 def record_plan_paths(paths: Any, plan: EnginePlan) -> None:
     """The fast paths the plan does not ask for, as off (with the profile as the reason)."""
     for name, wanted in (("dequantized_base", plan.dequantize_base), ("varlen_attention", plan.packed),
-                         ("lean_lora", plan.fused_kernels),
+                         ("lean_lora", plan.fused_kernels), ("torch_nf4", plan.torch_nf4),
                          ("compile", plan.compile), ("flat_optimizer", plan.flat_optimizer),
                          ("cuda_graphs", plan.cuda_graphs)):  # fmt: skip
         if not wanted:

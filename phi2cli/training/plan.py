@@ -41,6 +41,7 @@ class EnginePlan:
     lr_scale: float = 1.0  # weak scaling: sqrt(global batch / the recipe's), applied to --lr
     graph_bucket: int = 128  # CUDA graphs: tokens per recorded-shape step (graph_bucket_tokens)
     eval_batch: int = 8  # examples per evaluation batch (--eval-batch-size, or EVAL_BATCH / SPEED_EVAL_BATCH)
+    torch_nf4: bool = False  # 4-bit layers dequantized by torch operations (nf4.NF4Linear), for compile
 
     @property
     def examples_per_step(self) -> int:
@@ -119,9 +120,12 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
     lean = {"autocast": not (cuda and bf16), "fused_kernels": True,
             "flat_optimizer": cuda and optimizer in FLAT_OPTIMIZERS}  # fmt: skip
     if profile == "memory-saver":
-        # No torch.compile here: bitsandbytes' 4-bit layers break the graphs and it ran slower (measured).
+        # Compiled only with the 4-bit layers as NF4Linear: through bitsandbytes' Linear4bit the compiled
+        # layers break at every matmul and ran slower than eager (measured). No CUDA graphs: gradient
+        # checkpointing saves the CUDA random state for its recompute, which a capture does not allow.
+        compiled = cuda and train.compile and quantized
         return EnginePlan("memory-saver", micro, accum, world_size, True, True, False, True, optimizer, note=note,
-                          eval_batch=eval_batch, **lean, **scaling)  # fmt: skip
+                          eval_batch=eval_batch, compile=compiled, torch_nf4=compiled, **lean, **scaling)  # fmt: skip
     compiled = cuda and train.compile
     # CUDA graphs need bf16 without a loss scaler (fp16 keeps autocast and its GradScaler, eagerly).
     graphs = cuda and bf16 and train.cuda_graphs
