@@ -1,4 +1,4 @@
-"""Where the time of one optimizer step goes: torch.profiler over steps 4-6 of a run, after warm-up.
+"""Where the time of one optimizer step goes: torch.profiler over three steps of a run, after warm-up.
 
     python benchmarks/profile_step.py --model /tmp/phi2-random --data-dir DIR --out results/train_profile.txt
     python benchmarks/profile_step.py --model SmolLM2-135M-Instruct.Q4_1.gguf --set data.template=chat \
@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=ROOT / "examples" / "data" / "xsum-sample")
     parser.add_argument("--profile", default="speed")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_profile.txt")
+    parser.add_argument("--after", type=int, default=3, help="steps run before the three profiled ones (CUDA "
+                        "graphs record a shape the first time it appears: give ~60 to see replays only)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
     args = parser.parse_args()
 
@@ -39,8 +41,8 @@ def main() -> None:
         make_random_phi2(args.model)
     work = Path(tempfile.mkdtemp(prefix="phi2-profile-"))
     config = apply_overrides(Phi2Config(), {
-        "model.model": str(args.model), "data.data_dir": str(args.data_dir), "data.samples": 64,
-        "data.val_samples": 0, "data.max_length": 512, "train.max_steps": 7, "train.profile": args.profile,
+        "model.model": str(args.model), "data.data_dir": str(args.data_dir), "data.samples": 8 * (args.after + 4),
+        "data.val_samples": 0, "data.max_length": 512, "train.max_steps": args.after + 4, "train.profile": args.profile,
         "train.output_dir": str(work / "run"), "train.final_dir": str(work / "final"), "train.eval_every": 1000,
         **dict(item.partition("=")[::2] for item in args.set),
     }).validate()  # fmt: skip
@@ -48,16 +50,21 @@ def main() -> None:
                                                   torch.profiler.ProfilerActivity.CUDA])  # fmt: skip
 
     window: list[float] = []
+    plain: list[float] = []  # the ten steps before the profiled ones, without the profiler
+    first, last = args.after, args.after + 3
 
-    class Window(TrainerCallback):  # profile steps 4-6 (after allocator and kernel warm-up)
+    class Window(TrainerCallback):  # three steps after allocator and kernel warm-up
         def on_step_begin(self, a, state, control, **kw):
-            if state.global_step == 3:
+            if state.global_step in (first - 10, first) and first >= 11:
+                torch.cuda.synchronize()
+                plain.append(time.perf_counter())
+            if state.global_step == first:
                 torch.cuda.synchronize()
                 window.append(time.perf_counter())
                 profiler.__enter__()
 
         def on_step_end(self, a, state, control, **kw):
-            if state.global_step == 6:
+            if state.global_step == last:
                 torch.cuda.synchronize()
                 profiler.__exit__(None, None, None)
                 window.append(time.perf_counter())
@@ -68,10 +75,11 @@ def main() -> None:
 
     kernels = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1e3 / 3
     host = sum(e.self_cpu_time_total for e in averages) / 1e3 / 3
-    lines = [f"profile {args.profile} ({args.model.name}; {' '.join(args.set) or 'defaults'}), steps 4-6 of 8 "
-             f"examples (max 512 tokens), per step:",
+    unprofiled = f"; {(plain[1] - plain[0]) * 100:.1f} ms per step without it" if len(plain) == 2 else ""
+    lines = [f"profile {args.profile} ({args.model.name}; {' '.join(args.set) or 'defaults'}), steps {first + 1}-{last} "
+             f"of 8 examples (max {config.data.max_length} tokens), per step:",
              f"GPU kernel time {kernels:.1f} ms per step; host (CPU) time {host:.1f} ms per step; wall time "
-             f"{(window[1] - window[0]) * 1e3 / 3:.1f} ms per step (profiler on)", "",
+             f"{(window[1] - window[0]) * 1e3 / 3:.1f} ms per step (profiler on{unprofiled})", "",
              averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60), "",
              "by host time:", averages.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60)]  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
