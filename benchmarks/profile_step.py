@@ -11,9 +11,12 @@ key (as `phi2 config` lists them), after the defaults and this script's short-ru
 from __future__ import annotations
 
 import argparse
+import collections
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,6 +31,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_profile.txt")
     parser.add_argument("--after", type=int, default=3, help="steps run before the three profiled ones (CUDA "
                         "graphs record a shape the first time it appears: give ~60 to see replays only)")
+    parser.add_argument("--sync-debug", action="store_true", help="also list where the profiled steps make the "
+                        "host wait for the GPU (torch.cuda.set_sync_debug_mode), with their Python call sites")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
     args = parser.parse_args()
 
@@ -53,6 +58,15 @@ def main() -> None:
     plain: list[float] = []  # the ten steps before the profiled ones, without the profiler
     first, last = args.after, args.after + 3
 
+    syncs: collections.Counter[str] = collections.Counter()
+    shown = warnings.showwarning
+
+    def note_sync(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return shown(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "/warnings" not in f.filename][-6:]
+        syncs[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))] += 1
+
     class Window(TrainerCallback):  # three steps after allocator and kernel warm-up
         def on_step_begin(self, a, state, control, **kw):
             if state.global_step in (first - 10, first) and first >= 11:
@@ -62,14 +76,20 @@ def main() -> None:
                 torch.cuda.synchronize()
                 window.append(time.perf_counter())
                 profiler.__enter__()
+                if args.sync_debug:
+                    warnings.simplefilter("always")
+                    warnings.showwarning = note_sync
+                    torch.cuda.set_sync_debug_mode("warn")
 
         def on_step_end(self, a, state, control, **kw):
             if state.global_step == last:
+                torch.cuda.set_sync_debug_mode("default")
+                warnings.showwarning = shown
                 torch.cuda.synchronize()
                 profiler.__exit__(None, None, None)
                 window.append(time.perf_counter())
 
-    train(config, callbacks=[Window()])
+    result = train(config, callbacks=[Window()])
     averages = profiler.key_averages()
     from torch.autograd import DeviceType
 
@@ -82,6 +102,10 @@ def main() -> None:
              f"{(window[1] - window[0]) * 1e3 / 3:.1f} ms per step (profiler on{unprofiled})", "",
              averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60), "",
              "by host time:", averages.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60)]  # fmt: skip
+    lines += ["", f"the run's own meters (profiled steps included): {result.throughput}", f"timing: {result.timing}"]
+    if args.sync_debug:
+        lines += ["", f"host waits for the GPU in the profiled steps: {sum(syncs.values())}"]
+        lines += [f"{count:5d}  {where}" for where, count in syncs.most_common()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines[:2]))

@@ -86,8 +86,9 @@ def test_speed_profile_dequantizes_once_and_uses_varlen_attention(phi2_shape_dir
 
 def test_memory_saver_compiles_4bit_layers_that_hold_bitsandbytes_codes_and_values(phi2_shape_dir, tmp_path):
     """The memory-saver on a GPU: NF4 layers in torch operations (bitsandbytes' codes, its dequantized
-    values bit for bit), compiled, checkpointed; its losses are the eager 4-bit layers' (same dropout
-    masks: compiled layers draw them with torch's eager kernels) to bf16 rounding."""
+    values bit for bit), compiled, checkpointed; its losses stay near the eager 4-bit layers' (phi-2's
+    residual dropout draws other masks in the compiled order, and bf16 rounding differs: measured up to
+    0.04 apart at lr 0, against 11.35)."""
     import bitsandbytes as bnb
 
     from phi2cli.kernels.nf4 import NF4Linear, from_linear4bit

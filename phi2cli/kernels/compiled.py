@@ -34,7 +34,7 @@ class GuardedForward:
         import torch
 
         self.eager, self.state = eager, state
-        # eager_random: dropout draws through torch's own kernels, the masks an eager layer draws
+        # eager_random: dropout draws through torch's own kernels (see compile_layers)
         options = {"fallback_random": True} if eager_random else None
         self.compiled = torch.compile(eager, dynamic=True, options=options)
 
@@ -66,8 +66,10 @@ def compile_layers(model: Any, layer_classes: tuple[str, ...], on_failure: Calla
                    eager_random: bool = False) -> int:  # fmt: skip
     """Compile every decoder layer whose class is in `layer_classes`; returns how many.
 
-    eager_random: random numbers (dropout) come from torch's eager kernels, so a compiled layer
-    draws the masks the eager one draws from the same generator state.
+    eager_random: random numbers (dropout) come from torch's eager kernels, drawn from the generator
+    in the compiled graph's order: under gradient checkpointing, the recompute (the same graph, from the
+    generator state checkpointing restored) draws the forward's masks again. On the CPU the masks are
+    also the eager layer's (tests/test_nf4_layers.py); on a GPU the compiled order may differ.
     """
     use_compile_cache()
     state = CompileState(on_failure)

@@ -110,6 +110,11 @@ class GraphedTrainStep:
         first = self.params[0].grad
         if first is not None and first.data_ptr() == self.views[0].data_ptr():
             return
+        if all(p.grad is None for p in self.params):  # cleared: one fill for the buffer, not one per parameter
+            self.grads.zero_()
+            for p, view in zip(self.params, self.views):
+                p.grad = view
+            return
         for p, view in zip(self.params, self.views):
             if p.grad is None:
                 view.zero_()
