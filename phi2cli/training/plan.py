@@ -148,7 +148,7 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
 # waits on the CPU launching the layers (phi-2 seed job on an H200: 4.8 s per 500-row evaluation at 8,
 # against 2.9 s for `phi2 evaluate`'s loss on the same rows). Measured since: SmolLM2's four evaluations
 # went from 14.1 s to 3.0 s, but the phi-2 seed job's two took 9.5 s at 64 against 9.7 s at 8
-# (benchmarks/results/end_to_end.json and end_to_end_previous.json): there the forwards themselves are
+# (benchmarks/results/end_to_end_before_nf4.json and end_to_end_previous.json): there the forwards are
 # the cost. The other profiles keep 8: they run where memory is short.
 EVAL_BATCH = 8
 SPEED_EVAL_BATCH = 64
