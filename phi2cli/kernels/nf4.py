@@ -70,7 +70,8 @@ def convertible(module: Any) -> bool:
     if type(module).__name__ != "Linear4bit" or not type(module).__module__.startswith("bitsandbytes"):
         return False
     state = getattr(module.weight, "quant_state", None)
-    return state is not None and state.quant_type == "nf4" and module.weight.dtype == torch.uint8
+    return (state is not None and state.quant_type == "nf4" and module.weight.dtype == torch.uint8
+            and not getattr(state, "packing_format_for_cpu", False))  # bitsandbytes' CPU inference layout
 
 
 def swap_linear4bit(model: Any) -> int:
