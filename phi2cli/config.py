@@ -92,7 +92,7 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
     profile: str = _f("auto", "Engine profile: speed, memory-saver, reference; auto picks from free GPU memory.")
-    compile: bool = _f(True, "torch.compile the decoder layers (CUDA, speed profile): ~2x faster steps after a one-time compile of about a minute (cached on disk for later runs).")
+    compile: bool = _f(True, "torch.compile the decoder layers (CUDA; speed and memory-saver profiles): ~2x faster steps after a one-time compile of about a minute (cached on disk for later runs).")
     cuda_graphs: bool = _f(True, "Replay each training step from a CUDA graph (CUDA, bf16, speed profile): the CPU stops being the bottleneck; each new batch shape is recorded once (about a second).")
     graph_bucket: int = _f(0, "CUDA graphs: tokens a newly recorded batch shape is rounded up to (a multiple of 64); 0 picks it from the run's length: coarse for short runs (fewer recordings), fine for long ones (less padding).")
     seed: int = _f(42, "Seed for LoRA init, dropout and data order: same seed, same run.")
