@@ -96,12 +96,14 @@ def main() -> None:
     kernels = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1e3 / 3
     host = sum(e.self_cpu_time_total for e in averages) / 1e3 / 3
     unprofiled = f"; {(plain[1] - plain[0]) * 100:.1f} ms per step without it" if len(plain) == 2 else ""
-    lines = [f"profile {args.profile} ({args.model.name}; {' '.join(args.set) or 'defaults'}), steps {first + 1}-{last} "
-             f"of 8 examples (max {config.data.max_length} tokens), per step:",
+    settings = " ".join(args.set) or "defaults"
+    lines = [f"profile {args.profile} ({args.model.name}; {settings}), steps {first + 1}-{last} of 8 examples "
+             f"(max {config.data.max_length} tokens), per step:",
              f"GPU kernel time {kernels:.1f} ms per step; host (CPU) time {host:.1f} ms per step; wall time "
              f"{(window[1] - window[0]) * 1e3 / 3:.1f} ms per step (profiler on{unprofiled})", "",
              averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60), "",
-             "by host time:", averages.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60)]  # fmt: skip
+             "by host time:",
+             averages.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60)]  # fmt: skip
     lines += ["", f"the run's own meters (profiled steps included): {result.throughput}", f"timing: {result.timing}"]
     if args.sync_debug:
         lines += ["", f"host waits for the GPU in the profiled steps: {sum(syncs.values())}"]
