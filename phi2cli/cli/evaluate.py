@@ -9,9 +9,9 @@ import typer
 from rich.table import Table
 
 from phi2cli.cli.app import (
-    DataDirOpt, DocFieldOpt, GenBatchOpt, MbrSamplesOpt, MbrTemperatureOpt, IdFieldOpt, LengthPenaltyOpt, MaxNewTokensOpt, MinNewTokensOpt,
-    NoRepeatNgramOpt, NumBeamsOpt, SampleOpt, SeedOpt, SumFieldOpt, TemperatureOpt, TestFileOpt, TopPOpt, ValFileOpt, command, console,
-    data_overrides,
+    DataDirOpt, DocFieldOpt, GenBatchOpt, IdFieldOpt, LengthPenaltyOpt, MaxNewTokensOpt, MbrSamplesOpt,
+    MbrTemperatureOpt, MinNewTokensOpt, NoRepeatNgramOpt, NumBeamsOpt, SampleOpt, SeedOpt, SumFieldOpt,
+    TemperatureOpt, TestFileOpt, TopPOpt, ValFileOpt, command, console, data_overrides,
 )  # fmt: skip
 from phi2cli.inference.evaluation import DEFAULT_ADAPTER, DEFAULT_SAMPLES, METRIC_KEYS
 

@@ -10,8 +10,8 @@ import typer
 from rich.markup import escape
 
 from phi2cli.cli.app import (
-    GenBatchOpt, LengthPenaltyOpt, MbrSamplesOpt, MbrTemperatureOpt, MaxNewTokensOpt, MinNewTokensOpt, NoRepeatNgramOpt, NumBeamsOpt, SampleOpt,
-    TemperatureOpt, TopPOpt, command, console, data_overrides,
+    GenBatchOpt, LengthPenaltyOpt, MaxNewTokensOpt, MbrSamplesOpt, MbrTemperatureOpt, MinNewTokensOpt,
+    NoRepeatNgramOpt, NumBeamsOpt, SampleOpt, TemperatureOpt, TopPOpt, command, console, data_overrides,
 )  # fmt: skip
 from phi2cli.cli.evaluate import RunModelOpt
 from phi2cli.errors import ConfigError

@@ -108,7 +108,8 @@ class StaticDecoder:
             last = torch.tensor(list(itertools.accumulate(lengths)), device=phi.device) - 1
             hidden = self.forward(tokens, lengths, start, lengths, last).repeat_interleave(self.copies, dim=0)
             rows = slice(start * self.copies, (start + len(group)) * self.copies)
-            first_ids.append(phi.next_ids(hidden, self.temperature, None if self.uniforms is None else self.uniforms[rows, 0]))
+            uniforms = None if self.uniforms is None else self.uniforms[rows, 0]
+            first_ids.append(phi.next_ids(hidden, self.temperature, uniforms))
         self.tokens.copy_(torch.cat(first_ids))
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
         self.positions.copy_(lengths.repeat_interleave(self.copies))

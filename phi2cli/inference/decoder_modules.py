@@ -82,7 +82,8 @@ class DecoderModules:
         hidden = hidden + projected
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
-    def next_ids(self, hidden: torch.Tensor, temperature: float = 0.0, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    def next_ids(self, hidden: torch.Tensor, temperature: float = 0.0,
+                 uniforms: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """The greedy token after each hidden state, or (with uniforms [rows]) one drawn from softmax(logits / T)."""
         logits = self.lm_head(self.final_norm(hidden))
         if uniforms is None:

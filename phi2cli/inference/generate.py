@@ -217,7 +217,7 @@ def consensus_summaries(loaded: LoadedModel, prompts: Sequence[tuple[list[int], 
         samples = [first_lines(loaded, article_rows) for article_rows in rows]
     else:
         samples = _samples_from_generate(loaded, [p[0] for p in prompts], plain, copies, gen.mbr_temperature,
-                                         max(1, batch_size // copies), advance)  # fmt: skip
+                                         max(1, batch_size // copies), advance, seed)  # fmt: skip
     chosen = []
     for first, drawn_texts in zip(greedy, samples):
         candidates = [(first.text, first.new_tokens), *drawn_texts]
@@ -228,8 +228,8 @@ def consensus_summaries(loaded: LoadedModel, prompts: Sequence[tuple[list[int], 
 
 
 def _samples_from_generate(loaded: LoadedModel, prompts: Sequence[list[int]], plain: GenerationConfig, copies: int,
-                           temperature: float, articles_per_batch: int,
-                           advance: Advance | None) -> list[list[tuple[str, int]]]:  # fmt: skip
+                           temperature: float, articles_per_batch: int, advance: Advance | None,
+                           seed: int) -> list[list[tuple[str, int]]]:  # fmt: skip
     """`copies` (text, new tokens) samples per prompt from generate(), drawn as the static-cache
     decoder draws them (sampling.UniformRowsProcessor after the settings' own processors)."""
     from phi2cli.inference.batching import halving_batches
@@ -241,7 +241,7 @@ def _samples_from_generate(loaded: LoadedModel, prompts: Sequence[list[int]], pl
 
     def run(chunk: Sequence[int]) -> None:
         batch = [prompts[i] for i in chunk]
-        uniforms = uniform_rows(batch, copies, plain.max_new_tokens, loaded.config.data.seed)
+        uniforms = uniform_rows(batch, copies, plain.max_new_tokens, seed)
         rows = _generate_batch(loaded, [p for p in batch for _ in range(copies)], config, None,
                                sampling=(uniforms, temperature))  # fmt: skip
         for position, index in enumerate(chunk):

@@ -110,16 +110,14 @@ class GraphedTrainStep:
         first = self.params[0].grad
         if first is not None and first.data_ptr() == self.views[0].data_ptr():
             return
-        if all(p.grad is None for p in self.params):  # cleared: one fill for the buffer, not one per parameter
+        cleared = all(p.grad is None for p in self.params)
+        if cleared:  # one fill for the whole buffer, not one per parameter
             self.grads.zero_()
-            for p, view in zip(self.params, self.views):
-                p.grad = view
-            return
         for p, view in zip(self.params, self.views):
-            if p.grad is None:
-                view.zero_()
-            else:  # gradients accumulated elsewhere (an eager micro-batch) move into the buffer
+            if p.grad is not None:  # gradients accumulated elsewhere (an eager micro-batch) move into the buffer
                 view.copy_(p.grad)
+            elif not cleared:
+                view.zero_()
             p.grad = view
 
     def __call__(self, batch: dict[str, Any], num_items: Any = None, scale: float = 1.0,
