@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -89,3 +90,16 @@ def test_metrics_module_imports_no_torch():
     code = "import sys, phi2cli.report.metrics; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_preloaded_scorer_is_the_one_rouge_uses(monkeypatch):
+    from phi2cli.report import metrics
+
+    built = []
+    real = metrics._build_scorer.__wrapped__
+    monkeypatch.setattr(metrics, "_build_scorer", functools.lru_cache(maxsize=1)(lambda: built.append(1) or real()))
+    thread = metrics.preload_scorer()
+    scores = rouge(["the cat sat on the mat"], ["the cat sat on the mat"])  # may wait for the thread's scorer
+    thread.join(timeout=60)
+    assert built == [1]  # built once, by whichever came first
+    assert scores == {name: 100.0 for name in ("rouge1", "rouge2", "rougeL", "rougeLsum")}

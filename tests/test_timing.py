@@ -164,6 +164,8 @@ def test_summarize_and_evaluate_report_load_time_apart_from_work(final, sample_d
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(Path("out/metrics-validation.json").read_text())["timings"]
     assert f"load {metrics['load_seconds']:.1f} s, loss {metrics['loss_seconds']:.1f} s" in evaluated.output
+    assert f"ROUGE {metrics['scoring_seconds']:.1f} s, total {metrics['total_seconds']:.1f} s" in evaluated.output
+    assert 0 < metrics["scoring_seconds"] < metrics["total_seconds"]
 
 
 def test_compiled_kernels_are_cached_in_the_users_cache_directory(monkeypatch, tmp_path):

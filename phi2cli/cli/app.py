@@ -170,4 +170,36 @@ def load_config(config_file: Optional[Path], overrides: dict[str, Any]) -> Phi2C
 def main() -> None:
     """Console entry point of `phi2`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+    try:
+        app()
+    except SystemExit as done:
+        leave(done.code)
+    leave(0)
+
+
+def leave(code: Any) -> None:
+    """Exit with `code` (SystemExit's: None, a number or a message); skip interpreter teardown once torch is in.
+
+    Everything a command writes is closed by the time it returns, so what teardown would still do is
+    free modules and CUDA memory: 1.4 s after importing torch, transformers and peft on a 2-core CPU,
+    1.5-2.5 s after `phi2 summarize` or `evaluate` on the H200 machine (measured from the last output
+    line to the process's exit). Without torch loaded (help, config, report) Python exits as usual.
+    """
+    import sys
+
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # SystemExit("message"): Python prints it and exits with 1
+        print(code, file=sys.stderr)
+        code = 1
+    if "torch" not in sys.modules:
+        raise SystemExit(code)
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    os._exit(code)

@@ -121,6 +121,7 @@ def evaluate_command(
         warn(message)
     console.print(metrics_table(result.metrics))
     timings = result.metrics["timings"]
-    note(f"load {timings['load_seconds']:.1f} s, loss {timings['loss_seconds']:.1f} s, generation {timings['generation_seconds']:.1f} s "
-         f"({timings['generated_tokens_per_second']:.0f} tokens/s), total {timings['total_seconds']:.1f} s")  # fmt: skip
+    note(f"load {timings['load_seconds']:.1f} s, loss {timings['loss_seconds']:.1f} s, generation "
+         f"{timings['generation_seconds']:.1f} s ({timings['generated_tokens_per_second']:.0f} tokens/s), "
+         f"ROUGE {timings['scoring_seconds']:.1f} s, total {timings['total_seconds']:.1f} s")  # fmt: skip
     console.print(f"Wrote [bold]{result.metrics_path}[/bold] and [bold]{result.predictions_path}[/bold]")

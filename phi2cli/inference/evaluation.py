@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from phi2cli.config import GenerationConfig, Phi2Config, TrainConfig, apply_overrides
 from phi2cli.errors import ConfigError, DataError, RunError
-from phi2cli.report.metrics import SENTENCE_SPLITTER, summary_metrics
+from phi2cli.report.metrics import SENTENCE_SPLITTER, preload_scorer, summary_metrics
 
 if TYPE_CHECKING:
     from phi2cli.inference.trained_model import LoadedModel
@@ -31,8 +31,9 @@ LOSS_REDUCTION = "token-weighted mean over every labelled token of the set (trai
 SHARED_TIMINGS = ("loss_seconds: one forward per article that gave both its eval loss and its summary prompt's "
                   "prefill; generation_seconds: the prompt's last tokens fed one step each, then decoding. Articles "
                   "beyond shared_forward_articles (no loss example, or a summary longer than max_new_tokens) had "
-                  "their own eval-loss forward and prefill")
-SEPARATE_TIMINGS = "loss_seconds: the eval-loss forward; generation_seconds: the summary prompts' prefill and decoding"
+                  "their own eval-loss forward and prefill; scoring_seconds: ROUGE of the summaries")
+SEPARATE_TIMINGS = ("loss_seconds: the eval-loss forward; generation_seconds: the summary prompts' prefill and "
+                    "decoding; scoring_seconds: ROUGE of the summaries")
 # A task tracker: (description, total) -> a function advancing that task by n.
 Tracker = Callable[[str, int], Callable[[int], None]]
 
@@ -158,7 +159,8 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
     if len(examples) < len(rows):
         notes.append(f"{len(rows) - len(examples)} example(s) left out of the loss: summary longer than max_length")
     batch_size = default_batch_size(loaded, options.gen_batch_size, config.generation)
-    timings: dict[str, float] = {"load_seconds": time.perf_counter() - started}
+    timings: dict[str, float] = {"load_seconds": time.perf_counter() - started, "scoring_seconds": 0.0}
+    preload_scorer()  # ROUGE's imports overlap the GPU passes
     truncated: dict[str, int] = {}  # articles cut to fit max_length - max_new_tokens
     shared: dict[str, int] = {}  # articles whose loss and summary prefill came from one forward
 
@@ -173,7 +175,9 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
                         f"{prefix}generated_tokens_per_second": new_tokens / seconds if seconds else 0.0})  # fmt: skip
         shared[label] = scored.shared_articles
         texts = [g.text for g in scored.generated]
+        scoring_started = time.perf_counter()
         quality = summary_metrics(texts, [r["summary"] for r in rows])
+        timings["scoring_seconds"] += time.perf_counter() - scoring_started
         truncated[label] = sum(g.truncated for g in scored.generated)
         return {"eval_loss": scored.loss.loss, "perplexity": scored.loss.perplexity, **quality}, texts
 
