@@ -154,16 +154,25 @@ def test_summarize_and_evaluate_report_load_time_apart_from_work(final, sample_d
     Path("a.txt").write_text(row["document"][:400])
     result = runner.invoke(app, ["summarize", "a.txt", "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
-    assert re.search(r"load \d+\.\d s, generation \d+\.\d s", result.stderr)
+    assert re.search(r"load \d+\.\d s \(libraries \d+\.\d, model \d+\.\d, adapter \d+\.\d\), generation \d+\.\d s",
+                     result.stderr)  # fmt: skip
     assert "load" not in result.stdout  # the summary alone on stdout
     timings: dict[str, float] = {}
     summarize([Article("a.txt", row["document"][:400])], final, overrides={"generation.max_new_tokens": 4},
               timings=timings)  # fmt: skip
-    assert set(timings) == {"load_seconds", "generation_seconds"} and all(v > 0 for v in timings.values())
+    assert set(timings) == {"load_seconds", "generation_seconds", "load_phases"}
+    assert timings["load_seconds"] > 0 and timings["generation_seconds"] > 0
+    phases = timings["load_phases"]
+    assert list(phases) == ["libraries", "model", "adapter"] and all(t > 0 for t in phases.values())
+    assert sum(phases.values()) <= timings["load_seconds"]
     evaluated = runner.invoke(app, ["evaluate", "--samples", "4", "--max-new-tokens", "2", "-o", "out"])
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(Path("out/metrics-validation.json").read_text())["timings"]
-    assert f"load {metrics['load_seconds']:.1f} s, loss {metrics['loss_seconds']:.1f} s" in evaluated.output
+    phases = metrics["load_phases"]
+    assert list(phases) == ["data", "libraries", "model", "adapter", "tokenize"] and min(phases.values()) >= 0
+    assert sum(phases.values()) == pytest.approx(metrics["load_seconds"], abs=1e-3)
+    split = ", ".join(f"{name} {t:.1f}" for name, t in phases.items())
+    assert f"load {metrics['load_seconds']:.1f} s ({split}), loss {metrics['loss_seconds']:.1f} s" in evaluated.output
     assert f"ROUGE {metrics['scoring_seconds']:.1f} s, total {metrics['total_seconds']:.1f} s" in evaluated.output
     assert 0 < metrics["scoring_seconds"] < metrics["total_seconds"]
 

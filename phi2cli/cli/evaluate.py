@@ -99,7 +99,7 @@ def evaluate_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from phi2cli.inference.evaluation import EvaluateOptions, evaluate
-    from phi2cli.cli.ui import err_console, note, warn
+    from phi2cli.cli.ui import err_console, load_line, note, warn
 
     overrides = data_overrides(
         model=model, dataset=dataset, data_dir=data_dir, validation_file=validation_file, test_file=test_file,
@@ -121,7 +121,7 @@ def evaluate_command(
         warn(message)
     console.print(metrics_table(result.metrics))
     timings = result.metrics["timings"]
-    note(f"load {timings['load_seconds']:.1f} s, loss {timings['loss_seconds']:.1f} s, generation "
-         f"{timings['generation_seconds']:.1f} s ({timings['generated_tokens_per_second']:.0f} tokens/s), "
+    note(f"{load_line(timings['load_seconds'], timings['load_phases'])}, loss {timings['loss_seconds']:.1f} s, "
+         f"generation {timings['generation_seconds']:.1f} s ({timings['generated_tokens_per_second']:.0f} tokens/s), "
          f"ROUGE {timings['scoring_seconds']:.1f} s, total {timings['total_seconds']:.1f} s")  # fmt: skip
     console.print(f"Wrote [bold]{result.metrics_path}[/bold] and [bold]{result.predictions_path}[/bold]")

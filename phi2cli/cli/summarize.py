@@ -56,7 +56,7 @@ def summarize_command(
     Examples: phi2 summarize article.txt; cat article.txt | phi2 summarize -; phi2 summarize --json docs/
     """
     from phi2cli.inference.evaluation import read_articles, results_json, summarize
-    from phi2cli.cli.ui import note
+    from phi2cli.cli.ui import load_line, note
 
     if base_only and adapter is not None:
         raise ConfigError(f"--base-only runs the model without an adapter, but --adapter {adapter} was given; "
@@ -74,7 +74,8 @@ def summarize_command(
                                timings=timings)  # fmt: skip
     for message in notes:
         note(message)
-    note(f"load {timings['load_seconds']:.1f} s, generation {timings['generation_seconds']:.1f} s")
+    note(f"{load_line(timings['load_seconds'], timings['load_phases'])}, "
+         f"generation {timings['generation_seconds']:.1f} s")  # fmt: skip
     if as_json:
         typer.echo(results_json(results))
     elif len(results) == 1:

@@ -86,3 +86,9 @@ class TrainingDisplay:
                 f"  eval @ step {info['step']}: loss {info['eval_loss']:.4f}"
                 + (f"  ({info['eval_runtime']:.1f} s)" if "eval_runtime" in info else "")
             )
+
+
+def load_line(seconds: float, phases: dict[str, float]) -> str:
+    """'load 8.5 s (libraries 5.1, model 2.6, adapter 0.8)': where a command's start-up went."""
+    parts = ", ".join(f"{name} {t:.1f}" for name, t in phases.items())
+    return f"load {seconds:.1f} s" + (f" ({parts})" if parts else "")

@@ -144,6 +144,7 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
     check_hub_access(config, tokenizer=not own_tokenizer, data=options.data_file is None)  # every missing item at once
     loaded_rows = load_eval_rows(config, options.split, options.data_file)
     rows = sample_rows(loaded_rows.rows, options.samples, config.data.seed)  # training's --val-samples order
+    data_seconds = time.perf_counter() - started
     notes = []
     if options.samples > len(loaded_rows.rows):
         notes.append(f"--samples {options.samples}: the {options.split} split has {len(rows)}; using all")
@@ -159,7 +160,9 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
     if len(examples) < len(rows):
         notes.append(f"{len(rows) - len(examples)} example(s) left out of the loss: summary longer than max_length")
     batch_size = default_batch_size(loaded, options.gen_batch_size, config.generation)
-    timings: dict[str, float] = {"load_seconds": time.perf_counter() - started, "scoring_seconds": 0.0}
+    timings: dict[str, Any] = {"load_seconds": time.perf_counter() - started, "scoring_seconds": 0.0}
+    timings["load_phases"] = {"data": data_seconds, **loaded.load_phases,
+                              "tokenize": timings["load_seconds"] - data_seconds - sum(loaded.load_phases.values())}
     preload_scorer()  # ROUGE's imports overlap the GPU passes
     truncated: dict[str, int] = {}  # articles cut to fit max_length - max_new_tokens
     shared: dict[str, int] = {}  # articles whose loss and summary prefill came from one forward
@@ -216,7 +219,9 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
             "decoder": "static" if uses_fast_decoder(loaded, config.generation) else "hf",
             "timings_note": SHARED_TIMINGS if shared["tuned"] else SEPARATE_TIMINGS,
         },
-        "timings": {k: round(v, 4) if isinstance(v, float) else v for k, v in timings.items()},
+        "timings": {k: round(v, 4) if isinstance(v, float) else
+                    {part: round(t, 4) for part, t in v.items()} if isinstance(v, dict) else v
+                    for k, v in timings.items()},  # fmt: skip
         "tuned": tuned,
     }  # fmt: skip
     if base is not None:
@@ -385,7 +390,7 @@ def summarize(articles: Sequence[Article], adapter_dir: str | Path = DEFAULT_ADA
         overrides: dotted config keys from flags (model, generation settings).
         gen_batch_size: articles per batch; None picks one for the device.
         stream: a text stream to write a single article's summary to while it is generated.
-        timings: filled with load_seconds (config, model, adapter) and generation_seconds.
+        timings: filled with load_seconds (config, model, adapter), its load_phases and generation_seconds.
     Returns:
         (one SummaryResult per article in order, notes for the user)
     """
@@ -399,7 +404,8 @@ def summarize(articles: Sequence[Article], adapter_dir: str | Path = DEFAULT_ADA
     generated = generate(loaded, [a.text for a in articles], config.generation,
                          default_batch_size(loaded, gen_batch_size, config.generation), stream=stream)  # fmt: skip
     if timings is not None:
-        timings.update(load_seconds=loaded_at - started, generation_seconds=time.perf_counter() - loaded_at)
+        timings.update(load_seconds=loaded_at - started, generation_seconds=time.perf_counter() - loaded_at,
+                       load_phases=dict(loaded.load_phases))  # fmt: skip
     room = config.data.max_length - config.generation.max_new_tokens - loaded.fmt.fixed_tokens
     why = f"truncated to {room} tokens to fit max_length {config.data.max_length} minus --max-new-tokens " \
           f"{config.generation.max_new_tokens}"  # fmt: skip

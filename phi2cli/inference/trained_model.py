@@ -7,6 +7,7 @@ weights, so no step pays for NF4 dequantization or LoRA matmuls.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ class LoadedModel:
     adapter_dir: Path | None = None  # None while it is the base model
     merged: bool = False  # adapter folded into the weights
     notes: list[str] = field(default_factory=list)
+    load_phases: dict[str, float] = field(default_factory=dict)  # seconds: libraries, model, adapter
 
 
 def check_adapter_dir(adapter_dir: str | Path) -> Path:
@@ -77,13 +79,16 @@ def load_model(config: Phi2Config, adapter_dir: str | Path | None = None) -> Loa
     Raises:
         ModelError, RunError, DeviceError, HubUnreachableError, ConfigError.
     """
-    from phi2cli.models.loading import load_base_model, load_tokenizer, resolve_precision
+    from phi2cli.models.loading import import_libraries, load_base_model, load_tokenizer, resolve_precision
 
     from phi2cli.io.hub import check_hub_access
 
+    started = time.perf_counter()
     adapter_path = check_adapter_dir(adapter_dir) if adapter_dir is not None else None
     hub_notes = check_hub_access(config, tokenizer=_tokenizer_source(config, adapter_path) != str(adapter_path))
     precision = resolve_precision(config.model)
+    import_libraries(quantized=precision.quantization != "none", adapter=adapter_path is not None)
+    libraries_at = time.perf_counter()
     tokenizer = load_tokenizer(_tokenizer_source(config, adapter_path))
     fmt = PromptFormat.create(config.data.template, tokenizer)
     if precision.device == "cuda" and precision.quantization == "4bit":
@@ -100,6 +105,7 @@ def load_model(config: Phi2Config, adapter_dir: str | Path | None = None) -> Loa
     base.eval()
     base.requires_grad_(False)
     loaded = LoadedModel(base, tokenizer, fmt, config, precision.device, precision.compute_dtype, notes=notes)
+    loaded.load_phases.update(libraries=libraries_at - started, model=time.perf_counter() - libraries_at)
     if adapter_path is not None:
         attach_adapter(loaded, adapter_path)
     return loaded
@@ -109,6 +115,7 @@ def attach_adapter(loaded: LoadedModel, adapter_dir: str | Path) -> LoadedModel:
     """Load a LoRA adapter onto `loaded.model` and merge it into the weights (in place)."""
     from phi2cli.models.loading import load_adapter
 
+    started = time.perf_counter()
     path = check_adapter_dir(adapter_dir)
     model = load_adapter(loaded.model, path)
     if getattr(model, "is_loaded_in_8bit", False):  # merging into int8 weights would round them
@@ -118,4 +125,5 @@ def attach_adapter(loaded: LoadedModel, adapter_dir: str | Path) -> LoadedModel:
         loaded.merged = True
     model.eval()
     loaded.model, loaded.adapter_dir = model, path
+    loaded.load_phases["adapter"] = loaded.load_phases.get("adapter", 0.0) + time.perf_counter() - started
     return loaded
