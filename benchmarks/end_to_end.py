@@ -26,6 +26,7 @@ memory and global state are theirs alone.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import shutil
@@ -359,10 +360,10 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
 
 def environment_with_peers() -> dict[str, Any]:
     info = environment()
-    for name in ("trl", "liger_kernel"):
+    for name, dist in (("trl", "trl"), ("liger_kernel", "liger-kernel")):  # liger_kernel has no __version__
         try:
-            info[name] = __import__(name).__version__
-        except Exception:
+            info[name] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
             info[name] = None
     return info
 

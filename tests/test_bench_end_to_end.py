@@ -71,3 +71,23 @@ def test_cli_parts_time_each_command_and_merge_into_one_file(bench, tiny_phi_dir
     assert result["seed_job_cold"]["timing"]["train_steps_s"] > 0
     assert set(result["commands"]) == {"seed,summarize", "report"}
     assert result["environment"]["torch"]
+
+
+def test_peer_versions_come_from_the_installed_distributions(bench, monkeypatch):
+    """liger-kernel has no __version__ attribute: its version is read from its distribution, by that name."""
+    import importlib.metadata
+
+    installed, real = {"trl": "1.16.0", "liger-kernel": "0.8.5"}, importlib.metadata.version
+
+    def version(dist):
+        if dist not in ("trl", "liger-kernel"):
+            return real(dist)
+        if dist not in installed:
+            raise importlib.metadata.PackageNotFoundError(dist)
+        return installed[dist]
+
+    monkeypatch.setattr(bench.importlib.metadata, "version", version)
+    info = bench.environment_with_peers()
+    assert (info["trl"], info["liger_kernel"]) == ("1.16.0", "0.8.5")
+    del installed["liger-kernel"]
+    assert bench.environment_with_peers()["liger_kernel"] is None
