@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
 import shutil
@@ -86,11 +87,7 @@ def environment() -> dict[str, Any]:
     import transformers
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    for name in ("peft", "bitsandbytes", "accelerate"):
-        try:
-            info[name] = __import__(name).__version__
-        except Exception:
-            info[name] = None
+    info.update(installed_versions("peft", "bitsandbytes", "accelerate"))
     # Python's compiled-bytecode cache: a pip-installed package ships none until first import (or pip's
     # own compile step); without one every process compiles thousands of modules from source.
     # (PYTHONDONTWRITEBYTECODE stops new files being written, not existing ones being read.)
@@ -100,6 +97,18 @@ def environment() -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()
     return info
+
+
+def installed_versions(*dists: str) -> dict[str, str | None]:
+    """{module name: installed version or None} read from each distribution's metadata (some, such as
+    liger-kernel, have no __version__ attribute)."""
+    found: dict[str, str | None] = {}
+    for dist in dists:
+        try:
+            found[dist.replace("-", "_")] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[dist.replace("-", "_")] = None
+    return found
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -26,7 +26,6 @@ memory and global state are theirs alone.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import shutil
@@ -39,7 +38,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))  # phi2cli from this copy
-from common import ROOT, default_data_dir, environment, write_json  # noqa: E402
+from common import ROOT, default_data_dir, environment, installed_versions, write_json  # noqa: E402
 
 GROUPS = {"ours": ["seed", "evaluate", "summarize", "report", "smollm2", "smollm2_eager"],
           "peers": ["reference", "trl", "profiles"]}  # fmt: skip
@@ -359,13 +358,7 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def environment_with_peers() -> dict[str, Any]:
-    info = environment()
-    for name, dist in (("trl", "trl"), ("liger_kernel", "liger-kernel")):  # liger_kernel has no __version__
-        try:
-            info[name] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            info[name] = None
-    return info
+    return {**environment(), **installed_versions("trl", "liger-kernel")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,7 +86,7 @@ def test_peer_versions_come_from_the_installed_distributions(bench, monkeypatch)
             raise importlib.metadata.PackageNotFoundError(dist)
         return installed[dist]
 
-    monkeypatch.setattr(bench.importlib.metadata, "version", version)
+    monkeypatch.setattr(importlib.metadata, "version", version)
     info = bench.environment_with_peers()
     assert (info["trl"], info["liger_kernel"]) == ("1.16.0", "0.8.5")
     del installed["liger-kernel"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 SCRIPT = """
 import atexit, sys
@@ -23,8 +24,7 @@ leave({code})
 
 
 def run(code: str, imports: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-c", SCRIPT.format(imports=imports, code=code)], env=env,
+    return subprocess.run([sys.executable, "-c", SCRIPT.format(imports=imports, code=code)], env=ENV,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
@@ -51,10 +51,9 @@ def test_a_message_goes_to_stderr_with_exit_code_1():
 
 def test_the_console_entry_point_keeps_click_exit_codes(tmp_path):
     """`python -m phi2cli` goes through main(): a usage error is 2, --version 0, a Phi2Error its own code."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
     def phi2(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "phi2cli", *args], env=env, cwd=tmp_path, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "phi2cli", *args], env=ENV, cwd=tmp_path, capture_output=True,
                               text=True, timeout=120)  # fmt: skip
 
     assert phi2("--version").returncode == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import traceback
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -185,8 +186,6 @@ def leave(code: Any) -> None:
     1.5-2.5 s after `phi2 summarize` or `evaluate` on the H200 machine (measured from the last output
     line to the process's exit). Without torch loaded (help, config, report) Python exits as usual.
     """
-    import sys
-
     if code is None:
         code = 0
     elif not isinstance(code, int):  # SystemExit("message"): Python prints it and exits with 1
