@@ -119,7 +119,7 @@ def train_row(row: str, model: Path, data_dir: Path, examples_dir: Path, steps: 
         "model.model": str(model), "data.data_dir": str(data_dir), "data.val_samples": 0,
         "data.max_length": MAX_LENGTH, "train.max_steps": steps, "train.logging_steps": LOG_EVERY,
         "train.eval_every": 10_000, "train.output_dir": str(work / row), "train.final_dir": str(work / f"{row}-final"),
-        "train.graph_bucket": GRAPH_BUCKET, **overrides,
+        "train.graph_bucket": GRAPH_BUCKET, "train.compile_from_steps": 0, **overrides,  # steady rates: compiled
     }).validate()  # fmt: skip
     holder: list[Any] = []
     timer = StepTimer(holder)

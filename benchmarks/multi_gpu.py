@@ -86,7 +86,8 @@ def train_args(mode: str, gpus: int, steps: int, per_gpu: int, model: Path, prep
     """The `phi2 train` command line of one run (what a user types, plus fixed output places)."""
     args = ["train", "--prepared", str(prepared), "--model", str(model), "--profile", profile,
             "--max-steps", str(steps), "--logging-steps", "5", "--eval-every", str(steps), "--lora-dropout", "0",
-            "--warmup-steps", "5", "--output-dir", str(out), "--final-dir", str(final), "--overwrite"]  # fmt: skip
+            "--warmup-steps", "5", "--output-dir", str(out), "--final-dir", str(final), "--overwrite",
+            "--compile"]  # the steady rates of runs long enough for compiling to pay  # fmt: skip
     if mode == "weak":
         args += ["--per-gpu-batch", str(per_gpu)]
     if gpus > 1:

@@ -188,6 +188,7 @@ def run_engine(profile: str, model_dir: Path, prepared: Path, steps: int, workdi
     name = profile.removesuffix("-eager").removesuffix("-nographs")
     config = apply_overrides(Phi2Config(), {
         "model.model": str(model_dir), "train.profile": name, "train.compile": not eager,
+        "train.compile_from_steps": 0,  # the steady rate of a run long enough for compiling to pay
         "train.cuda_graphs": not profile.endswith("-nographs"),
         "train.max_steps": steps, "train.logging_steps": LOG_EVERY,
         "train.output_dir": str(workdir / profile), "train.final_dir": str(workdir / f"{profile}-final"),

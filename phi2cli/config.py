@@ -92,7 +92,8 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
     profile: str = _f("auto", "Engine profile: speed, memory-saver, reference; auto picks from free GPU memory.")
-    compile: bool = _f(True, "torch.compile the decoder layers (CUDA; speed and memory-saver profiles): ~2x faster steps after a one-time compile of about a minute (cached on disk for later runs).")
+    compile: bool = _f(True, "torch.compile the decoder layers (CUDA; speed and memory-saver profiles): on an H200, phi-2's steps 14% faster on the speed profile and 74% on the memory-saver, after a one-time compile of ~25 s (cached on disk for later runs).")
+    compile_from_steps: int = _f(1900, "The speed profile compiles only runs of at least this many optimizer steps (0: every run); a shorter run finishes sooner without compiling. --compile sets 0.")
     cuda_graphs: bool = _f(True, "Replay each training step from a CUDA graph (CUDA, bf16, speed profile): the CPU stops being the bottleneck; each new batch shape is recorded once (about a second).")
     graph_bucket: int = _f(0, "CUDA graphs: tokens a newly recorded batch shape is rounded up to (a multiple of 64); 0 picks it from the run's length: coarse for short runs (fewer recordings), fine for long ones (less padding).")
     seed: int = _f(42, "Seed for LoRA init, dropout and data order: same seed, same run.")
@@ -271,6 +272,7 @@ def validation_problems(config: Phi2Config) -> list[str]:
          f"--min-new-tokens must be between 0 and --max-new-tokens {g.max_new_tokens} (got {g.min_new_tokens})")
     need(t.graph_bucket == 0 or (t.graph_bucket >= 64 and t.graph_bucket % 64 == 0),
          f"--graph-bucket must be 0 (chosen from the run's length) or a multiple of 64 (got {t.graph_bucket})")
+    need(t.compile_from_steps >= 0, f"--compile-from-steps must be 0 (every run) or positive (got {t.compile_from_steps})")
     need(t.neftune_alpha >= 0, f"--neftune-alpha must be 0 (off) or positive (got {t.neftune_alpha})")
     need(g.temperature > 0, f"--temperature must be positive (got {g.temperature})")
     need(0 < g.top_p <= 1, f"--top-p must be in (0, 1] (got {g.top_p})")

@@ -34,6 +34,41 @@ def test_importing_compat_loads_no_library():
     assert done.stdout.strip() == "[]"
 
 
+def test_quantization_libraries_import_without_the_compiler():
+    """bitsandbytes wraps kernels in torch.compile at import: deferred, TorchInductor stays unloaded."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys, torch, transformers.modeling_utils; from phi2cli import compat; compile = torch.compile; "
+            "compat.import_quantization_libraries(peft=True, bitsandbytes=True); "
+            "print({'bitsandbytes', 'peft'} <= set(sys.modules), 'torch._inductor.compile_fx' in sys.modules, "
+            "torch.compile is compile)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.split() == ["True", "False", "True"], done.stderr[-2000:]
+
+
+def test_a_function_compiled_inside_compile_on_first_call_compiles_when_called():
+    import torch
+
+    graphs = []
+
+    def backend(graph, example_inputs):  # counts what the compiler is handed
+        graphs.append(graph)
+        return graph.forward
+
+    with compat.compile_on_first_call():
+        double = torch.compile(lambda x: x * 2, backend=backend)
+        halve = torch.compile(backend=backend)(lambda x: x / 2)
+    assert torch.compile.__module__ == "torch"  # put back after the block
+    assert graphs == []  # nothing compiled yet
+    x = torch.arange(4.0)
+    assert torch.equal(double(x), x * 2) and torch.equal(double(x), x * 2)
+    assert len(graphs) == 1  # compiled at the first call, reused at the second
+    assert torch.equal(halve(x), x / 2) and len(graphs) == 2
+
+
 def test_dynamo_settings_are_scoped_to_the_block():
     import torch._dynamo
 

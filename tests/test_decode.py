@@ -124,6 +124,22 @@ def test_rows_end_at_their_first_stop_token(model, reference):
     assert any(len(row) == 16 for row in fast)  # a row that never stops keeps all its tokens
 
 
+def test_a_batch_stops_decoding_once_every_row_has_stopped(model, reference, monkeypatch):
+    """No step is spent after the check that finds every row stopped, and the tokens stay generate()'s."""
+    stop_ids = sorted({row[2] for row in reference})  # every row stops by its third new token
+    steps = []
+    advance = decode.StaticDecoder.advance
+    monkeypatch.setattr(decode.StaticDecoder, "advance", lambda self, graph: steps.append(1) or advance(self, graph))
+    monkeypatch.setattr(decode, "STOP_CHECK_EVERY", 4)
+    fast = greedy_decode(model, random_prompts(), 16, stop_ids, batch_size=len(LENGTHS))
+    assert fast == [hf_greedy(model, p, 16, stop_ids) for p in random_prompts()]
+    assert all(len(row) <= 3 for row in fast)
+    assert len(steps) == 3  # new tokens 2-4 come from steps (the 1st from the prefill); the look at 4 ends it
+    steps.clear()
+    greedy_decode(model, random_prompts(), 16, [], batch_size=len(LENGTHS))
+    assert len(steps) == 15  # without stop tokens every step runs
+
+
 def test_edge_cases(model):
     prompts = random_prompts((3, 8))
     assert greedy_decode(model, prompts, 1, [], batch_size=2) == [hf_greedy(model, p, 1) for p in prompts]

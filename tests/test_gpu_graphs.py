@@ -190,7 +190,8 @@ def test_training_with_cuda_graphs_follows_the_eager_run(tmp_path):
             "model.model": str(phi2_shape_model()), "data.data_dir": str(SAMPLE), "data.samples": 64,
             "data.val_samples": 8, "data.max_length": 512, "lora.dropout": 0.0, "train.max_steps": 8,
             "train.eval_every": 8, "train.logging_steps": 1, "train.profile": "speed", "train.cuda_graphs": graphs,
-            "train.output_dir": str(tmp_path / name), "train.final_dir": str(tmp_path / f"{name}-final"),
+            "train.compile_from_steps": 0, "train.output_dir": str(tmp_path / name),
+            "train.final_dir": str(tmp_path / f"{name}-final"),
         }).validate()  # fmt: skip
         results[name] = train(config, callbacks=[NoDropout()])
         state = json.loads((results[name].output_dir / "checkpoint-8" / "trainer_state.json").read_text())

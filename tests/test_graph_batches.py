@@ -98,6 +98,27 @@ def test_cuda_graphs_are_planned_for_the_bf16_speed_profile_on_cuda_only():
         assert not resolve_plan(other, cuda=True, quantized=True, free_gib=140.0).cuda_graphs
 
 
+def test_the_speed_profile_compiles_only_runs_long_enough_for_it_to_pay():
+    config = Phi2Config()  # 5,000 examples, 8 per step: 625 steps
+    short = resolve_plan(config, cuda=True, quantized=True, free_gib=140.0)
+    assert short.profile == "speed" and not short.compile
+    assert short.uncompiled_reason == ("not compiled: a 625-step run finishes sooner without (compiling pays "
+                                       "from 1,900 steps; --compile compiles anyway)")  # fmt: skip
+    long_run = apply_overrides(config, {"train.max_steps": 1900})
+    assert resolve_plan(long_run, cuda=True, quantized=True, free_gib=140.0).compile
+    every = apply_overrides(config, {"train.compile_from_steps": 0})
+    plan = resolve_plan(every, cuda=True, quantized=True, free_gib=140.0)
+    assert plan.compile and plan.uncompiled_reason is None
+    saver = apply_overrides(config, {"train.profile": "memory-saver"})  # compiling pays within a few hundred steps
+    assert resolve_plan(saver, cuda=True, quantized=True, free_gib=140.0).compile
+    low_memory = resolve_plan(config, cuda=True, quantized=True, free_gib=12.0)  # auto falls back to the memory-saver
+    assert low_memory.profile == "memory-saver" and low_memory.compile
+    off = apply_overrides(long_run, {"train.compile": False})
+    plan = resolve_plan(off, cuda=True, quantized=True, free_gib=140.0)
+    assert not plan.compile and plan.uncompiled_reason is None  # the user's choice needs no reason
+    assert not resolve_plan(long_run, cuda=False, quantized=False, free_gib=None).compile
+
+
 def test_graphed_runs_get_a_padding_collator_and_others_do_not():
     config = apply_overrides(Phi2Config(), {"data.max_length": 96})
     graphed = resolve_plan(config, cuda=True, quantized=True, free_gib=140.0)

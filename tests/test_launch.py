@@ -80,7 +80,7 @@ def test_auto_profile_follows_free_memory():
 
 @pytest.mark.parametrize("profile", ["speed", "memory-saver"])
 def test_fast_profiles_drop_autocast_only_for_bf16_and_flatten_only_8bit_adamw(profile):
-    config = apply_overrides(Phi2Config(), {"train.profile": profile})
+    config = apply_overrides(Phi2Config(), {"train.profile": profile, "train.compile_from_steps": 0})
     plan = resolve_plan(config, cuda=True, quantized=True, free_gib=140.0)
     assert (plan.autocast, plan.fused_kernels, plan.flat_optimizer) == (False, True, True)
     eager = resolve_plan(apply_overrides(config, {"train.compile": False}), cuda=True, quantized=True, free_gib=140.0)

@@ -74,22 +74,23 @@ def test_beam_search_set_in_a_config_file_replaces_the_small_rows_mbr(tiny_phi_d
     assert "generation.mbr_samples" not in choice.chosen and "--mbr-samples" not in choice.line()
 
 
-def test_a_small_model_skips_compiling_in_a_short_run_unless_the_user_chose(tiny_phi_dir):
+def test_compiling_pays_from_the_rows_step_count_unless_the_user_chose(tiny_phi_dir):
     from phi2cli.config import build_config
     from phi2cli.models.recipes import COMPILE_PAYS_AFTER_STEPS
 
     model = {"model.model": str(tiny_phi_dir), "data.samples": 1495}
     config, choice = apply_recipe(build_config(None, model), {"model.model", "data.samples"})
-    assert config.train.compile is False and choice.chosen["train.compile"] is False  # 374 steps
-    assert "--no-compile (a short run)" in choice.line()
-    long_run = {**model, "train.max_steps": COMPILE_PAYS_AFTER_STEPS}
-    config, choice = apply_recipe(build_config(None, long_run), set(long_run))
-    assert config.train.compile is True and "train.compile" not in choice.chosen
+    assert config.train.compile is True and config.train.compile_from_steps == COMPILE_PAYS_AFTER_STEPS == 1500
+    assert f"--compile-from-steps {COMPILE_PAYS_AFTER_STEPS}" in choice.line()  # the plan then skips a 374-step run
     asked = {**model, "train.compile": True}
     config, choice = apply_recipe(build_config(None, asked), set(asked))
-    assert config.train.compile is True and choice.given == ("train.compile",)
-    config, _ = apply_recipe(build_config(None, {"model.model": REFERENCE_MODEL}), {"model.model"})
-    assert config.train.compile is True  # phi-2: the reference row always compiles
+    assert config.train.compile_from_steps == 0 and choice.given == ("train.compile",)  # --compile: every run
+    assert "--compile-from-steps" not in choice.line()
+    both = {**asked, "train.compile_from_steps": 50}
+    config, _ = apply_recipe(build_config(None, both), set(both))
+    assert config.train.compile_from_steps == 50
+    config, choice = apply_recipe(build_config(None, {"model.model": REFERENCE_MODEL}), {"model.model"})
+    assert config.train.compile_from_steps == 1900 and "--compile-from-steps" not in choice.line()  # the default
 
 
 def test_a_row_that_keeps_the_base_unquantized_sets_it_unless_the_user_chose(tiny_phi_dir, monkeypatch):

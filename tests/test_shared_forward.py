@@ -67,7 +67,7 @@ def rows(loaded, sample_data_dir) -> list[dict]:
 def articles(loaded, rows):
     """(document ids, loss examples) of the rows."""
     from phi2cli.inference.evaluation import encode_examples
-    from phi2cli.inference.generate import encode_documents
+    from phi2cli.data.prompts import encode_documents
 
     document_ids = encode_documents(loaded.tokenizer, [r["document"] for r in rows])
     return document_ids, encode_examples(loaded, rows, document_ids)
@@ -154,7 +154,8 @@ def test_other_templates_share_the_forward_too(loaded, rows, template):
 
     from phi2cli.inference.evaluation import encode_examples
     from phi2cli.inference.eval_loss import eval_loss
-    from phi2cli.inference.generate import build_prompts, encode_documents, generate_prompts
+    from phi2cli.data.prompts import encode_documents
+    from phi2cli.inference.generate import build_prompts, generate_prompts
     from phi2cli.data.prompts import PromptFormat
 
     other = replace(loaded, fmt=PromptFormat.create(template, loaded.tokenizer))
@@ -200,7 +201,8 @@ def llama_two_passes(loaded_llama, rows):
     """The Llama's shareable (prompt, example) pairs, greedy_decode's tokens and eval_loss over them."""
     from phi2cli.inference.evaluation import encode_examples
     from phi2cli.inference.eval_loss import eval_loss
-    from phi2cli.inference.generate import build_prompts, encode_documents
+    from phi2cli.data.prompts import encode_documents
+    from phi2cli.inference.generate import build_prompts
 
     document_ids = encode_documents(loaded_llama.tokenizer, [r["document"] for r in rows])
     examples = encode_examples(loaded_llama, rows, document_ids)

@@ -90,7 +90,8 @@ def test_time_split_takes_recording_out_of_the_training_steps():
     from phi2cli.training.timing import finish_timing, time_split
     from phi2cli.training.plan import resolve_plan
 
-    plan = resolve_plan(Phi2Config(), cuda=True, quantized=True, free_gib=140.0)
+    compiled = apply_overrides(Phi2Config(), {"train.compile_from_steps": 0})  # compiled whatever the length
+    plan = resolve_plan(compiled, cuda=True, quantized=True, free_gib=140.0)
     throughput = {"train_steps_seconds": 50.0, "evaluation_seconds": 6.0, "save_seconds": 2.0,
                   "first_step_seconds": 20.0, "real_tokens": 400_000,
                   "cuda_graphs": {"record_seconds": 30.0}}  # fmt: skip

@@ -59,6 +59,7 @@ def train_command(
         "train.gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")] = None,
     profile: Annotated[Optional[str], opt("train.profile", "--profile")] = None,
     compile_layers: Annotated[Optional[bool], opt("train.compile", "--compile/--no-compile")] = None,
+    compile_from_steps: Annotated[Optional[int], opt("train.compile_from_steps", "--compile-from-steps")] = None,
     cuda_graphs: Annotated[Optional[bool], opt("train.cuda_graphs", "--cuda-graphs/--no-cuda-graphs")] = None,
     graph_bucket: Annotated[Optional[int], opt("train.graph_bucket", "--graph-bucket")] = None,
     train_seed: Annotated[Optional[int], opt("train.seed", "--train-seed")] = None,
@@ -101,6 +102,7 @@ def train_command(
         "train.max_steps": max_steps, "train.eval_every": eval_every, "train.logging_steps": logging_steps,
         "train.eval_batch_size": eval_batch_size, "train.optimizer": optimizer,
         "train.gradient_checkpointing": gradient_checkpointing, "train.profile": profile, "train.compile": compile_layers,
+        "train.compile_from_steps": compile_from_steps,
         "train.cuda_graphs": cuda_graphs, "train.graph_bucket": graph_bucket, "train.seed": train_seed,
         "train.report_to": report_to,
         "train.neftune_alpha": neftune_alpha,
@@ -125,8 +127,10 @@ def train_command(
         console.print(f"The run in {result.output_dir} had already finished at step {result.global_step} (adapter in "
                       f"{result.final_dir}); nothing changed. A larger --max-steps with --resume trains further.")  # fmt: skip
         return
-    note(f"engine profile: {result.plan.profile} ({result.plan.micro_batch} x {result.plan.grad_accum} "
-         f"x {result.plan.world_size} GPU(s) = {result.plan.examples_per_step} examples per step)")  # fmt: skip
+    plan = result.plan
+    uncompiled = f"; {plan.uncompiled_reason}" if plan.uncompiled_reason else ""
+    note(f"engine profile: {plan.profile} ({plan.micro_batch} x {plan.grad_accum} x {plan.world_size} GPU(s) = "
+         f"{plan.examples_per_step} examples per step){uncompiled}")  # fmt: skip
     if result.plan.scaling == "weak":
         note(f"weak scaling: learning rate x {result.plan.lr_scale:.3f} (square root of the global batch's growth)")
     if result.best_checkpoint:

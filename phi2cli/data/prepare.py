@@ -14,7 +14,7 @@ from phi2cli import __version__
 from phi2cli.config import DataConfig, Phi2Config, _section_dict, resolve_local_path
 from phi2cli.errors import ConfigError, DataError, RunError
 from phi2cli.io.files import atomic_directory, check_writable_dir, write_json_atomic
-from phi2cli.data.prompts import PromptFormat, encode_example
+from phi2cli.data.prompts import PromptFormat, encode_documents, encode_example
 from phi2cli.data.sources import describe_source, load_split, uses_local_files
 
 MANIFEST_NAME = "manifest.json"
@@ -68,8 +68,9 @@ def tokenize_rows(
     columns: dict[str, list[Any]] = {k: [] for k in ("id", "document", "summary", "input_ids", "labels",
                                                       "prompt_tokens", "summary_tokens", "truncated")}  # fmt: skip
     too_long = 0
-    for row in progress(rows, len(rows), description):
-        encoded = encode_example(fmt, tokenizer, row["document"], row["summary"], max_length, loss_on)
+    articles = encode_documents(tokenizer, [row["document"] for row in rows])  # one batch: every core at once
+    for row, document_ids in progress(list(zip(rows, articles)), len(rows), description):
+        encoded = encode_example(fmt, tokenizer, row["document"], row["summary"], max_length, loss_on, document_ids)
         if encoded is None:
             too_long += 1
             continue

@@ -30,6 +30,9 @@ from phi2cli.kernels.attention import causal_varlen
 
 PREFILL_TOKENS = {"cuda": 32768, "cpu": 4096}  # prompt tokens per prefill forward (bounds activation memory)
 MEMORY_SHARE = 0.9  # of the free GPU memory, what the cache and the activations may take
+# Decoding steps between looks at whether every row has stopped. Each look waits for the GPU, and a
+# batch stops at most this many steps after its last row did. XSUM summaries take ~25 of the 60 new tokens.
+STOP_CHECK_EVERY = 8
 
 
 ROTARY_BY_POSITION = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position only (not "dynamic")
@@ -193,15 +196,21 @@ class StaticDecoder:
             self.tokens.copy_(forced[:, column])
             self.advance(cuda_graph)
 
-    def decode(self, max_new_tokens: int, cuda_graph: bool) -> list[list[int]]:
-        """`tokens` and the greedy tokens after it: max_new_tokens per row, not yet cut at a stop token."""
+    def decode(self, max_new_tokens: int, cuda_graph: bool, stop_ids: Sequence[int] = ()) -> list[list[int]]:
+        """`tokens` and the greedy tokens after it, not yet cut at a stop token: max_new_tokens per row,
+        or fewer once every row holds one of `stop_ids` (looked for every STOP_CHECK_EVERY steps)."""
         generated = torch.empty(self.rows, max_new_tokens, dtype=torch.long, device=self.phi.device)
+        stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=self.phi.device) if stop_ids else None
         if max_new_tokens:
             generated[:, 0] = self.tokens
+        done = min(max_new_tokens, 1)
         for index in range(1, max_new_tokens):  # finished rows keep going: cheaper than branching; cut on the host
+            if stops is not None and index % STOP_CHECK_EVERY == 0 and all_stopped(generated[:, :index], stops):
+                break
             self.advance(cuda_graph)
             generated[:, index] = self.tokens
-        return generated.tolist()  # the batch's one host synchronisation
+            done = index + 1
+        return generated[:, :done].tolist()
 
     def step(self) -> None:
         """Feed `tokens` at `positions`: write their K/V, attend over the cache, set the next tokens."""
@@ -299,7 +308,7 @@ def sample_decode(model: Any, prompts: Sequence[Sequence[int]], copies: int, tem
             decoder = StaticDecoder(phi, len(chunk) * copies, cache_len, copies=copies, temperature=temperature,
                                     uniforms=uniforms)  # fmt: skip
             decoder.prefill(batch)
-            generated = decoder.decode(max_new_tokens, cuda_graph)
+            generated = decoder.decode(max_new_tokens, cuda_graph, stop_ids)
             for position, index in enumerate(chunk):
                 rows = generated[position * copies : (position + 1) * copies]
                 results[index] = [cut_at_stop(row, stop_ids) for row in rows]
@@ -321,6 +330,11 @@ def cache_batches(phi: DecoderModules, prompts: Sequence[Sequence[int]], max_new
         rows = max(1, min(batch_size, len(order) - start, fit))
         yield order[start : start + rows], cache_len
         start += rows
+
+
+def all_stopped(generated: torch.Tensor, stops: torch.Tensor) -> bool:
+    """Whether every row of `generated` [rows, n] holds a stop token (waits for the GPU)."""
+    return bool(torch.isin(generated, stops).any(dim=1).all())
 
 
 def cut_at_stop(row: Sequence[int], stop_ids: Sequence[int]) -> list[int]:

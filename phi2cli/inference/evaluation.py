@@ -125,8 +125,9 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
         RunError, ModelError, DataError, ConfigError, DeviceError.
     """
     from phi2cli.data.prepare import sample_rows
+    from phi2cli.data.prompts import encode_documents
     from phi2cli.io.files import ensure_writable_dir, write_json_atomic, write_jsonl_atomic
-    from phi2cli.inference.generate import decoder_name, default_batch_size, encode_documents
+    from phi2cli.inference.generate import decoder_name, default_batch_size
     from phi2cli.inference.trained_model import attach_adapter, load_model
 
     if options.samples < 1:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TextIO
 
 from phi2cli.config import GenerationConfig
+from phi2cli.data.prompts import encode_documents
 from phi2cli.errors import ConfigError, DeviceError
 from phi2cli.inference.trained_model import LoadedModel
 from phi2cli.report.metrics import first_line
@@ -40,13 +41,6 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
         if len(encoded) == 1 and encoded[0] not in ids:
             ids.append(int(encoded[0]))
     return ids
-
-
-def encode_documents(tokenizer: Any, documents: Sequence[str]) -> list[list[int]]:
-    """Token ids of each article, as prompts.encode_document gives them, in one batched call."""
-    if not documents:
-        return []
-    return [list(ids) for ids in tokenizer(list(documents), add_special_tokens=False)["input_ids"]]
 
 
 def build_prompts(loaded: LoadedModel, document_ids: Sequence[Sequence[int]],

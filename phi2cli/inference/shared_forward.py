@@ -90,7 +90,7 @@ def decode_with_loss(model: Any, prompts: Sequence[Sequence[int]], examples: Seq
             decoder.positions.copy_(torch.tensor(cached, dtype=torch.long))
             tails_ids = [prompts[i][c:] for i, c in zip(chunk, cached)]
             decoder.force(torch.tensor(tails_ids, dtype=torch.long, device=phi.device), cuda_graph)
-            for index, row in zip(chunk, decoder.decode(max_new_tokens, cuda_graph)):
+            for index, row in zip(chunk, decoder.decode(max_new_tokens, cuda_graph, stop_ids)):
                 generated[index] = cut_at_stop(row, stop_ids)
             del decoder  # its cache goes before the next batch is sized to free memory
     return SharedDecode(generated, loss_sum, labelled, forward_seconds)

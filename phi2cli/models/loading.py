@@ -103,14 +103,13 @@ def import_libraries(quantized: bool, adapter: bool) -> None:
     `python -X importtime -m phi2cli summarize` on the H200 machine (transformers 5.24): transformers
     3.2 s, torch 1.7 s, bitsandbytes 1.4 s, peft 0.2 s.
     """
+    from phi2cli.compat import import_quantization_libraries
+
     quiet_libraries()
     import torch  # noqa: F401
     import transformers.modeling_utils  # noqa: F401
 
-    if adapter:
-        import peft  # noqa: F401
-    if quantized:
-        import bitsandbytes  # noqa: F401
+    import_quantization_libraries(peft=adapter, bitsandbytes=quantized)
 
 
 def load_tokenizer(name_or_path: str, padding_side: str = "right") -> Any:

@@ -18,7 +18,8 @@ REFERENCE_MODEL = "microsoft/phi-2"  # the reference run's model: never looked u
 RECIPE_KEYS = ("train.learning_rate", "train.epochs", "train.warmup_steps", "lora.targets", "lora.r", "lora.alpha",
                "generation.num_beams", "generation.length_penalty", "generation.no_repeat_ngram_size",
                "model.quantization", "train.neftune_alpha", "lora.dropout", "data.max_length",
-               "train.compile", "generation.mbr_samples", "generation.mbr_temperature")  # fmt: skip
+               "train.compile", "train.compile_from_steps", "generation.mbr_samples",
+               "generation.mbr_temperature")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class SizeRecipe:
     neftune_alpha: float = 0.0  # NEFTune noise on the input embeddings while training (0: off)
     lora_dropout: float = 0.05  # the reference recipe's (the config default; a test checks)
     max_length: int = 1024  # tokens per example, the config default; longer articles are truncated
-    compile_from_steps: int = 0  # torch.compile the decoder layers only for runs of this many steps or more (0: always)
+    compile_from_steps: int = 1900  # the speed profile compiles runs of this many steps or more; the config default
     mbr_samples: int = 0  # summaries: minimum-Bayes-risk choice among the greedy one and this many samples (0: greedy)
     mbr_temperature: float = 0.7  # the config default
 
@@ -56,7 +57,10 @@ class SizeRecipe:
 # Compiling a 135 M model's layers costs more than it saves in a short run: SmolLM2's 374-step job on an
 # H200 (benchmarks/results/end_to_end_previous.json, smollm2_compiled vs smollm2_eager) spent 31.3 s compiling and recording
 # against 14.1 s without compiling (+17.1 s), for steps 11 ms faster (12.1 s vs 16.3 s): it pays after
-# ~1,500 steps. phi-2's steps run twice as fast compiled, so the larger rows always compile.
+# ~1,500 steps. phi-2 (the config default, train.compile_from_steps, which the other rows keep): 200 seed-job
+# steps on an H200 with CUDA graphs (benchmarks/results/compile_pays.json) took 0.107 s each compiled and 0.121 s
+# eagerly, 0.0144 s saved per step, for a first recording of 24.2 s against 1.0 s and a first evaluation 3.6 s
+# longer: 26.8 s to win back, after ~1,860 steps. The memory-saver profile always compiles (74% faster steps).
 COMPILE_PAYS_AFTER_STEPS = 1500
 
 # Decoding, chosen on the same validation rows with this row's adapter (benchmarks/mbr_sweep.py,
@@ -119,10 +123,8 @@ _FLAGS = {"train.learning_rate": "--lr", "train.epochs": "--epochs", "train.warm
           "generation.no_repeat_ngram_size": "--no-repeat-ngram-size", "model.quantization": "--quantization",
           "train.neftune_alpha": "--neftune-alpha", "lora.dropout": "--lora-dropout",
           "data.max_length": "--max-length", "train.compile": "--compile",
+          "train.compile_from_steps": "--compile-from-steps",
           "generation.mbr_samples": "--mbr-samples", "generation.mbr_temperature": "--mbr-temperature"}  # fmt: skip
-
-
-_WHY = {"train.compile": "a short run"}  # a switch the table turns off, and why
 
 
 def _flag(key: str, value: Any) -> str:
@@ -130,8 +132,7 @@ def _flag(key: str, value: Any) -> str:
     if key == "lora.targets" and not value:  # empty: the family's attention projections
         return "LoRA on the attention projections"
     if isinstance(value, bool):
-        flag = _FLAGS[key] if value else "--no-" + _FLAGS[key][2:]
-        return f"{flag} ({_WHY[key]})" if key in _WHY and not value else flag
+        return _FLAGS[key] if value else "--no-" + _FLAGS[key][2:]
     return f"{_FLAGS[key]} {_shown(value)}"
 
 
@@ -153,7 +154,8 @@ def row_for(parameters: int | None) -> SizeRecipe:
 # config key -> SizeRecipe field, for the fields whose defaults are the reference recipe's
 OPTIONAL_FIELDS = (("model.quantization", "quantization"), ("train.neftune_alpha", "neftune_alpha"),
                    ("lora.dropout", "lora_dropout"), ("data.max_length", "max_length"),
-                   ("generation.mbr_samples", "mbr_samples"), ("generation.mbr_temperature", "mbr_temperature"))
+                   ("generation.mbr_samples", "mbr_samples"), ("generation.mbr_temperature", "mbr_temperature"),
+                   ("train.compile_from_steps", "compile_from_steps"))
 
 
 def recipe_values(row: SizeRecipe, model_type: str | None) -> dict[str, Any]:
@@ -187,14 +189,12 @@ def apply_recipe(config: Phi2Config, given: set[str] | frozenset[str]) -> tuple[
     chosen = {k: v for k, v in values.items() if k not in given}
     if given & {"generation.num_beams", "generation.do_sample"}:  # the user's beams or sampling replace the row's MBR
         chosen.pop("generation.mbr_samples", None)
+    if "train.compile" in given:  # the user's --compile / --no-compile holds whatever the run's length
+        chosen.pop("train.compile_from_steps", None)
     yours = tuple(k for k in RECIPE_KEYS if k in given)
     config = apply_overrides(config, chosen, "recipe")
-    if row.compile_from_steps and config.train.compile and "train.compile" not in given:
-        from phi2cli.training.plan import examples_per_step, planned_steps
-
-        if planned_steps(config, examples_per_step(config)) < row.compile_from_steps:
-            chosen["train.compile"] = False
-            config = apply_overrides(config, {"train.compile": False}, "recipe")
+    if "train.compile" in given and config.train.compile and "train.compile_from_steps" not in given:
+        config = apply_overrides(config, {"train.compile_from_steps": 0})  # --compile: whatever the run's length
     return config.validate(), RecipeChoice(row.name, parameters, model_type, chosen, yours)
 
 

@@ -37,6 +37,7 @@ class EnginePlan:
     flat_optimizer: bool = False  # 8-bit AdamW over one flat buffer (optim.FlatAdamW8bit)
     cuda_graphs: bool = False  # each micro-batch's forward + backward replayed from a CUDA graph (graphs.py)
     note: str | None = None
+    uncompiled_reason: str | None = None  # why a profile that compiles runs eagerly here (a short run)
     scaling: str = "strong"  # strong: the recipe's global batch split over GPUs; weak: --per-gpu-batch on each
     lr_scale: float = 1.0  # weak scaling: sqrt(global batch / the recipe's), applied to --lr
     graph_bucket: int = 128  # CUDA graphs: tokens per recorded-shape step (graph_bucket_tokens)
@@ -126,7 +127,12 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
         compiled = cuda and train.compile and quantized
         return EnginePlan("memory-saver", micro, accum, world_size, True, True, False, True, optimizer, note=note,
                           eval_batch=eval_batch, compile=compiled, torch_nf4=compiled, **lean, **scaling)  # fmt: skip
-    compiled = cuda and train.compile
+    steps = planned_steps(config, total)
+    compiled = cuda and train.compile and steps >= train.compile_from_steps
+    uncompiled = None
+    if cuda and train.compile and not compiled:
+        uncompiled = (f"not compiled: a {steps:,}-step run finishes sooner without (compiling pays from "
+                      f"{train.compile_from_steps:,} steps; --compile compiles anyway)")  # fmt: skip
     # CUDA graphs need bf16 without a loss scaler (fp16 keeps autocast and its GradScaler, eagerly).
     graphs = cuda and bf16 and train.cuda_graphs
     graph_need = speed_memory_gib(total // world_size, config.data.max_length, graphs=True,
@@ -135,9 +141,9 @@ def resolve_plan(config: Phi2Config, *, cuda: bool, quantized: bool, free_gib: f
         graphs = False
         note = note or (f"{free_gib:.1f} GiB free on the GPU (CUDA graphs need ~{graph_need:.0f}): "
                         f"training without CUDA graphs")  # fmt: skip
-    bucket = graph_bucket_tokens(planned_steps(config, total), config.data.max_length, train.graph_bucket)
+    bucket = graph_bucket_tokens(steps, config.data.max_length, train.graph_bucket)
     return EnginePlan("speed", micro, accum, world_size, True, False, quantized and cuda, True, optimizer,
-                      compile=compiled, note=note, cuda_graphs=graphs, **lean,
+                      compile=compiled, note=note, uncompiled_reason=uncompiled, cuda_graphs=graphs, **lean,
                       **scaling, graph_bucket=bucket,
                       eval_batch=eval_batch)  # fmt: skip
 
