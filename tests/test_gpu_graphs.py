@@ -199,7 +199,7 @@ def test_training_with_cuda_graphs_follows_the_eager_run(tmp_path):
     graphed, eager = histories["graphs"], histories["eager"]
     record("trainer_graphs_vs_eager", graphs=graphed, eager=eager, graph_stats=results["graphs"].throughput)
     assert results["graphs"].plan.cuda_graphs and not results["eager"].plan.cuda_graphs
-    assert results["graphs"].throughput["cuda_graphs"]["recordings"] >= 1
+    assert results["graphs"].throughput["cuda_graphs"]["recordings"] >= 1, results["graphs"].notes
     assert len(graphed) == len(eager) == 8
     assert max(abs(a - b) for a, b in zip(graphed, eager)) < 0.02
 

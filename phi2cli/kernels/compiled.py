@@ -71,7 +71,13 @@ def compile_layers(model: Any, layer_classes: tuple[str, ...], on_failure: Calla
     generator state checkpointing restored) draws the forward's masks again. On the CPU the masks are
     also the eager layer's (tests/test_nf4_layers.py); on a GPU the compiled order may differ.
     """
+    import torch
+
     use_compile_cache()
+    # The layers of one model share compiled code. Another model compiled before in this process (a
+    # memory-saver run's NF4 layers, say) left guards and code for the same functions that failed on
+    # these layers ("KeyError: 'codes'" while recording a speed-profile step), so it is forgotten first.
+    torch.compiler.reset()
     state = CompileState(on_failure)
     count = 0
     for module in model.modules():
