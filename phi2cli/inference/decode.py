@@ -203,14 +203,14 @@ class StaticDecoder:
         stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=self.phi.device) if stop_ids else None
         if max_new_tokens:
             generated[:, 0] = self.tokens
-        done = min(max_new_tokens, 1)
+        length = max_new_tokens
         for index in range(1, max_new_tokens):  # finished rows keep going: cheaper than branching; cut on the host
             if stops is not None and index % STOP_CHECK_EVERY == 0 and all_stopped(generated[:, :index], stops):
+                length = index
                 break
             self.advance(cuda_graph)
             generated[:, index] = self.tokens
-            done = index + 1
-        return generated[:, :done].tolist()
+        return generated[:, :length].tolist()
 
     def step(self) -> None:
         """Feed `tokens` at `positions`: write their K/V, attend over the cache, set the next tokens."""

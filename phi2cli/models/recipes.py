@@ -191,10 +191,10 @@ def apply_recipe(config: Phi2Config, given: set[str] | frozenset[str]) -> tuple[
         chosen.pop("generation.mbr_samples", None)
     if "train.compile" in given:  # the user's --compile / --no-compile holds whatever the run's length
         chosen.pop("train.compile_from_steps", None)
+        if config.train.compile and "train.compile_from_steps" not in given:
+            config = apply_overrides(config, {"train.compile_from_steps": 0})
     yours = tuple(k for k in RECIPE_KEYS if k in given)
     config = apply_overrides(config, chosen, "recipe")
-    if "train.compile" in given and config.train.compile and "train.compile_from_steps" not in given:
-        config = apply_overrides(config, {"train.compile_from_steps": 0})  # --compile: whatever the run's length
     return config.validate(), RecipeChoice(row.name, parameters, model_type, chosen, yours)
 
 
