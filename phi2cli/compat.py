@@ -35,6 +35,7 @@ INTERNALS: dict[str, tuple[str, ...]] = {
     "transformers.trainer": ("Trainer._get_train_sampler",  # overridden: balanced shards under DDP
                              "Trainer._prepare_inputs",  # the graphed step moves inputs the Trainer's way
                              "Trainer._save_checkpoint",  # overridden: checkpoint-N appears only when complete
+                             "Trainer._clip_grad_norm",  # overridden: the trainable parameters listed once
                              "self._tr_loss",  # the loss summed since the last log, carried over a resume
                              "self._globalstep_last_logged"),  # where that log window starts
     "transformers.training_args": ("TrainingArguments.n_gpu",),  # backed by _n_gpu: one process, one GPU
