@@ -98,3 +98,39 @@ def test_neftune_scales_the_embeddings_found_at_the_first_step(lora_trainer, mon
 
     assert len(unwrapped) == 1
     assert model.get_input_embeddings().neftune_noise_alpha == pytest.approx(5.0 * math.sqrt(9))
+
+
+def test_host_overhead_benchmark_puts_back_exactly_the_trainers_bookkeeping(lora_trainer, monkeypatch):
+    """benchmarks/host_overhead.py's "before" must be the Trainer's own per-step work, nothing else."""
+    import importlib.util
+    import sys
+
+    from transformers import Trainer
+
+    from conftest import ROOT
+    from phi2cli.training.trainer import Phi2Trainer
+
+    for name in ("floating_point_ops", "_clip_grad_norm", "_training_mode", "_scale_neftune"):
+        monkeypatch.setattr(Phi2Trainer, name, getattr(Phi2Trainer, name))  # restored after the test
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("host_overhead", ROOT / "benchmarks" / "host_overhead.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setitem(sys.modules, "host_overhead", bench)
+
+    bench.trainer_bookkeeping()
+    trainer, model, _ = lora_trainer
+    switched = []
+    monkeypatch.setattr(type(model), "train", lambda self, mode=True: switched.append(mode) or self)
+    trainer._training_mode(model)
+    trainer._training_mode(model)
+    unwrapped = []
+    original = trainer.accelerator.unwrap_model
+    monkeypatch.setattr(trainer.accelerator, "unwrap_model", lambda m: unwrapped.append(m) or original(m))
+    trainer.neftune_noise_alpha = 5.0
+    trainer._scale_neftune(4)
+    trainer._scale_neftune(4)
+
+    assert Phi2Trainer.floating_point_ops is Trainer.floating_point_ops
+    assert Phi2Trainer._clip_grad_norm is Trainer._clip_grad_norm
+    assert switched == [True, True] and len(unwrapped) == 2
