@@ -16,7 +16,7 @@ def bench():
 
 
 def test_parts_expand_groups_in_run_order_and_refuse_unknown_names(bench):
-    assert bench.parse_parts("ours") == ["seed", "evaluate", "summarize", "report", "smollm2", "smollm2_eager"]
+    assert bench.parse_parts("ours") == ["seed", "evaluate", "summarize", "report", "smollm2", "smollm2_compiled"]
     assert bench.parse_parts("peers") == ["reference", "trl", "profiles"]
     assert bench.parse_parts("trl,seed,trl") == ["seed", "trl"]
     assert bench.parse_parts("all") == list(bench.PARTS)
