@@ -15,7 +15,7 @@ from phi2cli.data.collate import model_inputs, real_tokens, sequence_lengths
 from phi2cli.kernels.loss import selective_causal_lm_loss
 from phi2cli.training.timing import ThroughputMeter  # noqa: F401 (the engine's meter, importable from here)
 
-require("transformers.trainer")  # Phi2Trainer overrides _get_train_sampler, _save_checkpoint and _clip_grad_norm
+require("transformers.trainer")  # overrides _get_train_sampler, _save_checkpoint, _clip_grad_norm; calls _prepare_inputs
 
 
 class BalancedShards(torch.utils.data.Sampler):
