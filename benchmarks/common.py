@@ -15,6 +15,12 @@ TOKENIZER_DIR = ROOT / "examples" / "tiny-phi-2-tokenizer"  # phi-2's real token
 BF16_PEAK_TFLOPS = 790.0  # a plain bf16 matrix product on an H200 (measured), the MFU denominator
 
 
+SEED_JOB = ["--samples", "1495", "--val-samples", "500"]  # the seed job's rows (with --max-steps 625)
+# examples/smollm2-xsum.sh's `phi2 train` settings (it adds --template chat for the real model's chat template)
+SMOLLM2_JOB = [*SEED_JOB, "--lr", "1e-3", "--lora-targets", "all-linear", "--epochs", "2", "--warmup-steps", "20",
+               "--eval-every", "100"]  # fmt: skip
+
+
 def default_data_dir() -> Path:
     """Real XSUM rows: the shared data folder beside the project (or inside it), else the shipped sample."""
     for candidate in (ROOT.parent / "shared" / "data" / "xsum", ROOT / "shared" / "data" / "xsum"):

@@ -39,14 +39,14 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))  # phi2cli from this copy
-from common import ROOT, default_data_dir, environment, installed_versions, write_json  # noqa: E402
+from common import (ROOT, SEED_JOB, SMOLLM2_JOB, default_data_dir, environment, installed_versions,  # noqa: E402
+                    write_json)
 
 GROUPS = {"ours": ["seed", "evaluate", "summarize", "report", "smollm2", "smollm2_compiled"],
           "peers": ["reference", "trl", "profiles"]}  # fmt: skip
 GROUPS["all"] = GROUPS["ours"] + GROUPS["peers"]
 PARTS = tuple(GROUPS["all"])
 SEED_STEPS = 625
-SEED_JOB = ["--samples", "1495", "--val-samples", "500"]  # with --max-steps SEED_STEPS
 WARMUP_STEPS = 2
 SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
                  "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # this copy
@@ -146,9 +146,7 @@ def part_smollm2(ctx: dict[str, Any], name: str = "smollm2", extra: tuple[str, .
         return {f"{name}_train_s": None, name: {"error": f"{ctx['gguf']} not found (--gguf)"}}
     out, final = ctx["work"] / name, ctx["work"] / f"{name}-final"
     args = ["train", "--model", str(ctx["gguf"]), "--template", "chat", "--data-dir", str(ctx["data_dir"]),
-            "--samples", "1495", "--val-samples", "500", "--lr", "1e-3", "--lora-targets", "all-linear",
-            "--epochs", "2", "--warmup-steps", "20", "--eval-every", "100", "--output-dir", str(out),
-            "--final-dir", str(final), "--overwrite", *extra]  # fmt: skip
+            *SMOLLM2_JOB, "--output-dir", str(out), "--final-dir", str(final), "--overwrite", *extra]  # fmt: skip
     run = cli(args, env=cache_env(ctx["work"] / "cache"))
     facts = run_facts(final)
     throughput, timing = facts.get("throughput") or {}, facts.get("timing") or {}

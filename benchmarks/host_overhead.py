@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, default_data_dir, environment, make_random_phi2, save_random_model, write_json  # noqa: E402
+from common import (ROOT, SEED_JOB, SMOLLM2_JOB, default_data_dir, environment, make_random_phi2,  # noqa: E402
+                    save_random_model, write_json)
 
 SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                      num_key_value_heads=3, vocab_size=51200, tie_word_embeddings=True, rope_theta=100000.0,
@@ -36,12 +37,9 @@ WINDOW = {"smollm2": 150, "seed": 150}  # the measured window ends at this step 
 
 
 def job_args(job: str, model: Path, data_dir: Path, steps: int, work: Path) -> list[str]:
-    common = ["--data-dir", str(data_dir), "--samples", "1495", "--val-samples", "500", "--overwrite",
-              "--output-dir", str(work / "run"), "--final-dir", str(work / "final")]  # fmt: skip
-    if job == "smollm2":
-        return ["train", "--model", str(model), "--lr", "1e-3", "--lora-targets", "all-linear", "--epochs", "2",
-                "--warmup-steps", "20", "--eval-every", "100", *common]  # fmt: skip
-    return ["train", "--model", str(model), "--max-steps", str(steps), *common]
+    flags = SMOLLM2_JOB if job == "smollm2" else [*SEED_JOB, "--max-steps", str(steps)]
+    return ["train", "--model", str(model), "--data-dir", str(data_dir), *flags, "--overwrite",
+            "--output-dir", str(work / "run"), "--final-dir", str(work / "final")]  # fmt: skip
 
 
 def trainer_bookkeeping() -> None:

@@ -91,3 +91,17 @@ def test_peer_versions_come_from_the_installed_distributions(bench, monkeypatch)
     assert (info["trl"], info["liger_kernel"]) == ("1.16.0", "0.8.5")
     del installed["liger-kernel"]
     assert bench.environment_with_peers()["liger_kernel"] is None
+
+
+def test_the_smollm2_parts_train_as_the_example_script_does(bench):
+    """The SmolLM2 job's flags (shared with host_overhead.py) are examples/smollm2-xsum.sh's."""
+    import shlex
+
+    from conftest import ROOT
+
+    script = (ROOT / "examples" / "smollm2-xsum.sh").read_text(encoding="utf-8")
+    command = script[script.index("phi2 train"):script.index("phi2 evaluate")].replace("\\\n", " ")
+    words = shlex.split(command)
+    flags = bench.SMOLLM2_JOB
+    assert [(flag, value) for flag, value in zip(flags[::2], flags[1::2])] == \
+        [(word, words[words.index(word) + 1]) for word in flags[::2]]  # fmt: skip
