@@ -15,7 +15,7 @@ COMMANDS = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-def
 
 
 def test_every_command_is_covered():
-    assert COMMANDS == ["config", "evaluate", "export", "prepare", "report", "summarize", "train"]
+    assert COMMANDS == ["config", "evaluate", "export", "prepare", "report", "serve", "summarize", "train"]
 
 
 @pytest.mark.parametrize("name", [None, *COMMANDS])

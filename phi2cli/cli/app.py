@@ -141,6 +141,9 @@ TopPOpt = Annotated[Optional[float], opt("generation.top_p", "--top-p")]
 MbrSamplesOpt = Annotated[Optional[int], opt("generation.mbr_samples", "--mbr-samples")]
 MbrTemperatureOpt = Annotated[Optional[float], opt("generation.mbr_temperature", "--mbr-temperature")]
 GenBatchOpt = Annotated[Optional[int], opt("generation.batch_size", "--gen-batch-size")]
+ServerOpt = Annotated[bool, typer.Option(
+    "--server/--no-server", help="Hand the work to a running 'phi2 serve' (libraries and model already loaded) "
+    "when there is one for this user and environment; --no-server always runs it here.")]  # fmt: skip
 
 
 def data_overrides(**values: Any) -> dict[str, Any]:

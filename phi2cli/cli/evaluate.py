@@ -10,7 +10,7 @@ from rich.table import Table
 
 from phi2cli.cli.app import (
     DataDirOpt, DocFieldOpt, GenBatchOpt, IdFieldOpt, LengthPenaltyOpt, MaxNewTokensOpt, MbrSamplesOpt,
-    MbrTemperatureOpt, MinNewTokensOpt, NoRepeatNgramOpt, NumBeamsOpt, SampleOpt, SeedOpt, SumFieldOpt,
+    MbrTemperatureOpt, MinNewTokensOpt, NoRepeatNgramOpt, NumBeamsOpt, SampleOpt, SeedOpt, ServerOpt, SumFieldOpt,
     TemperatureOpt, TestFileOpt, TopPOpt, ValFileOpt, command, console, data_overrides,
 )  # fmt: skip
 from phi2cli.inference.evaluation import DEFAULT_ADAPTER, DEFAULT_SAMPLES, METRIC_KEYS
@@ -85,6 +85,7 @@ def evaluate_command(
     mbr_samples: MbrSamplesOpt = None,
     mbr_temperature: MbrTemperatureOpt = None,
     gen_batch_size: GenBatchOpt = None,
+    server: ServerOpt = True,
 ) -> None:  # fmt: skip
     """Score an adapter: eval loss, perplexity, ROUGE-1/2/L/Lsum and summary length.
 
@@ -95,11 +96,13 @@ def evaluate_command(
     Each article gets a summary (the run's decoding settings unless flags change them; first line) scored with ROUGE (F x 100, stemmed).
 
     Writes metrics-SPLIT.json and predictions-SPLIT.jsonl (with --file: metrics-STEM.json...) to the adapter directory (or --output); each split or file keeps its own, a re-run replaces its own.
+
+    With 'phi2 serve' running, the work goes to it (no libraries to import, no model to read) unless --no-server.
     """  # noqa: E501 (one line per paragraph: --help keeps line breaks)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from phi2cli.inference.evaluation import EvaluateOptions, evaluate
-    from phi2cli.cli.ui import err_console, load_line, note, warn
+    from phi2cli.cli.ui import err_console, load_line, note, served_line, warn
 
     overrides = data_overrides(
         model=model, dataset=dataset, data_dir=data_dir, validation_file=validation_file, test_file=test_file,
@@ -116,12 +119,42 @@ def evaluate_command(
     )  # fmt: skip
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as progress:
-        result = evaluate(options, _tracker(progress))
-    for message in result.notes:
+        served = _served(options, progress) if server else None
+        if served is not None and served.result is not None:
+            answer = served.result
+            notes, metrics = answer["notes"], answer["metrics"]
+            paths = answer["metrics_path"], answer["predictions_path"]
+        else:
+            if served is not None and served.note:
+                warn(served.note)
+            result = evaluate(options, _tracker(progress))
+            notes, metrics, paths = result.notes, result.metrics, (result.metrics_path, result.predictions_path)
+    for message in notes:
         warn(message)
-    console.print(metrics_table(result.metrics))
-    timings = result.metrics["timings"]
+    console.print(metrics_table(metrics))
+    timings = metrics["timings"]
     note(f"{load_line(timings['load_seconds'], timings['load_phases'])}, loss {timings['loss_seconds']:.1f} s, "
          f"generation {timings['generation_seconds']:.1f} s ({timings['generated_tokens_per_second']:.0f} tokens/s), "
-         f"ROUGE {timings['scoring_seconds']:.1f} s, total {timings['total_seconds']:.1f} s")  # fmt: skip
-    console.print(f"Wrote [bold]{result.metrics_path}[/bold] and [bold]{result.predictions_path}[/bold]")
+         f"ROUGE {timings['scoring_seconds']:.1f} s, total {timings['total_seconds']:.1f} s"
+         + (f"; {served_line(served.result['server'])}" if served is not None and served.result else ""))  # fmt: skip
+    console.print(f"Wrote [bold]{paths[0]}[/bold] and [bold]{paths[1]}[/bold]")
+
+
+def _served(options: Any, progress: Any) -> Any:
+    """evaluate's result from a running `phi2 serve`, its progress shown here (None result: there is none)."""
+    import dataclasses
+
+    from phi2cli.cli.ui import note
+    from phi2cli.serving.client import request
+
+    tasks: dict[int, Any] = {}
+
+    def listen(event: dict[str, Any]) -> None:
+        if event["event"] == "task":
+            tasks[event["id"]] = progress.add_task(event["description"], total=event["total"])
+        elif event["event"] == "advance":
+            progress.advance(tasks[event["id"]], event["n"])
+        elif event["event"] == "queued":
+            note(f"phi2 serve is busy ({event.get('busy')}); this command waits for it")
+
+    return request("evaluate", {"options": dataclasses.asdict(options)}, listen)

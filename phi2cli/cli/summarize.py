@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 
 import typer
 from rich.markup import escape
 
 from phi2cli.cli.app import (
     GenBatchOpt, LengthPenaltyOpt, MaxNewTokensOpt, MbrSamplesOpt, MbrTemperatureOpt, MinNewTokensOpt,
-    NoRepeatNgramOpt, NumBeamsOpt, SampleOpt, TemperatureOpt, TopPOpt, command, console, data_overrides,
+    NoRepeatNgramOpt, NumBeamsOpt, SampleOpt, ServerOpt, TemperatureOpt, TopPOpt, command, console,
+    data_overrides,
 )  # fmt: skip
 from phi2cli.cli.evaluate import RunModelOpt
 from phi2cli.errors import ConfigError
-from phi2cli.inference.evaluation import DEFAULT_ADAPTER
+from phi2cli.inference.evaluation import DEFAULT_ADAPTER, Article, SummaryResult
+
+if TYPE_CHECKING:
+    from phi2cli.serving.client import Outcome
 
 
 @command("summarize")
@@ -44,6 +48,7 @@ def summarize_command(
     mbr_samples: MbrSamplesOpt = None,
     mbr_temperature: MbrTemperatureOpt = None,
     gen_batch_size: GenBatchOpt = None,
+    server: ServerOpt = True,
 ) -> None:  # fmt: skip
     """Summarize news articles in one sentence, prompted exactly as in training.
 
@@ -53,10 +58,12 @@ def summarize_command(
 
     Articles longer than the run's max length (minus --max-new-tokens) are truncated, with a note on stderr.
 
+    With 'phi2 serve' running, the work goes to it (no libraries to import, no model to read) unless --no-server.
+
     Examples: phi2 summarize article.txt; cat article.txt | phi2 summarize -; phi2 summarize --json docs/
     """
     from phi2cli.inference.evaluation import read_articles, results_json, summarize
-    from phi2cli.cli.ui import load_line, note
+    from phi2cli.cli.ui import load_line, note, served_line, warn
 
     if base_only and adapter is not None:
         raise ConfigError(f"--base-only runs the model without an adapter, but --adapter {adapter} was given; "
@@ -69,13 +76,22 @@ def summarize_command(
                                mbr_samples=mbr_samples, mbr_temperature=mbr_temperature)  # fmt: skip
     articles = read_articles(inputs, document_field)
     stream = sys.stdout if len(articles) == 1 and not as_json and sys.stdout.isatty() else None
-    timings: dict[str, float] = {}
-    results, notes = summarize(articles, adapter, base_only, overrides, gen_batch_size, stream=stream,
-                               timings=timings)  # fmt: skip
+    timings: dict[str, Any] = {}
+    served = _served(articles, adapter, base_only, overrides, gen_batch_size, stream) if server else None
+    if served is not None and served.result is not None:
+        answer = served.result
+        results = [SummaryResult(**r) for r in answer["results"]]
+        notes, timings = answer["notes"], answer["timings"]
+    else:
+        if served is not None and served.note:
+            warn(served.note)
+        results, notes = summarize(articles, adapter, base_only, overrides, gen_batch_size, stream=stream,
+                                   timings=timings)  # fmt: skip
     for message in notes:
         note(message)
     note(f"{load_line(timings['load_seconds'], timings['load_phases'])}, "
-         f"generation {timings['generation_seconds']:.1f} s")  # fmt: skip
+         f"generation {timings['generation_seconds']:.1f} s"
+         + (f"; {served_line(served.result['server'])}" if served is not None and served.result else ""))  # fmt: skip
     if as_json:
         typer.echo(results_json(results))
     elif len(results) == 1:
@@ -85,3 +101,23 @@ def summarize_command(
         for result in results:
             console.print(f"[bold]{escape(result.source)}[/bold]", highlight=False)
             typer.echo(result.summary)
+
+
+def _served(articles: List[Article], adapter: Path, base_only: bool, overrides: dict[str, Any],
+            gen_batch_size: Optional[int], stream: Any) -> "Outcome":  # fmt: skip
+    """The summaries from a running `phi2 serve` (its outcome says None when there is none to ask)."""
+    from phi2cli.serving.client import request
+
+    from phi2cli.cli.ui import note
+
+    def listen(event: dict[str, Any]) -> None:
+        if event["event"] == "text" and stream is not None:
+            stream.write(event["text"])
+            stream.flush()
+        elif event["event"] == "queued":
+            note(f"phi2 serve is busy ({event.get('busy')}); this command waits for it")
+
+    args = {"articles": [{"source": a.source, "text": a.text} for a in articles], "adapter": str(adapter),
+            "base_only": base_only, "overrides": overrides, "gen_batch_size": gen_batch_size,
+            "stream": stream is not None}  # fmt: skip
+    return request("summarize", args, listen)

@@ -92,3 +92,9 @@ def load_line(seconds: float, phases: dict[str, float]) -> str:
     """'load 8.5 s (libraries 5.1, model 2.6, adapter 0.8)': where a command's start-up went."""
     parts = ", ".join(f"{name} {t:.1f}" for name, t in phases.items())
     return f"load {seconds:.1f} s" + (f" ({parts})" if parts else "")
+
+
+def served_line(server: dict[str, Any]) -> str:
+    """'served by phi2 serve (pid 4242, model kept loaded)': who did the work of a command."""
+    kept = "model kept loaded" if server.get("model_kept") else "model loaded for this command"
+    return f"served by phi2 serve (pid {server['pid']}, {kept})"

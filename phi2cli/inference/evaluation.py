@@ -36,6 +36,7 @@ SEPARATE_TIMINGS = ("loss_seconds: the eval-loss forward; generation_seconds: th
                     "decoding; scoring_seconds: ROUGE of the summaries")
 # A task tracker: (description, total) -> a function advancing that task by n.
 Tracker = Callable[[str, int], Callable[[int], None]]
+ModelLoader = Callable[[Phi2Config, "str | Path | None"], "LoadedModel"]
 
 
 @dataclass(frozen=True)
@@ -112,12 +113,14 @@ def load_eval_rows(config: Phi2Config, split: str, data_file: str | None) -> Any
     return load_split(data, split)
 
 
-def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> EvaluationResult:
+def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker,
+             load: ModelLoader | None = None) -> EvaluationResult:  # fmt: skip
     """Eval loss, perplexity, ROUGE and summary length of an adapter (and optionally its base).
 
     Args:
         options: what to evaluate and how (see EvaluateOptions).
         track: progress tracker for the loss and generation passes.
+        load: what gives the model (trained_model.load_model's signature); phi2 serve passes its kept one.
     Returns:
         EvaluationResult; metrics-NAME.json and predictions-NAME.jsonl (NAME: results_name) are written
         atomically.
@@ -150,7 +153,7 @@ def evaluate(options: EvaluateOptions, track: Tracker = _no_tracker) -> Evaluati
     if options.samples > len(loaded_rows.rows):
         notes.append(f"--samples {options.samples}: the {options.split} split has {len(rows)}; using all")
 
-    loaded = load_model(config, None if options.compare_base else adapter)
+    loaded = (load or load_model)(config, None if options.compare_base else adapter)
     notes += loaded.notes
     data = config.data
     document_ids = encode_documents(loaded.tokenizer, [r["document"] for r in rows])  # once, for both passes
@@ -380,7 +383,7 @@ class SummaryResult:
 
 def summarize(articles: Sequence[Article], adapter_dir: str | Path = DEFAULT_ADAPTER, base_only: bool = False,
               overrides: Mapping[str, Any] | None = None, gen_batch_size: int | None = None,
-              stream: Any = None, timings: dict[str, float] | None = None,
+              stream: Any = None, timings: dict[str, float] | None = None, load: ModelLoader | None = None,
               ) -> tuple[list[SummaryResult], list[str]]:  # fmt: skip
     """Summarize articles with the run's adapter (or the base model), prompted as in training.
 
@@ -392,6 +395,7 @@ def summarize(articles: Sequence[Article], adapter_dir: str | Path = DEFAULT_ADA
         gen_batch_size: articles per batch; None picks one for the device.
         stream: a text stream to write a single article's summary to while it is generated.
         timings: filled with load_seconds (config, model, adapter), its load_phases and generation_seconds.
+        load: what gives the model (trained_model.load_model's signature); phi2 serve passes its kept one.
     Returns:
         (one SummaryResult per article in order, notes for the user)
     """
@@ -400,7 +404,7 @@ def summarize(articles: Sequence[Article], adapter_dir: str | Path = DEFAULT_ADA
 
     started = time.perf_counter()
     config = resolve_config(adapter_dir, overrides or {}, base_only)
-    loaded = load_model(config, None if base_only else adapter_dir)
+    loaded = (load or load_model)(config, None if base_only else adapter_dir)
     loaded_at = time.perf_counter()
     generated = generate(loaded, [a.text for a in articles], config.generation,
                          default_batch_size(loaded, gen_batch_size, config.generation), stream=stream)  # fmt: skip
