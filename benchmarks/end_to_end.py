@@ -3,7 +3,7 @@
     python benchmarks/end_to_end.py --parts ours    # seed job cold + warm, evaluate, summarize, report, SmolLM2
     python benchmarks/end_to_end.py --parts peers   # reference recipe, TRL (plain, gradient checkpointing), profiles
 
-Parts (comma-separated, or the groups ours / peers / all): seed, evaluate, summarize, report, smollm2,
+Parts (comma-separated, or the groups ours / peers / all): seed, evaluate, summarize, served, report, smollm2,
 smollm2_compiled, reference, trl, profiles. Every part's result is merged into --out
 (benchmarks/results/end_to_end.json), so two commands build one file.
 
@@ -12,6 +12,8 @@ smollm2_compiled, reference, trl, profiles. Every part's result is merged into -
   caches pointed at an empty folder) then warm (the caches the cold run left);
 - evaluate: `phi2 evaluate --samples 500` of that adapter; summarize: `phi2 summarize
   examples/article.txt`; report: `phi2 report` of the run;
+- served: `phi2 serve --adapter` that adapter (time until it answers), then the same summarize
+  (twice) and evaluate commands, which hand their work to it, then `phi2 serve --stop`;
 - smollm2: the recipe of examples/smollm2-xsum.sh (SmolLM2-135M-Instruct, real weights from GGUF),
   whole-run wall time and its steady rate over training steps only; smollm2_compiled: the same with
   --compile;
@@ -42,7 +44,7 @@ sys.path.insert(1, str(HERE.parent))  # phi2cli from this copy
 from common import (ROOT, SEED_JOB, SMOLLM2_JOB, default_data_dir, environment, installed_versions,  # noqa: E402
                     write_json)
 
-GROUPS = {"ours": ["seed", "evaluate", "summarize", "report", "smollm2", "smollm2_compiled"],
+GROUPS = {"ours": ["seed", "evaluate", "summarize", "served", "report", "smollm2", "smollm2_compiled"],
           "peers": ["reference", "trl", "profiles"]}  # fmt: skip
 GROUPS["all"] = GROUPS["ours"] + GROUPS["peers"]
 PARTS = tuple(GROUPS["all"])
@@ -73,10 +75,14 @@ def cache_env(cache: Path) -> dict[str, str]:
             "TRITON_CACHE_DIR": str(cache / "triton")}  # fmt: skip
 
 
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, **SAFE_NCCL_ENV, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+
+
 def cli(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
         timeout: float = 540) -> dict[str, Any]:  # fmt: skip
     """`python -m phi2cli ARGS` in a fresh process, timed from launch to exit."""
-    full_env = {**os.environ, **SAFE_NCCL_ENV, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    full_env = cli_env(env)
     started = time.perf_counter()
     try:
         done = subprocess.run([sys.executable, "-m", "phi2cli", *args], env=full_env, cwd=cwd, capture_output=True,
@@ -133,6 +139,51 @@ def part_summarize(ctx: dict[str, Any]) -> dict[str, Any]:
     run = cli(["summarize", str(ROOT / "examples" / "article.txt"), "--adapter", str(ctx["work"] / "seed-final")],
               env=cache_env(ctx["work"] / "cache"))  # fmt: skip
     return {"summarize_one_s": run["wall_s"] if run["rc"] == 0 else None, "summarize_one": run}
+
+
+def part_served(ctx: dict[str, Any]) -> dict[str, Any]:
+    """summarize and evaluate as above while `phi2 serve` holds the seed job's adapter: the server's start
+    (launch until its socket answers), then each command launch to exit in a fresh process."""
+    import tempfile
+
+    from phi2cli.serving.server import running_status
+
+    folder = Path(tempfile.mkdtemp(prefix="p2s", dir="/tmp"))  # a Unix socket path must stay short
+    socket_path = folder / "s.sock"
+    env = {**cache_env(ctx["work"] / "cache"), "PHI2_SERVE_SOCKET": str(socket_path)}
+    final = ctx["work"] / "seed-final"
+    started = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "-m", "phi2cli", "serve", "--adapter", str(final)], env=cli_env(env),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        while running_status(socket_path) is None and server.poll() is None and time.perf_counter() - started < 300:
+            time.sleep(0.05)
+        ready_s = round(time.perf_counter() - started, 2) if server.poll() is None else None
+        if ready_s is None:
+            return {"serve_ready_s": None, "served": {"error": server.stdout.read()[-1500:]}}
+        article = str(ROOT / "examples" / "article.txt")
+        summaries = [cli(["summarize", article, "--adapter", str(final)], env=env) for _ in range(2)]
+        evaluation = cli(["evaluate", "--adapter", str(final), "--samples", "500", "--output",
+                          str(ctx["work"] / "eval-served")], env=env)  # fmt: skip
+        metrics_path = ctx["work"] / "eval-served" / "metrics-validation.json"
+        if metrics_path.is_file() and evaluation["rc"] == 0:
+            evaluation["timings"] = json.loads(metrics_path.read_text()).get("timings")
+            local = ctx["work"] / "eval" / "predictions-validation.jsonl"  # the evaluate part's, run in its own process
+            if local.is_file():
+                evaluation["same_predictions_as_own_process"] = \
+                    local.read_text() == (metrics_path.parent / local.name).read_text()  # fmt: skip
+        stop = cli(["serve", "--stop"], env=env)
+        server.wait(60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    runs = [*summaries, evaluation]
+    served = all(r["rc"] == 0 and "served by phi2 serve" in r["output_tail"] for r in runs)
+    return {"serve_ready_s": ready_s,
+            "summarize_one_served_s": summaries[0]["wall_s"] if served else None,
+            "evaluate_500_served_s": evaluation["wall_s"] if served else None,
+            "served": {"summarize_one": summaries[0], "summarize_one_again": summaries[1], "evaluate_500": evaluation,
+                       "stop": stop, "server_log": (server.stdout.read() if server.stdout else "")[-1500:]}}  # fmt: skip
 
 
 def part_report(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -396,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
                   "--steps", str(args.steps), "--trl-steps", str(args.trl_steps), "--ref-steps", str(args.ref_steps)]  # fmt: skip
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     began = time.perf_counter()
-    runners = {"seed": part_seed, "evaluate": part_evaluate, "summarize": part_summarize, "report": part_report,
+    runners = {"seed": part_seed, "evaluate": part_evaluate, "summarize": part_summarize, "served": part_served,
+               "report": part_report,
                "smollm2": part_smollm2, "smollm2_compiled": part_smollm2_compiled}  # fmt: skip
     in_children = {"reference": part_reference, "trl": part_trl, "profiles": part_profiles}
     for part in parts:

@@ -16,7 +16,8 @@ def bench():
 
 
 def test_parts_expand_groups_in_run_order_and_refuse_unknown_names(bench):
-    assert bench.parse_parts("ours") == ["seed", "evaluate", "summarize", "report", "smollm2", "smollm2_compiled"]
+    assert bench.parse_parts("ours") == ["seed", "evaluate", "summarize", "served", "report", "smollm2",
+                                         "smollm2_compiled"]  # fmt: skip
     assert bench.parse_parts("peers") == ["reference", "trl", "profiles"]
     assert bench.parse_parts("trl,seed,trl") == ["seed", "trl"]
     assert bench.parse_parts("all") == list(bench.PARTS)
@@ -63,13 +64,16 @@ def test_cli_parts_time_each_command_and_merge_into_one_file(bench, tiny_phi_dir
     out = tmp_path / "e2e.json"
     common = ["--model", str(tiny_phi_dir), "--data-dir", str(sample_data_dir), "--work", str(tmp_path / "w"),
               "--out", str(out), "--seed-steps", "2"]  # fmt: skip
-    assert bench.main(["--parts", "seed,summarize", *common]) == 0
+    assert bench.main(["--parts", "seed,summarize,served", *common]) == 0
     assert bench.main(["--parts", "report", *common]) == 0
     result = json.loads(out.read_text())
-    for key in ("train_seed_job_s_cold", "train_seed_job_s_warm", "summarize_one_s", "report_s"):
+    for key in ("train_seed_job_s_cold", "train_seed_job_s_warm", "summarize_one_s", "report_s", "serve_ready_s",
+                "summarize_one_served_s", "evaluate_500_served_s"):
         assert result[key] is not None and result[key] > 0, (key, result.get(key.replace("_s", "")))
     assert result["seed_job_cold"]["timing"]["train_steps_s"] > 0
-    assert set(result["commands"]) == {"seed,summarize", "report"}
+    assert "model kept loaded" in result["served"]["summarize_one_again"]["output_tail"]
+    assert result["served"]["stop"]["rc"] == 0 and "Stopped phi2 serve" in result["served"]["stop"]["output_tail"]
+    assert set(result["commands"]) == {"seed,summarize,served", "report"}
     assert result["environment"]["torch"]
 
 
