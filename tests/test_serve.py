@@ -174,7 +174,7 @@ def test_without_a_server_commands_run_here_and_stop_says_so(short_socket, final
 def test_serve_in_its_own_process(short_socket, final):
     """The real thing: `phi2 serve` as a process, a served summarize in another that never imports torch,
     `--status`, then `--stop`, which removes the socket."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     server_process = subprocess.Popen([sys.executable, "-m", "phi2cli", "serve"], cwd=final.parent, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
