@@ -28,7 +28,7 @@ def serve_command(
 ) -> None:  # fmt: skip
     """Keep libraries and the model loaded, so summarize and evaluate start at once.
 
-    While it runs, 'phi2 summarize' and 'phi2 evaluate' of this user, started with the same environment and phi2cli, hand it their work: no torch import, no model to read. Their results and files are the same as without it (--no-server runs them in their own process).
+    While it runs, 'phi2 summarize' and 'phi2 evaluate' of this user, started with the same environment and phi2cli, hand it their work: no torch import, no model to read. They compute and write what they would in a process of their own (--no-server runs them there).
 
     One command runs at a time; others wait. Only this user can connect (a Unix socket, mode 0600).
 
