@@ -200,3 +200,56 @@ def test_serve_in_its_own_process(short_socket, final):
     finally:
         if server_process.poll() is None:
             server_process.kill()
+
+
+@pytest.fixture
+def slow_summaries(monkeypatch):
+    """The server's summarize job, held back until the test lets it go (to overlap two requests)."""
+    from phi2cli.serving import server as server_module
+
+    release, started = threading.Event(), threading.Event()
+    real = server_module.JOBS["summarize"]
+
+    def held(cache, args, emit):
+        started.set()
+        assert release.wait(60)
+        return real(cache, args, emit)
+
+    monkeypatch.setitem(server_module.JOBS, "summarize", held)
+    return started, release
+
+
+def test_a_second_command_waits_for_the_first_and_says_so(server, slow_summaries):
+    started, release = slow_summaries
+    first: dict = {}
+    args = {"articles": [{"source": str(ARTICLE), "text": ARTICLE.read_text()}], "adapter": "phi2-xsum-final",
+            "base_only": False, "overrides": {}, "gen_batch_size": None, "stream": False}  # fmt: skip
+    thread = threading.Thread(target=lambda: first.update(outcome=client.request("summarize", args)))  # not CliRunner:
+    thread.start()  # it swaps sys.stdout for the whole process
+    assert started.wait(60)
+    timer = threading.Timer(1.0, release.set)  # the second request is queued by then
+    timer.start()
+    second = runner.invoke(app, ["summarize", str(ARTICLE)])
+    thread.join(60)
+    assert second.exit_code == 0, second.output
+    assert "phi2 serve is busy (summarize); this command waits for it" in " ".join(second.stderr.split())
+    assert second.stdout.strip() == first["outcome"].result["results"][0]["summary"]
+
+
+def test_a_client_that_leaves_mid_request_leaves_the_server_working(server, slow_summaries):
+    path, logs = server
+    started, release = slow_summaries
+    sock = client.connect(path)
+    with sock.makefile("rwb") as stream:
+        from phi2cli.serving.protocol import send
+
+        send(stream, {"command": "summarize", "cwd": os.getcwd(), "identity": identity(),
+                      "args": {"articles": [{"source": "a", "text": ARTICLE.read_text()}], "adapter": "phi2-xsum-final",
+                               "base_only": False, "overrides": {}, "gen_batch_size": None, "stream": False}})  # fmt: skip
+        assert started.wait(60)
+    sock.close()  # Ctrl-C in the client's shell
+    release.set()
+    wait_for(lambda: any("the client left" in line for line in logs), 60)
+    assert status(path)["busy"] is None and status(path)["model"] is not None
+    result = runner.invoke(app, ["summarize", str(ARTICLE)])
+    assert result.exit_code == 0 and "model kept loaded" in result.stderr
