@@ -6,7 +6,9 @@ import importlib.metadata
 import json
 import platform
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +122,19 @@ def installed_versions(*dists: str) -> dict[str, str | None]:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def start_server(adapter: str, env: dict[str, str], socket_path: Path, cwd: Path | None = None,
+                 timeout: float = 300) -> tuple[subprocess.Popen, float | None]:  # fmt: skip
+    """`phi2 serve --adapter ADAPTER` in a process of its own (output piped), and the seconds until it
+    answers on `socket_path`; None when it exited or did not answer within `timeout`."""
+    from phi2cli.serving.server import running_status
+
+    started = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "-m", "phi2cli", "serve", "--adapter", adapter], env=env, cwd=cwd,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    while running_status(socket_path) is None:
+        if server.poll() is not None or time.perf_counter() - started > timeout:
+            return server, None
+        time.sleep(0.05)
+    return server, round(time.perf_counter() - started, 2)

@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))  # phi2cli from this copy
 from common import (ROOT, SEED_JOB, SMOLLM2_JOB, default_data_dir, environment, installed_versions,  # noqa: E402
-                    write_json)
+                    start_server, write_json)
 
 GROUPS = {"ours": ["seed", "evaluate", "summarize", "served", "report", "smollm2", "smollm2_compiled"],
           "peers": ["reference", "trl", "profiles"]}  # fmt: skip
@@ -146,21 +146,15 @@ def part_served(ctx: dict[str, Any]) -> dict[str, Any]:
     (launch until its socket answers), then each command launch to exit in a fresh process."""
     import tempfile
 
-    from phi2cli.serving.server import running_status
-
     folder = Path(tempfile.mkdtemp(prefix="p2s", dir="/tmp"))  # a Unix socket path must stay short
     socket_path = folder / "s.sock"
     env = {**cache_env(ctx["work"] / "cache"), "PHI2_SERVE_SOCKET": str(socket_path)}
     final = ctx["work"] / "seed-final"
-    started = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "phi2cli", "serve", "--adapter", str(final)], env=cli_env(env),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    server, ready_s = start_server(str(final), cli_env(env), socket_path)
     try:
-        while running_status(socket_path) is None and server.poll() is None and time.perf_counter() - started < 300:
-            time.sleep(0.05)
-        ready_s = round(time.perf_counter() - started, 2) if server.poll() is None else None
         if ready_s is None:
-            return {"serve_ready_s": None, "served": {"error": server.stdout.read()[-1500:]}}
+            server.kill()  # its output ends there, so reading it cannot wait forever
+            return {"serve_ready_s": None, "served": {"error": server.communicate()[0][-1500:]}}
         article = str(ROOT / "examples" / "article.txt")
         summaries = [cli(["summarize", article, "--adapter", str(final)], env=env) for _ in range(2)]
         evaluation = cli(["evaluate", "--adapter", str(final), "--samples", "500", "--output",

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, default_data_dir, environment, make_random_phi2, write_json  # noqa: E402
+from common import ROOT, default_data_dir, environment, make_random_phi2, start_server, write_json  # noqa: E402
 
 RUNS = ("alone_1", "alone_2", "served_1", "served_2", "served_loaded_for_it")
 
@@ -36,16 +36,11 @@ def phi2(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Complete
     return done
 
 
-def start_server(adapter: str, env: dict[str, str], cwd: Path, socket_path: Path) -> subprocess.Popen:
-    from phi2cli.serving.server import running_status
-
-    server = subprocess.Popen([sys.executable, "-m", "phi2cli", "serve", "--adapter", adapter], env=env, cwd=cwd,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while running_status(socket_path) is None:
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("phi2 serve did not start")
-        time.sleep(0.1)
+def started_server(adapter: str, env: dict[str, str], cwd: Path, socket_path: Path) -> subprocess.Popen:
+    server, ready_s = start_server(adapter, env, socket_path, cwd)
+    if ready_s is None:
+        server.kill()
+        raise SystemExit(f"phi2 serve did not start:\n{server.communicate()[0][-2000:]}")
     return server
 
 
@@ -76,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in RUNS[:2]:
         timed(name, ["--no-server"])
-    server = start_server("final", env, work, socket_path)
+    server = started_server("final", env, work, socket_path)
     try:
         served = [timed(name, []) for name in RUNS[2:4]]
     finally:
         phi2(["serve", "--stop"], env, work)
         server.wait(60)
-    server = start_server(str(work / "missing"), env, work, socket_path)  # starts without a model
+    server = started_server(str(work / "missing"), env, work, socket_path)  # starts without a model
     try:
         served.append(timed(RUNS[4], []))
     finally:

@@ -14,6 +14,7 @@ from phi2cli.cli.app import (
     TemperatureOpt, TestFileOpt, TopPOpt, ValFileOpt, command, console, data_overrides,
 )  # fmt: skip
 from phi2cli.inference.evaluation import DEFAULT_ADAPTER, DEFAULT_SAMPLES, METRIC_KEYS
+from phi2cli.serving.client import Outcome
 
 RunModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Base model (hub id or path) instead of the one the run was trained on.", show_default=False)]
@@ -119,13 +120,13 @@ def evaluate_command(
     )  # fmt: skip
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as progress:
-        served = _served(options, progress) if server else None
-        if served is not None and served.result is not None:
+        served = _served(options, progress) if server else Outcome(None)
+        if served.result is not None:
             answer = served.result
             notes, metrics = answer["notes"], answer["metrics"]
             paths = answer["metrics_path"], answer["predictions_path"]
         else:
-            if served is not None and served.note:
+            if served.note:
                 warn(served.note)
             result = evaluate(options, _tracker(progress))
             notes, metrics, paths = result.notes, result.metrics, (result.metrics_path, result.predictions_path)
@@ -136,15 +137,15 @@ def evaluate_command(
     note(f"{load_line(timings['load_seconds'], timings['load_phases'])}, loss {timings['loss_seconds']:.1f} s, "
          f"generation {timings['generation_seconds']:.1f} s ({timings['generated_tokens_per_second']:.0f} tokens/s), "
          f"ROUGE {timings['scoring_seconds']:.1f} s, total {timings['total_seconds']:.1f} s"
-         + (f"; {served_line(served.result['server'])}" if served is not None and served.result else ""))  # fmt: skip
+         + (f"; {served_line(served.result['server'])}" if served.result else ""))  # fmt: skip
     console.print(f"Wrote [bold]{paths[0]}[/bold] and [bold]{paths[1]}[/bold]")
 
 
-def _served(options: Any, progress: Any) -> Any:
+def _served(options: Any, progress: Any) -> Outcome:
     """evaluate's result from a running `phi2 serve`, its progress shown here (None result: there is none)."""
     import dataclasses
 
-    from phi2cli.cli.ui import note
+    from phi2cli.cli.ui import note_queued
     from phi2cli.serving.client import request
 
     tasks: dict[int, Any] = {}
@@ -154,7 +155,6 @@ def _served(options: Any, progress: Any) -> Any:
             tasks[event["id"]] = progress.add_task(event["description"], total=event["total"])
         elif event["event"] == "advance":
             progress.advance(tasks[event["id"]], event["n"])
-        elif event["event"] == "queued":
-            note(f"phi2 serve is busy ({event.get('busy')}); this command waits for it")
+        note_queued(event)
 
     return request("evaluate", {"options": dataclasses.asdict(options)}, listen)

@@ -37,7 +37,7 @@ def serve_command(
     from phi2cli.cli.app import fail
     from phi2cli.cli.ui import note
     from phi2cli.serving.protocol import socket_path
-    from phi2cli.serving.server import ServeOptions, check_socket_path, running_status, serve
+    from phi2cli.serving.server import ServeOptions, check_socket_path, refuse_if_running, running_status, serve
 
     path = (socket.expanduser().absolute() if socket else socket_path())
     if status and stop:
@@ -68,10 +68,7 @@ def serve_command(
         return
     chosen = str(adapter) if adapter else (DEFAULT_ADAPTER if (Path(DEFAULT_ADAPTER) / "adapter_config.json").is_file()
                                            else None)  # fmt: skip
-    running = running_status(path)
-    if running is not None:  # before the slow imports
-        raise fail(f"phi2 serve is already running (pid {running['pid']}, socket {path}); stop it with "
-                   f"'phi2 serve --stop' or give this one another --socket")  # fmt: skip
+    refuse_if_running(path)  # before saying that the slow imports begin (serve checks again)
     note("phi2 serve: importing libraries" + (f", loading {chosen}" if chosen else ""))
 
     def log(message: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, List, Optional
+from typing import Annotated, Any, List, Optional
 
 import typer
 from rich.markup import escape
@@ -17,9 +17,8 @@ from phi2cli.cli.app import (
 from phi2cli.cli.evaluate import RunModelOpt
 from phi2cli.errors import ConfigError
 from phi2cli.inference.evaluation import DEFAULT_ADAPTER, Article, SummaryResult
+from phi2cli.serving.client import Outcome
 
-if TYPE_CHECKING:
-    from phi2cli.serving.client import Outcome
 
 
 @command("summarize")
@@ -77,13 +76,13 @@ def summarize_command(
     articles = read_articles(inputs, document_field)
     stream = sys.stdout if len(articles) == 1 and not as_json and sys.stdout.isatty() else None
     timings: dict[str, Any] = {}
-    served = _served(articles, adapter, base_only, overrides, gen_batch_size, stream) if server else None
-    if served is not None and served.result is not None:
+    served = _served(articles, adapter, base_only, overrides, gen_batch_size, stream) if server else Outcome(None)
+    if served.result is not None:
         answer = served.result
         results = [SummaryResult(**r) for r in answer["results"]]
         notes, timings = answer["notes"], answer["timings"]
     else:
-        if served is not None and served.note:
+        if served.note:
             warn(served.note)
         results, notes = summarize(articles, adapter, base_only, overrides, gen_batch_size, stream=stream,
                                    timings=timings)  # fmt: skip
@@ -91,7 +90,7 @@ def summarize_command(
         note(message)
     note(f"{load_line(timings['load_seconds'], timings['load_phases'])}, "
          f"generation {timings['generation_seconds']:.1f} s"
-         + (f"; {served_line(served.result['server'])}" if served is not None and served.result else ""))  # fmt: skip
+         + (f"; {served_line(served.result['server'])}" if served.result else ""))  # fmt: skip
     if as_json:
         typer.echo(results_json(results))
     elif len(results) == 1:
@@ -104,18 +103,16 @@ def summarize_command(
 
 
 def _served(articles: List[Article], adapter: Path, base_only: bool, overrides: dict[str, Any],
-            gen_batch_size: Optional[int], stream: Any) -> "Outcome":  # fmt: skip
+            gen_batch_size: Optional[int], stream: Any) -> Outcome:  # fmt: skip
     """The summaries from a running `phi2 serve` (its outcome says None when there is none to ask)."""
+    from phi2cli.cli.ui import note_queued
     from phi2cli.serving.client import request
-
-    from phi2cli.cli.ui import note
 
     def listen(event: dict[str, Any]) -> None:
         if event["event"] == "text" and stream is not None:
             stream.write(event["text"])
             stream.flush()
-        elif event["event"] == "queued":
-            note(f"phi2 serve is busy ({event.get('busy')}); this command waits for it")
+        note_queued(event)
 
     args = {"articles": [{"source": a.source, "text": a.text} for a in articles], "adapter": str(adapter),
             "base_only": base_only, "overrides": overrides, "gen_batch_size": gen_batch_size,

@@ -94,6 +94,12 @@ def load_line(seconds: float, phases: dict[str, float]) -> str:
     return f"load {seconds:.1f} s" + (f" ({parts})" if parts else "")
 
 
+def note_queued(event: dict[str, Any]) -> None:
+    """A served command's 'queued' event: say that it waits for the one the server is running."""
+    if event["event"] == "queued":
+        note(f"phi2 serve is busy ({event.get('busy')}); this command waits for it")
+
+
 def served_line(server: dict[str, Any]) -> str:
     """'served by phi2 serve (pid 4242, model kept loaded)': who did the work of a command."""
     kept = "model kept loaded" if server.get("model_kept") else "model loaded for this command"

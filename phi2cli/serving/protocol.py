@@ -2,8 +2,8 @@
 
 No torch here: a client imports this and nothing heavy.
 
-Messages are JSON objects, one per line, over a Unix socket in a directory only its user can
-enter. A client sends one request:
+Messages are JSON objects, one per line, over a Unix socket only its user can open (mode 0600).
+A client sends one request:
     {"command": "summarize" | "evaluate" | "status" | "stop", "args": {...}, "cwd": ..., "identity": {...}}
 and reads events until the last one:
     {"event": "decline", "reason": ...}            the server will not run it here (the client runs it itself)
@@ -38,12 +38,12 @@ def socket_path() -> Path:
 
 
 def identity() -> dict[str, Any]:
-    """What must match between a client and the server: phi2cli's version and location, the user, the environment."""
+    """What must match between a client and the server: phi2cli's version and location, the environment
+    (the socket's mode already keeps other users out)."""
     import phi2cli
 
     env = {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES) and k not in _ENV_IGNORED}
-    return {"version": phi2cli.__version__, "package": str(Path(phi2cli.__file__).resolve().parent),
-            "uid": os.getuid() if hasattr(os, "getuid") else None, "env": env}  # fmt: skip
+    return {"version": phi2cli.__version__, "package": str(Path(phi2cli.__file__).resolve().parent), "env": env}
 
 
 def mismatch(client: dict[str, Any], server: dict[str, Any]) -> str | None:

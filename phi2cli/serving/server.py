@@ -41,7 +41,8 @@ def _folder_state(path: Path) -> list[tuple[str, int, int]]:
     """(name, mtime, size) of the files directly in `path`: a retrained adapter or a re-converted model differs."""
     if not path.is_dir():
         return []
-    return [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(path.iterdir()) if p.is_file()]
+    files = [(p.name, p.stat()) for p in sorted(path.iterdir()) if p.is_file()]
+    return [(name, found.st_mtime_ns, found.st_size) for name, found in files]
 
 
 def model_key(config: Any, adapter_dir: str | Path | None) -> str:
@@ -256,6 +257,14 @@ def check_socket_path(path: Path) -> None:
                           f"set PHI2_SERVE_SOCKET or --socket to a shorter path")  # fmt: skip
 
 
+def refuse_if_running(path: Path) -> None:
+    """Raises RunError when a server already answers on `path` (one socket, one server)."""
+    other = running_status(path)
+    if other is not None:
+        raise RunError(f"phi2 serve is already running (pid {other['pid']}, socket {path}); "
+                       f"stop it with 'phi2 serve --stop' or give this one another --socket")  # fmt: skip
+
+
 def running_status(path: Path) -> dict[str, Any] | None:
     """The status of the server answering at `path`, or None when none does."""
     try:
@@ -274,10 +283,7 @@ def serve(options: ServeOptions, log: Callable[[str], None], ready: Callable[[di
 
     path = options.socket
     check_socket_path(path)
-    other = running_status(path)
-    if other is not None:
-        raise RunError(f"phi2 serve is already running (pid {other['pid']}, socket {path}); "
-                       f"stop it with 'phi2 serve --stop' or give this one another --socket")  # fmt: skip
+    refuse_if_running(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if path.exists() or path.is_symlink():
         path.unlink()  # left by a server that was killed: nothing answers there (checked above)
