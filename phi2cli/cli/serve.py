@@ -42,8 +42,8 @@ def serve_command(
     path = (socket.expanduser().absolute() if socket else socket_path())
     if status and stop:
         raise typer.BadParameter("give --status or --stop, not both")
+    check_socket_path(path)  # before anything slow
     if status or stop:
-        check_socket_path(path)
         found = running_status(path)
         if found is None:
             if stop:
