@@ -33,6 +33,7 @@ def main() -> None:
                         "graphs record a shape the first time it appears: give ~60 to see replays only)")
     parser.add_argument("--sync-debug", action="store_true", help="also list where the profiled steps make the "
                         "host wait for the GPU (torch.cuda.set_sync_debug_mode), with their Python call sites")
+    parser.add_argument("--rows", type=int, default=25, help="kernels listed by GPU time (and twice as many by host time)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
     args = parser.parse_args()
 
@@ -101,9 +102,9 @@ def main() -> None:
              f"(max {config.data.max_length} tokens), per step:",
              f"GPU kernel time {kernels:.1f} ms per step; host (CPU) time {host:.1f} ms per step; wall time "
              f"{(window[1] - window[0]) * 1e3 / 3:.1f} ms per step (profiler on{unprofiled})", "",
-             averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60), "",
+             averages.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60), "",
              "by host time:",
-             averages.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60)]  # fmt: skip
+             averages.table(sort_by="cpu_time_total", row_limit=2 * args.rows, max_name_column_width=60)]  # fmt: skip
     lines += ["", f"the run's own meters (profiled steps included): {result.throughput}", f"timing: {result.timing}"]
     if args.sync_debug:
         lines += ["", f"host waits for the GPU in the profiled steps: {sum(syncs.values())}"]

@@ -63,9 +63,7 @@ def build_model(config: Phi2Config, plan: EnginePlan, precision: Any, paths: Any
         def compile_failed(error: BaseException) -> None:
             paths.fell_back("compile", f"{describe(error)}; the decoder layers run eagerly")
 
-        # Under gradient checkpointing the recompute must redraw the forward's dropout masks: torch's
-        # eager random kernels do that from the generator state checkpointing restores (compile_layers).
-        if spec and compile_layers(model, spec.layer_classes, compile_failed, plan.gradient_checkpointing):
+        if spec and compile_layers(model, spec.layer_classes, compile_failed):
             paths.active("compile")
         else:
             paths.fell_back("compile", "no decoder layer of a known family to compile")
