@@ -109,3 +109,26 @@ def test_the_smollm2_parts_train_as_the_example_script_does(bench):
     flags = bench.SMOLLM2_JOB
     assert [(flag, value) for flag, value in zip(flags[::2], flags[1::2])] == \
         [(word, words[words.index(word) + 1]) for word in flags[::2]]  # fmt: skip
+
+
+def test_bytecode_is_compiled_once_where_python_writes_none(bench, tmp_path, monkeypatch):
+    import sys
+
+    common = sys.modules["common"]
+    package = tmp_path / "site" / "somepkg"
+    package.mkdir(parents=True)
+    (package / "mod.py").write_text("VALUE = 1\n", encoding="utf-8")
+    monkeypatch.setenv("PYTHONPYCACHEPREFIX", "recorded")  # so that the test's own setting is undone after it
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX")
+    kept = common.precompile_bytecode(tmp_path / "pyc", [str(tmp_path / "site")], dont_write=False)
+    assert kept["precompiled"] is False
+    assert not (tmp_path / "pyc").exists()
+    done = common.precompile_bytecode(tmp_path / "pyc", [str(tmp_path / "site")], dont_write=True)
+    assert done["precompiled"] is True and done["folder"] == str(tmp_path / "pyc")
+    assert list((tmp_path / "pyc").rglob("mod.cpython-*.pyc"))  # where the processes it starts will read it
+    import os
+
+    assert os.environ["PYTHONPYCACHEPREFIX"] == str(tmp_path / "pyc")
+    assert common.environment()["bytecode_cache"]["folder"] == str(tmp_path / "pyc")
+    again = common.precompile_bytecode(tmp_path / "other", [str(tmp_path / "site")], dont_write=True)
+    assert again["precompiled"] is False and not (tmp_path / "other").exists()  # a cache folder is already set
