@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, SMOLLM2_JOB, default_data_dir, environment, write_json  # noqa: E402
+from end_to_end import cache_env, cli_env  # noqa: E402
 
 VARIANTS = {"inductor": {}, "torch": None}  # None: phi2cli's own options
 
@@ -44,20 +44,17 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compiled_random.json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="phi2-random-"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # fmt: skip
     results: dict = {"command": "python " + " ".join(sys.argv), "environment": environment(), "variants": {}}
     for name, options in VARIANTS.items():
-        cache = {"PHI2_CACHE_DIR": str(work / name / "cache"), "TORCHINDUCTOR_CACHE_DIR": str(work / name / "inductor"),
-                 "TRITON_CACHE_DIR": str(work / name / "triton")}  # fmt: skip
+        env = cli_env(cache_env(work / name / "cache"))  # this copy of phi2cli, offline, empty caches
         speed_json = work / name / "speed.json"
         speed = [str(ROOT / "benchmarks" / "train_throughput.py"), "--data-dir", str(args.data_dir), "--profiles",
                  "speed", "--steps", "30", "--out", str(speed_json)]  # fmt: skip
-        subprocess.run(wrapped(options, speed), env={**env, **cache}, check=True)
+        subprocess.run(wrapped(options, speed), env=env, check=True)
         job = ["-m", "phi2cli", "train", "--model", str(args.smol_model), "--template", "chat", "--data-dir",
                str(args.data_dir), *SMOLLM2_JOB, "--output-dir", str(work / name / "run"), "--final-dir",
                str(work / name / "final"), "--overwrite", "--compile"]  # fmt: skip
-        done = subprocess.run(wrapped(options, job), env={**env, **cache}, capture_output=True, text=True, check=True)
+        done = subprocess.run(wrapped(options, job), env=env, capture_output=True, text=True, check=True)
         facts = json.loads((work / name / "final" / "phi2_run.json").read_text(encoding="utf-8"))
         timing = re.search(r"^Time: .*?tokens/s", done.stdout, re.M | re.S)
         steps_rate = (facts.get("timing") or {}).get("train_steps_tokens_per_s")

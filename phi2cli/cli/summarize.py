@@ -20,7 +20,6 @@ from phi2cli.inference.evaluation import DEFAULT_ADAPTER, Article, SummaryResult
 from phi2cli.serving.client import Outcome
 
 
-
 @command("summarize")
 def summarize_command(
     inputs: Annotated[List[str], typer.Argument(
