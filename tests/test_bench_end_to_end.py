@@ -132,3 +132,29 @@ def test_bytecode_is_compiled_once_where_python_writes_none(bench, tmp_path, mon
     assert common.environment()["bytecode_cache"]["folder"] == str(tmp_path / "pyc")
     again = common.precompile_bytecode(tmp_path / "other", [str(tmp_path / "site")], dont_write=True)
     assert again["precompiled"] is False and not (tmp_path / "other").exists()  # a cache folder is already set
+
+
+def test_import_floor_compiles_bytecode_first_and_records_it(monkeypatch, tmp_path):
+    floor = load_benchmark("import_floor")
+    calls: list[str] = []
+
+    def precompile(folder):
+        calls.append(f"precompile {folder}")
+        return {"precompiled": True, "folder": str(folder), "seconds": 1.0}
+
+    def timed(statement):
+        calls.append(statement)
+        return None if "cuda" in statement else 0.5
+
+    monkeypatch.setattr(floor, "precompile_bytecode", precompile)
+    monkeypatch.setattr(floor, "timed", timed)
+    out = tmp_path / "floor.json"
+    monkeypatch.setattr("sys.argv", ["import_floor.py", "--repeat", "1", "--out", str(out), "--pycache",
+                                     str(tmp_path / "pyc")])  # fmt: skip
+    floor.main()
+    assert calls[0] == f"precompile {tmp_path / 'pyc'}"  # before any statement is timed
+    assert calls[1:] == list(floor.STATEMENTS)
+    written = json.loads(out.read_text(encoding="utf-8"))
+    assert written["bytecode_precompiled"]["folder"] == str(tmp_path / "pyc")
+    assert written["seconds"]["import torch"] == [0.5]
+    assert written["seconds"]["import torch; torch.cuda.init(); torch.zeros(1, device='cuda')"] == [None]
