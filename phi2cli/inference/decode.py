@@ -26,7 +26,7 @@ from torch import nn
 
 from phi2cli.inference.decoder_modules import DecoderModules
 from phi2cli.inference.sampling import uniform_rows
-from phi2cli.kernels.attention import causal_varlen
+from phi2cli.kernels.attention import causal_varlen, decode_attention
 
 PREFILL_TOKENS = {"cuda": 32768, "cpu": 4096}  # prompt tokens per prefill forward (bounds activation memory)
 MEMORY_SHARE = 0.9  # of the free GPU memory, what the cache and the activations may take
@@ -226,8 +226,7 @@ class StaticDecoder:
             keys, values = self.keys[index], self.values[index]
             keys.scatter_(2, slot, key.unsqueeze(2))
             values.scatter_(2, slot, value.unsqueeze(2))
-            attended = F.scaled_dot_product_attention(query.unsqueeze(2), keys, values, attn_mask=mask,
-                                                      scale=phi.scaling, enable_gqa=phi.kv_heads != phi.heads)  # fmt: skip
+            attended = decode_attention(query.unsqueeze(2), keys, values, mask, phi.scaling)
             hidden = phi.finish_layer(layer, hidden, normed, attended.reshape(self.rows, -1))
         uniforms = None
         if self.uniforms is not None:  # the token after new token i (at starts + i) is new token i + 1

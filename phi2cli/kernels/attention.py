@@ -14,6 +14,7 @@ import inspect
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 NAME = "phi2_varlen"
 
@@ -84,6 +85,31 @@ def varlen_available(head_dim: int = 80, heads: int = 2, kv_heads: int | None = 
     except Exception:  # old torch, or no kernel for this GPU / head size / head grouping
         return False
     return True
+
+
+# The decoding step's masked attention for a few rows (`phi2 summarize` of an article or a handful):
+# torch's default kernels less cuDNN. cuDNN builds an execution plan the first time it meets a shape,
+# 46-663 ms on one H200 (torch 2.11), where the other kernels need under 1.5 ms; for 8 rows of phi-2's heads
+# its warm call is 0.041 ms faster, 80 ms over a 60-token summary's 32 layers, so skipping it pays in a
+# fresh process: one article's generation took 0.6 s against 1.3 s (benchmarks/results/decode_attention*.json).
+# From 32 rows on cuDNN's warm kernel wins (0.42 against 1.14 ms a layer at 256 rows), so an evaluation's
+# batches keep it; so do grouped key/value heads, whose other kernels are 7-35x slower warm.
+DECODE_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+FEW_ROWS = 8
+
+
+def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                     scale: float | None) -> torch.Tensor:  # fmt: skip
+    """softmax(q k^T scale + mask) v over a static KV cache: query [rows, heads, 1, dim], keys and values
+    [rows, kv_heads, cache, dim], mask [rows, 1, 1, cache]. Up to FEW_ROWS rows without grouped heads
+    run on DECODE_BACKENDS, the rest on torch's own choice."""
+    grouped = keys.shape[1] != query.shape[1]
+    if grouped or query.shape[0] > FEW_ROWS or not DECODE_BACKENDS:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=grouped)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([getattr(SDPBackend, name) for name in DECODE_BACKENDS]):
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
 
 
 def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
