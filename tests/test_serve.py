@@ -129,6 +129,33 @@ def test_a_changed_adapter_is_loaded_again(server, final):
     assert status(path)["loads"] == 2
 
 
+def test_an_evaluations_results_beside_the_adapter_keep_the_model_loaded(server, final):
+    path, _ = server
+    before = status(path)["loads"]
+    evaluated = runner.invoke(app, ["evaluate", "--samples", "2"])  # writes metrics-/predictions- into the run folder
+    assert evaluated.exit_code == 0, evaluated.output
+    assert (final / "metrics-validation.json").is_file()
+    summarized = runner.invoke(app, ["summarize", str(ARTICLE)])
+    assert summarized.exit_code == 0, summarized.output
+    assert "model loaded for this command" not in summarized.stderr
+    assert status(path)["loads"] == before
+
+
+def test_the_model_key_follows_what_loading_reads(final):
+    from phi2cli.config import load_run_config
+    from phi2cli.serving.server import model_key
+
+    config, _ = load_run_config(final)
+    key = model_key(config, final)
+    (final / "metrics-test.json").write_text("{}")
+    (final / "predictions-test.jsonl").write_text("")
+    assert model_key(config, final) == key
+    config_file = final / "adapter_config.json"
+    later = config_file.stat().st_mtime_ns + 10**9
+    os.utime(config_file, ns=(later, later))
+    assert model_key(config, final) != key
+
+
 def test_a_second_server_on_the_same_socket_is_refused(server):
     path, _ = server
     result = runner.invoke(app, ["serve"])

@@ -8,6 +8,7 @@ end_to_end.json, import_floor.json); a resident process pays that once.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import gc
 import itertools
 import json
@@ -37,11 +38,17 @@ class ServeOptions:
     keep_alive_s: float = 1800.0  # idle this long, the model is unloaded (the process and its imports stay)
 
 
+# What phi2's own commands write into a run folder and loading never reads: `phi2 evaluate`'s results.
+RESULT_FILES = ("metrics-*.json", "predictions-*.jsonl")
+
+
 def _folder_state(path: Path) -> list[tuple[str, int, int]]:
-    """(name, mtime, size) of the files directly in `path`: a retrained adapter or a re-converted model differs."""
+    """(name, mtime, size) of the files directly in `path` that loading may read: a retrained adapter or a
+    re-converted model differs, an evaluation's results beside it do not."""
     if not path.is_dir():
         return []
-    files = [(p.name, p.stat()) for p in sorted(path.iterdir()) if p.is_file()]
+    files = [(p.name, p.stat()) for p in sorted(path.iterdir())
+             if p.is_file() and not any(fnmatch.fnmatch(p.name, pattern) for pattern in RESULT_FILES)]  # fmt: skip
     return [(name, found.st_mtime_ns, found.st_size) for name, found in files]
 
 
@@ -61,18 +68,22 @@ class ModelCache:
         self.key: str | None = None
         self.loaded: Any = None  # the LoadedModel kept between requests
         self.lent: Any = None  # the LoadedModel the running request holds
+        self.lent_key: str | None = None  # its model_key, taken before its files were read
         self.loads = self.reuses = 0
 
     def load(self, config: Any, adapter_dir: str | Path | None = None) -> Any:
         """load_model's result for (config, adapter_dir): the kept one when its key matches, else a new one."""
         from phi2cli.inference.trained_model import load_model
 
-        if self.loaded is not None and model_key(config, adapter_dir) == self.key:
+        key = model_key(config, adapter_dir)  # before loading: files changed meanwhile make the next key differ
+        if self.loaded is not None and key == self.key:
             self.reuses += 1
             self.lent = dataclasses.replace(self.loaded, config=config, notes=list(self.loaded.notes), load_phases={})
+            self.lent_key = key
             return self.lent
         self.release()
         self.lent = load_model(config, adapter_dir)
+        self.lent_key = key
         self.loads += 1
         return self.lent
 
@@ -82,12 +93,12 @@ class ModelCache:
         if failed and self.lent is not None:  # it may have left the weights half-merged: never serve them again
             self.release()
         elif self.lent is not None:
-            self.loaded, self.key = self.lent, model_key(self.lent.config, self.lent.adapter_dir)
-        self.lent = None
+            self.loaded, self.key = self.lent, self.lent_key
+        self.lent = self.lent_key = None
 
     def release(self) -> None:
         """Drop the model and give its GPU memory back."""
-        self.loaded = self.lent = self.key = None
+        self.loaded = self.lent = self.key = self.lent_key = None
         gc.collect()
         import torch
 
