@@ -141,6 +141,18 @@ def test_an_evaluations_results_beside_the_adapter_keep_the_model_loaded(server,
     assert status(path)["loads"] == before
 
 
+def test_a_base_only_request_after_compare_base_gets_the_base_model(server):
+    path, _ = server
+    compared = runner.invoke(app, ["evaluate", "--samples", "2", "--compare-base"])  # merges the adapter in
+    assert compared.exit_code == 0, compared.output
+    assert "served by phi2 serve" in compared.stderr
+    served = runner.invoke(app, ["summarize", "--base-only", str(ARTICLE)])
+    alone = runner.invoke(app, ["summarize", "--base-only", "--no-server", str(ARTICLE)])
+    assert served.exit_code == alone.exit_code == 0, served.output + alone.output
+    assert "served by phi2 serve" in served.stderr
+    assert served.stdout == alone.stdout and served.stdout.strip()
+
+
 def test_the_model_key_follows_what_loading_reads(final):
     from phi2cli.config import load_run_config
     from phi2cli.serving.server import model_key

@@ -68,7 +68,7 @@ class ModelCache:
         self.key: str | None = None
         self.loaded: Any = None  # the LoadedModel kept between requests
         self.lent: Any = None  # the LoadedModel the running request holds
-        self.lent_key: str | None = None  # its model_key, taken before its files were read
+        self.lent_key: tuple[str, Any] | None = None  # its model_key, taken before its files were read, and its adapter
         self.loads = self.reuses = 0
 
     def load(self, config: Any, adapter_dir: str | Path | None = None) -> Any:
@@ -79,12 +79,11 @@ class ModelCache:
         if self.loaded is not None and key == self.key:
             self.reuses += 1
             self.lent = dataclasses.replace(self.loaded, config=config, notes=list(self.loaded.notes), load_phases={})
-            self.lent_key = key
-            return self.lent
-        self.release()
-        self.lent = load_model(config, adapter_dir)
-        self.lent_key = key
-        self.loads += 1
+        else:
+            self.release()
+            self.lent = load_model(config, adapter_dir)
+            self.loads += 1
+        self.lent_key = (key, self.lent.adapter_dir)
         return self.lent
 
     def settle(self, failed: bool) -> None:
@@ -93,7 +92,10 @@ class ModelCache:
         if failed and self.lent is not None:  # it may have left the weights half-merged: never serve them again
             self.release()
         elif self.lent is not None:
-            self.loaded, self.key = self.lent, self.lent_key
+            key, adapter = self.lent_key
+            if self.lent.adapter_dir != adapter:  # the request merged an adapter in: key what the model holds now
+                key = model_key(self.lent.config, self.lent.adapter_dir)
+            self.loaded, self.key = self.lent, key
         self.lent = self.lent_key = None
 
     def release(self) -> None:
