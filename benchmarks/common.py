@@ -136,6 +136,16 @@ def precompile_bytecode(folder: Path, dirs: list[str] | None = None,
     return {"precompiled": True, "folder": str(folder), "dirs": dirs, "seconds": seconds}
 
 
+def patched_python(patch: str, argv: list[str]) -> list[str]:
+    """A command line that runs `argv` (a script, or -m module) in a fresh Python after the statements
+    `patch` (which may set a phi2cli module's constant, say), so each variant of an A/B is its own process."""
+    if argv[0] == "-m":
+        run = f"sys.argv = {argv[1:]!r}; runpy.run_module({argv[1]!r}, run_name='__main__', alter_sys=True)"
+    else:
+        run = f"sys.argv = {argv!r}; runpy.run_path({argv[0]!r}, run_name='__main__')"
+    return [sys.executable, "-c", f"import runpy, sys; {patch}{run}"]
+
+
 def installed_versions(*dists: str) -> dict[str, str | None]:
     """{module name: installed version or None} read from each distribution's metadata (some, such as
     liger-kernel, have no __version__ attribute)."""

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SMOLLM2_JOB, default_data_dir, environment, write_json  # noqa: E402
+from common import ROOT, SMOLLM2_JOB, default_data_dir, environment, patched_python, write_json  # noqa: E402
 from end_to_end import cache_env, cli_env  # noqa: E402
 
 VARIANTS = {"inductor": {}, "torch": None}  # None: phi2cli's own options
@@ -30,11 +30,7 @@ VARIANTS = {"inductor": {}, "torch": None}  # None: phi2cli's own options
 def wrapped(options: dict | None, argv: list[str]) -> list[str]:
     """A Python command line that runs `argv` (a script, or -m module) with the given inductor options."""
     patch = "" if options is None else f"import phi2cli.kernels.compiled as c; c.INDUCTOR_OPTIONS = {options!r}; "
-    if argv[0] == "-m":
-        run = f"sys.argv = {argv[1:]!r}; runpy.run_module({argv[1]!r}, run_name='__main__', alter_sys=True)"
-    else:
-        run = f"sys.argv = {argv!r}; runpy.run_path({argv[0]!r}, run_name='__main__')"
-    return [sys.executable, "-c", f"import runpy, sys; {patch}{run}"]
+    return patched_python(patch, argv)
 
 
 def main() -> int:

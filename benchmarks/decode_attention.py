@@ -14,16 +14,16 @@ import argparse
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, environment, precompile_bytecode, write_json  # noqa: E402
+from common import ROOT, environment, patched_python, precompile_bytecode, write_json  # noqa: E402
 
 SHAPES = {"phi2": (32, 32, 80), "smollm2": (9, 3, 64)}  # heads, kv heads, head dim
 ROW_COUNTS, CACHE = (1, 8, 32, 256), 600
-RUN = "import sys, runpy\n{patch}sys.argv = ['phi2', *sys.argv[1:]]\nrunpy.run_module('phi2cli', run_name='__main__')"
-WITH_CUDNN = "import phi2cli.kernels.attention as a\na.DECODE_BACKENDS = ()\n"
+WITH_CUDNN = "import phi2cli.kernels.attention as a; a.DECODE_BACKENDS = (); "
 
 
 def kernel_times(heads: int, kv_heads: int, dim: int) -> dict[str, Any]:
@@ -43,12 +43,10 @@ def kernel_times(heads: int, kv_heads: int, dim: int) -> dict[str, Any]:
         mask = torch.zeros(rows, 1, 1, CACHE, device="cuda", dtype=torch.bfloat16)
         mask[:, :, :, -20:] = -torch.inf  # the cache's unwritten end
 
-        def attend(backends: tuple[str, ...]) -> Any:
-            grouped = heads != kv_heads
-            if not backends:
-                return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=grouped)
-            with sdpa_kernel([getattr(SDPBackend, name) for name in backends]):
-                return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=grouped)
+        def attend(backends: tuple[str, ...]) -> Any:  # (): torch's own choice
+            chosen = sdpa_kernel([getattr(SDPBackend, name) for name in backends]) if backends else nullcontext()
+            with chosen:
+                return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=heads != kv_heads)
 
         row: dict[str, Any] = {}
         outputs = []
@@ -81,8 +79,8 @@ def cli_runs(adapter: Path, repeat: int) -> dict[str, Any]:
         for name, args in commands.items():
             for label, patch in (("without_cudnn", ""), ("with_cudnn", WITH_CUDNN)):
                 started = time.perf_counter()
-                done = subprocess.run([sys.executable, "-c", RUN.format(patch=patch), *args], cwd=ROOT,
-                                      capture_output=True, text=True)  # fmt: skip
+                done = subprocess.run(patched_python(patch, ["-m", "phi2cli", *args]), cwd=ROOT, capture_output=True,
+                                      text=True)  # fmt: skip
                 wall = round(time.perf_counter() - started, 2)
                 timing = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("load ")]
                 found.setdefault(name, {}).setdefault(label, []).append(

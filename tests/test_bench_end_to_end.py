@@ -158,3 +158,18 @@ def test_import_floor_compiles_bytecode_first_and_records_it(monkeypatch, tmp_pa
     assert written["bytecode_precompiled"]["folder"] == str(tmp_path / "pyc")
     assert written["seconds"]["import torch"] == [0.5]
     assert written["seconds"]["import torch; torch.cuda.init(); torch.zeros(1, device='cuda')"] == [None]
+
+
+def test_patched_python_runs_a_module_or_a_script_after_the_patch(tmp_path):
+    import subprocess
+
+    patched_python = load_benchmark("common").patched_python
+    patch = "import phi2cli.kernels.attention as a; a.FEW_ROWS = 3; "
+    script = tmp_path / "show.py"
+    script.write_text("import sys, phi2cli.kernels.attention as a\nprint(a.FEW_ROWS, sys.argv[1:])\n")
+    shown = subprocess.run(patched_python(patch, [str(script), "x"]), capture_output=True, text=True, check=True)
+    assert shown.stdout.split("\n")[0] == "3 ['x']"
+    plain = subprocess.run(patched_python("", [str(script)]), capture_output=True, text=True, check=True)
+    assert plain.stdout.startswith("8 []")
+    module = subprocess.run(patched_python(patch, ["-m", "phi2cli", "--version"]), capture_output=True, text=True)
+    assert module.returncode == 0 and module.stdout.strip(), module.stderr
