@@ -1,0 +1,91 @@
+"""benchmarks/step_floor.py on the CPU: which products and attention calls a step's floor counts, at which
+shapes, the batches it draws from real rows, and what it reads out of end_to_end.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from phi2cli.kernels import attention
+from test_attention import stand_in_kernel
+from test_bench_multi_gpu import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("step_floor")
+
+
+def test_the_floor_times_every_product_and_attention_at_the_steps_shapes(bench, monkeypatch):
+    monkeypatch.setattr(attention, "_kernel", lambda: stand_in_kernel)
+    shape = bench.Shape(hidden=32, intermediate=128, layers=3, heads=4, vocab=100, rank=4)
+    lengths, labelled = [5, 9, 3], 6
+    outputs = []
+
+    def timer(call):  # every timed call costs 1 ms and leaves the shape of what it made
+        made = call()
+        outputs.append(tuple(tuple(t.shape) for t in made) if isinstance(made, tuple) else tuple(made.shape))
+        return 1.0
+
+    found = bench.batch_floor(shape, lengths, labelled, "cpu", torch.float32, timer)
+    tokens = 17
+    forward = [(tokens, 96), (tokens, 32), (tokens, 128), (tokens, 32)]  # q/k/v fused, dense, fc1, fc2
+    backward = [(tokens, 32), (tokens, 32), (tokens, 32), (tokens, 128)]  # each one's input gradient
+    assert outputs[:8] == forward + backward
+    # LoRA: the shared q/k/v down-projection, dense's, an up-projection; then the up weight's gradient,
+    # the low-rank gradient, the down weight's gradient and the input's
+    assert outputs[8:15] == [(tokens, 12), (tokens, 4), (tokens, 32), (32, 4), (tokens, 4), (4, 32), (tokens, 32)]
+    assert len(outputs) == 19
+    assert outputs[-4] == (tokens, 4, 8)  # attention forward
+    assert outputs[-3] == ((tokens, 4, 8),) * 3  # its gradients for q, k, v
+    assert outputs[-2:] == [(labelled, 100), (labelled, 32)]  # the head over labelled tokens, forward and back
+    assert found["matmul_forward"] == found["matmul_backward"] == 4 * 3  # four products, three layers
+    assert found["lora"] == (2 + 4 + 16) * 3
+    assert found["attention_forward"] == 3 and found["attention_backward"] == 0  # 1 ms both ways less 1 ms forward
+    assert found["head"] == 2
+    assert found["total"] == 12 + 12 + 66 + 3 + 0 + 2
+
+
+def test_kernel_ms_times_the_call_after_warm_up(bench):
+    calls = []
+    ms = bench.kernel_ms(lambda: calls.append(1), "cpu", repeat=4)
+    assert len(calls) == 3 + 4 and ms >= 0
+
+
+def test_step_batches_are_eight_real_rows_each(bench, xsum_dir, phi2_tokenizer_dir):
+    batches = bench.step_batches(xsum_dir, 3, 512)
+    assert len(batches) == 3
+    for lengths, labelled in batches:
+        assert len(lengths) == 8 and all(0 < n <= 512 for n in lengths)
+        assert 8 <= labelled < sum(lengths)  # every example labels its summary and EOS, never its prompt
+    assert bench.step_batches(xsum_dir, 3, 512) == batches  # one seeded draw
+    longer = bench.step_batches(xsum_dir, 3, 1024)
+    assert [n for _, n in longer] == [n for _, n in batches]  # the same rows: only articles are cut
+    assert sum(map(sum, (l for l, _ in longer))) > sum(map(sum, (l for l, _ in batches)))
+    with pytest.raises(SystemExit, match="steps of 8 examples"):
+        bench.step_batches(xsum_dir, 10_000, 512)
+
+
+def test_bounds_set_the_measured_rates_and_jobs_against_the_floor(bench):
+    measured = {"trl_plain": {"tokens_per_s": 10_000.0}, "speed": {"tokens_per_s": 40_000.0},
+                "reference_seed_job_s": 2_250.0,
+                "seed_job_cold": {"wall_s": 100.0, "timing": {"train_steps_s": 80.0,
+                                                              "train_steps_tokens_per_s": 30_000.0}}}  # fmt: skip
+    found = bench.bounds(60_000.0, 30_000.0 * 80 / 40, measured)
+    assert found["speed"] == {"measured_tokens_per_s": 40_000.0, "fraction_of_floor_rate": 0.667,
+                              "trl_plain_tokens_per_s": 10_000.0, "floor_rate_over_trl_plain": 6.0,
+                              "target_tokens_per_s": 50_000.0}  # fmt: skip
+    assert found["seed_job"] == {"real_tokens": 2_400_000, "measured_steps_s": 80.0, "steps_s_at_floor": 40.0,
+                                 "measured_rest_s": 20.0, "wall_s_with_steps_at_floor": 60.0,
+                                 "target_s": 50.0}  # fmt: skip
+    assert bench.bounds(60_000.0, 60_000.0, {}) == {}
+
+
+def test_the_shape_is_phi2s_with_the_default_rank(bench):
+    shape = bench.phi2_shape()
+    assert (shape.hidden, shape.intermediate, shape.layers, shape.heads, shape.vocab, shape.rank) == (
+        2560, 10240, 32, 32, 51200, 16)
+    assert shape.head_dim == 80
+    assert json.loads((bench.TOKENIZER_DIR / "config.json").read_text())["model_type"] == "phi"
