@@ -10,9 +10,7 @@ the output head over the labelled tokens only, forward and input gradient. Layer
 residual adds, dropout, the loss and the optimizer are left out, as if fused away at no cost. Each
 kind is timed as CUDA-graph replays of that kernel alone, so launch gaps do not count. The sum over
 the layers is a lower bound on the step's GPU time with these kernels; the batches' tokens over it,
-an upper bound on real tokens/s. Kernels timed in short bursts run at the card's top clock; a
-training run holds it at its power limit, so the step's frozen products are also replayed for 6 s
-without a pause, and the floor divided by that slowdown is the sustained floor. Two data cuts: 512 tokens (the speed benchmark's, the peers') and
+an upper bound on real tokens/s. Two data cuts: 512 tokens (the speed benchmark's, the peers') and
 `phi2 train`'s default. Set against end_to_end.py's results (`--end-to-end`, best from the same loan),
 it says how far the measured rates are from that bound and what the seed job would take at it.
 Writes benchmarks/results/step_floor.json.
@@ -175,49 +173,6 @@ def batch_floor(shape: Shape, lengths: Sequence[int], labelled: int, device: str
     return found
 
 
-def sustained_slowdown(shape: Shape, tokens: int, device: str, dtype: Any, seconds: float = 6.0) -> dict[str, Any] | None:
-    """One step's frozen products (forward with bias, input gradient; all layers) captured once, then
-    replayed back to back for `seconds`: ms of the first replay against the replays at the end. A GPU
-    under sustained load reaches its power limit and lowers its clock; a training run is such a load,
-    a kernel timed alone in short bursts is not. None off a GPU."""
-    if device != "cuda":
-        return None
-    import subprocess
-
-    import torch
-    import torch.nn.functional as F
-
-    hidden, inner = shape.hidden, shape.intermediate
-    rand = lambda *size: torch.randn(*size, device=device, dtype=dtype)  # noqa: E731
-    x, wide, qkv_out = rand(tokens, hidden), rand(tokens, inner), rand(tokens, 3 * hidden)
-    weights = [(rand(3 * hidden, hidden), x, qkv_out), (rand(hidden, hidden), x, x), (rand(inner, hidden), x, wide),
-               (rand(hidden, inner), wide, x)]  # fmt: skip
-    biases = [rand(weight.shape[0]) for weight, _, _ in weights]
-
-    def step() -> None:
-        for _ in range(shape.layers):
-            for (weight, given, grad), bias in zip(weights, biases):
-                F.linear(given, weight, bias)
-                torch.mm(grad, weight)
-
-    first = kernel_ms(step, device, repeat=1)
-    started, replays = time.perf_counter(), 0
-    while time.perf_counter() - started < seconds:
-        step()
-        replays += 1
-        if replays % 10 == 0:
-            torch.cuda.synchronize()
-    clocks = None
-    try:  # the clock and power the load has driven the card to
-        clocks = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,power.draw,power.limit",
-                                 "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        pass
-    last = kernel_ms(step, device, repeat=1)
-    return {"tokens": tokens, "first_ms": round(first, 2), "sustained_ms": round(last, 2),
-            "slowdown": round(last / first, 3), "seconds_of_load": seconds, "clocks_under_load": clocks}  # fmt: skip
-
-
 def plain_matmul_tflops(device: str, dtype: Any, size: int = 8192) -> float:
     """TFLOP/s of one large square product: what the MFU denominator stands for."""
     import torch
@@ -282,36 +237,28 @@ def main(argv: list[str] | None = None) -> None:
             "floor_ms_per_step": {kind: round(sum(b[kind] for b in per_batch) / len(batches), 2) for kind in per_batch[0]},
             "floor_tokens_per_s": round(tokens / (sum(b["total"] for b in per_batch) / 1e3), 1),
         }  # fmt: skip
-    load = sustained_slowdown(shape, round(floors["speed"]["mean_tokens_per_step"]), device, dtype)
-    slowdown = load["slowdown"] if load else 1.0
-    for floor in floors.values():  # every kernel runs at the lowered clock in a long run
-        floor["sustained_floor_tokens_per_s"] = round(floor["floor_tokens_per_s"] / slowdown, 1)
     results: dict[str, Any] = {
         "command": "python benchmarks/step_floor.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "shape": shape._asdict(), "examples_per_step": EXAMPLES_PER_STEP, "floors": floors, "sustained_load": load,
+        "shape": shape._asdict(), "examples_per_step": EXAMPLES_PER_STEP, "floors": floors,
         "plain_matmul_tflops": round(plain_matmul_tflops(device, dtype), 1), "mfu_denominator_tflops": BF16_PEAK_TFLOPS,
         "device": device, "timed_eagerly_because": sorted(UNCAPTURED), "environment": environment(),
     }  # fmt: skip
     results["end_to_end"] = []
     for path in args.end_to_end or [ROOT / "benchmarks" / "results" / "end_to_end.json"]:
         measured = json.loads(path.read_text(encoding="utf-8"))
-        found = {"file": str(path)}
-        for label, key in (("at_floor", "floor_tokens_per_s"), ("at_sustained_floor", "sustained_floor_tokens_per_s")):
-            found[label] = bounds(floors["speed"][key], floors["seed_job"][key], measured)
-        results["end_to_end"].append(found)
+        found = bounds(floors["speed"]["floor_tokens_per_s"], floors["seed_job"]["floor_tokens_per_s"], measured)
+        results["end_to_end"].append({"file": str(path), **found})
     write_json(args.out, results)
     for name, floor in floors.items():
         print(f"{name} (max {floor['max_length']} tokens, {floor['mean_tokens_per_step']:,.0f} a step): "
               f"{floor['floor_tokens_per_s']:,.0f} real tokens/s at most; ms a step: "
               + ", ".join(f"{kind} {ms}" for kind, ms in floor["floor_ms_per_step"].items()))  # fmt: skip
     print(f"plain matmul {results['plain_matmul_tflops']} TFLOP/s")
-    if load:
-        print(f"sustained load: one step's frozen products {load['first_ms']} ms at first, {load['sustained_ms']} ms "
-              f"after {load['seconds_of_load']} s ({load['clocks_under_load']})")  # fmt: skip
     for measured in results["end_to_end"]:
-        for label in ("at_floor", "at_sustained_floor"):
-            for name, bound in measured[label].items():
-                print(f"{measured['file']}, {label}, {name}: " + ", ".join(f"{k} {v}" for k, v in bound.items()))
+        for name, bound in measured.items():
+            if isinstance(bound, dict):
+                print(f"{measured['file']}, {name}: " + ", ".join(f"{k} {v}" for k, v in bound.items()))
+
 
 if __name__ == "__main__":
     main()

@@ -89,8 +89,3 @@ def test_the_shape_is_phi2s_with_the_default_rank(bench):
         2560, 10240, 32, 32, 51200, 16)
     assert shape.head_dim == 80
     assert json.loads((bench.TOKENIZER_DIR / "config.json").read_text())["model_type"] == "phi"
-
-
-def test_the_sustained_load_is_measured_only_on_a_gpu(bench):
-    shape = bench.Shape(hidden=32, intermediate=128, layers=2, heads=4, vocab=100, rank=4)
-    assert bench.sustained_slowdown(shape, 16, "cpu", torch.float32) is None
