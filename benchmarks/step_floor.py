@@ -19,6 +19,7 @@ Writes benchmarks/results/step_floor.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import sys
@@ -59,7 +60,7 @@ def step_batches(data_dir: Path, count: int, max_length: int, seed: int = 42) ->
     """`count` steps of 8 training rows encoded to at most `max_length` tokens, drawn as one shuffled pass:
     (lengths, labelled tokens) each."""
     from phi2cli.config import DEFAULT_TEMPLATE, DataConfig
-    from phi2cli.data.prompts import PromptFormat, encode_example
+    from phi2cli.data.prompts import IGNORE_INDEX, PromptFormat, encode_example
     from phi2cli.data.sources import normalize_rows, read_records
     from phi2cli.models.loading import load_tokenizer
 
@@ -75,7 +76,7 @@ def step_batches(data_dir: Path, count: int, max_length: int, seed: int = 42) ->
         if example is None:
             continue
         lengths.append(len(example.input_ids))
-        labelled += sum(label != -100 for label in example.labels)
+        labelled += sum(label != IGNORE_INDEX for label in example.labels)
         if len(lengths) == EXAMPLES_PER_STEP:
             found.append((lengths, labelled))
             lengths, labelled = [], 0
@@ -160,8 +161,8 @@ def batch_floor(shape: Shape, lengths: Sequence[int], labelled: int, device: str
                      + 4 * (timer(lambda: torch.mm(x.t(), low)) + timer(lambda: torch.mm(x, up))
                             + timer(lambda: torch.mm(low.t(), x)) + timer(lambda: torch.mm(low, down))))  # fmt: skip
     query, key, value = (rand(tokens, shape.heads, shape.head_dim, grad=True) for _ in range(3))
-    bounds = torch.tensor([0, *torch.tensor(list(lengths)).cumsum(0).tolist()], device=device, dtype=torch.int32)
-    attend = lambda: causal_varlen(query, key, value, bounds, max(lengths), None)  # noqa: E731
+    cumulative = torch.tensor([0, *itertools.accumulate(lengths)], device=device, dtype=torch.int32)
+    attend = lambda: causal_varlen(query, key, value, cumulative, max(lengths), None)  # noqa: E731
     forward_ms = timer(attend)
     out_grad = rand(tokens, shape.heads, shape.head_dim)
     both_ms = timer(lambda: torch.autograd.grad(attend(), (query, key, value), out_grad))
@@ -215,6 +216,13 @@ def main(argv: list[str] | None = None) -> None:
                              "benchmarks/results/end_to_end.json)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "step_floor.json")
     args = parser.parse_args(argv)
+    if args.batches < 1:
+        parser.error(f"--batches must be at least 1 (got {args.batches})")
+    if not (args.data_dir / "train.jsonl").is_file():
+        parser.error(f"no train.jsonl in {args.data_dir}: give --data-dir a folder of XSUM rows")
+    for path in args.end_to_end or []:
+        if not path.is_file():
+            parser.error(f"--end-to-end {path}: no such file (benchmarks/end_to_end.py writes one)")
 
     import torch
 

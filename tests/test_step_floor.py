@@ -89,3 +89,16 @@ def test_the_shape_is_phi2s_with_the_default_rank(bench):
         2560, 10240, 32, 32, 51200, 16)
     assert shape.head_dim == 80
     assert json.loads((bench.TOKENIZER_DIR / "config.json").read_text())["model_type"] == "phi"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batches", "0"], "--batches must be at least 1"),
+    (["--data-dir", "/nonexistent"], "no train.jsonl in /nonexistent"),
+    (["--end-to-end", "/nonexistent.json"], "--end-to-end /nonexistent.json: no such file"),
+])
+def test_bad_arguments_end_in_one_line_and_exit_2(bench, capsys, xsum_dir, argv, message):
+    with pytest.raises(SystemExit) as exited:
+        bench.main(["--data-dir", str(xsum_dir), *argv])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
