@@ -95,6 +95,7 @@ def test_the_shape_is_phi2s_with_the_default_rank(bench):
     (["--batches", "0"], "--batches must be at least 1"),
     (["--data-dir", "/nonexistent"], "no train.jsonl in /nonexistent"),
     (["--end-to-end", "/nonexistent.json"], "--end-to-end /nonexistent.json: no such file"),
+    (["--sustain", "-1"], "--sustain must be 0 or more seconds"),
 ])
 def test_bad_arguments_end_in_one_line_and_exit_2(bench, capsys, xsum_dir, argv, message):
     with pytest.raises(SystemExit) as exited:
@@ -102,3 +103,65 @@ def test_bad_arguments_end_in_one_line_and_exit_2(bench, capsys, xsum_dir, argv,
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_the_whole_step_runs_each_floor_call_as_often_as_a_step_does(bench, monkeypatch):
+    monkeypatch.setattr(attention, "_kernel", lambda: stand_in_kernel)
+    shape = bench.Shape(hidden=32, intermediate=128, layers=3, heads=4, vocab=100, rank=4)
+    calls = bench.floor_calls(shape, [5, 9, 3], 6, "cpu", torch.float32)
+    ran: list[int] = []
+    counted = [bench.FloorCall(kind, (lambda i=i: ran.append(i)), per_step) for i, (kind, _, per_step) in enumerate(calls)]
+    bench.whole_step(counted, shape.layers)()
+    times = [ran.count(i) for i in range(len(calls))]
+    assert times == [per_step if kind != "attention_forward" else 0 for kind, _, per_step in calls]
+    assert sum(times) == 3 * (8 + 2 + 4 + 16 + 1) + 2  # per layer: 8 frozen, 22 LoRA, attention once; the head
+    first_layer = [i for i, (kind, _, per_step) in enumerate(calls) if kind not in ("head", "attention_forward")
+                   for _ in range(per_step // 3)]  # fmt: skip
+    assert ran[:len(first_layer)] == first_layer == ran[len(first_layer):2 * len(first_layer)]  # layer by layer
+    assert ran[-2:] == [len(calls) - 2, len(calls) - 1]  # the head last
+    assert bench.sustained(bench.whole_step(calls, shape.layers), "cpu", 1.0) is None  # no clock to lower off a GPU
+
+
+def test_the_sustained_floor_scales_the_floor_by_the_loads_slowdown(bench, monkeypatch, tmp_path, xsum_dir):
+    load = {"seconds": 2.0, "replays": 40, "first_ms": 1.0, "ms_by_second": [1.0, 1.25], "last_second_ms": 1.25,
+            "clocks": ["1500 MHz, 1980 MHz, 690 W, 700 W, 60"]}  # fmt: skip
+    monkeypatch.setattr(bench, "batch_floor", lambda *a, **k: {"matmul_forward": 0.5, "total": 1.0})
+    monkeypatch.setattr(bench, "floor_calls", lambda *a, **k: [])
+    monkeypatch.setattr(bench, "plain_matmul_tflops", lambda *a, **k: 1.0)
+    monkeypatch.setattr(bench, "sustained", lambda step, device, seconds: dict(load, seconds=seconds))
+    measured = tmp_path / "end_to_end.json"
+    measured.write_text(json.dumps({"trl_plain": {"tokens_per_s": 1_000.0}, "speed": {"tokens_per_s": 2_000.0}}))
+    out = tmp_path / "floor.json"
+    bench.main(["--data-dir", str(xsum_dir), "--batches", "2", "--sustain", "2", "--end-to-end", str(measured),
+                "--out", str(out)])  # fmt: skip
+    found = json.loads(out.read_text())
+    for floor in found["floors"].values():
+        assert floor["sustained_load"]["slowdown"] == 1.25 and floor["sustained_load"]["floor_ms"] == 1.0
+        assert floor["sustained_floor_tokens_per_s"] == round(floor["floor_tokens_per_s"] / 1.25, 1)
+    speed = found["end_to_end"][0]
+    assert speed["at_sustained_floor"]["speed"]["fraction_of_floor_rate"] == round(
+        2_000.0 / found["floors"]["speed"]["sustained_floor_tokens_per_s"], 3)
+
+
+def test_floors_from_an_earlier_run_are_set_against_later_results_without_timing(bench, monkeypatch, tmp_path,
+                                                                                    capsys):  # fmt: skip
+    monkeypatch.setattr(bench, "measure", lambda *a: pytest.fail("--floors-from times nothing"))
+    earlier = tmp_path / "floor.json"
+    earlier.write_text(json.dumps({"command": "python benchmarks/step_floor.py", "plain_matmul_tflops": 700.0,
+                                   "floors": {name: {"max_length": n, "mean_tokens_per_step": 3000.0,
+                                                     "floor_tokens_per_s": 50_000.0, "floor_ms_per_step": {"total": 60.0}}
+                                              for name, n in (("speed", 512), ("seed_job", 1024))}}))  # fmt: skip
+    later = tmp_path / "end_to_end.json"
+    later.write_text(json.dumps({"trl_plain": {"tokens_per_s": 8_000.0}, "speed": {"tokens_per_s": 40_000.0}}))
+    out = tmp_path / "again.json"
+    bench.main(["--floors-from", str(earlier), "--end-to-end", str(later), "--out", str(out)])
+    found = json.loads(out.read_text())
+    assert found["command"] == "python benchmarks/step_floor.py"  # the timing run's command is kept
+    assert found["set_against_by"].endswith(f"--out {out}")
+    assert found["end_to_end"] == [{"file": str(later), "speed": {
+        "measured_tokens_per_s": 40_000.0, "fraction_of_floor_rate": 0.8, "trl_plain_tokens_per_s": 8_000.0,
+        "floor_rate_over_trl_plain": 6.25, "target_tokens_per_s": 40_000.0}}]  # fmt: skip
+    assert "fraction_of_floor_rate 0.8" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        bench.main(["--floors-from", str(later), "--end-to-end", str(later), "--out", str(out)])
+    assert exited.value.code == 2 and "not a step_floor.py result" in capsys.readouterr().err
