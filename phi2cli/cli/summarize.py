@@ -24,7 +24,7 @@ from phi2cli.serving.client import Outcome
 def summarize_command(
     inputs: Annotated[List[str], typer.Argument(
         help="Article .txt files, directories of .txt files, JSONL files, or '-' for standard input.",
-        show_default=False)],
+        metavar="ARTICLES", show_default=False)],
     adapter: Annotated[Optional[Path], typer.Option(
         "--adapter", "-a", help=f"Adapter directory written by 'phi2 train' (default: {DEFAULT_ADAPTER}).",
         show_default=False)] = None,
