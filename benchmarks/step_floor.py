@@ -103,18 +103,12 @@ def kernel_ms(call: Callable[[], Any], device: str, repeat: int = 10) -> float:
         for _ in range(repeat):
             call()
         return (time.perf_counter() - started) / repeat * 1e3
-    side = torch.cuda.Stream()  # warm-up off the default stream, as capturing asks
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
+    from phi2cli.kernels.graphs import record_graph, warm_up
+
+    warm_up(call, passes=3)  # off the default stream, as capturing asks
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(repeat):
-                call()
+        graph, _ = record_graph(lambda: [call() for _ in range(repeat)])
     except RuntimeError as err:  # a kernel that cannot be captured: timed eagerly, launch gaps included
         UNCAPTURED.add(f"{type(err).__name__}: {str(err)[:200]}")
         torch.cuda.synchronize()
@@ -226,14 +220,10 @@ def sustained(step: Callable[[], None], device: str, seconds: float) -> dict[str
 
     import torch
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    from phi2cli.kernels.graphs import record_graph, warm_up
+
+    warm_up(step)
+    graph, _ = record_graph(step)
     torch.cuda.synchronize()
     samples: list[str] = []
     done = threading.Event()
@@ -405,9 +395,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.floors_from is not None:
         try:
             results = json.loads(args.floors_from.read_text(encoding="utf-8"))
-            results["floors"]["speed"], results["floors"]["seed_job"]  # noqa: B018 - both cuts must be there
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError) as err:
             parser.error(f"--floors-from {args.floors_from}: not a step_floor.py result ({type(err).__name__}: {err})")
+        floors = results.get("floors") if isinstance(results, dict) else None
+        if not isinstance(floors, dict) or not {"speed", "seed_job"} <= floors.keys():
+            parser.error(f"--floors-from {args.floors_from}: not a step_floor.py result (no floors of both cuts)")
         results["set_against_by"] = command
     else:
         results = measure(args, command)
